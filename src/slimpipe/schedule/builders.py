@@ -35,7 +35,8 @@ WARMUPS = ("auto", "single", "double")
 
 
 def warmup_factor(warmup: str, v: int) -> int:
-    """w for a warm-up name: auto = single (1) when v = 1, double (2) when v > 1 (Megatron's convention)."""
+    """w for a warm-up name: auto = single (1) when v = 1, double (2) when v > 1 (Megatron's convention;
+    interleaved builders fall back to single when the last group is partial, see _interleaved_warmup)."""
     if warmup not in WARMUPS:
         raise ConfigError(f"--warmup={warmup!r} is unknown: use one of {', '.join(WARMUPS)}")
     if warmup == "auto":
@@ -134,9 +135,31 @@ def _check_warmup_fits(name: str, p: int, m: int, n: int, v: int, w: int) -> Non
         )
 
 
+def _interleaved_warmup(name: str, warmup: str, p: int, m: int, n: int, v: int) -> int:
+    """w for an interleaved (v > 1) builder: the double warm-up only when every group is full.
+
+    With a partial last group (m·n not a multiple of g) the wrap-around hop from rank p−1 to rank 0 has
+    only the short group as slack, and the double warm-up can deadlock (the dry run finds a cycle, e.g.
+    p=8 m=10 n=1 v=2: rank 0's last forward needs rank 7's, which waits behind a backward that needs
+    rank 0's first backward). The single warm-up never does. So auto falls back to single there, and an
+    explicit double is refused.
+    """
+    w = warmup_factor(warmup, v)
+    if w == 2 and v > 1 and (m * n) % group_size(p, n, v) != 0:
+        if warmup == "auto":
+            return 1
+        g = group_size(p, n, v)
+        raise ConfigError(
+            f"{name} --warmup double needs full interleaving groups (m·n a multiple of g={g}), got "
+            f"m={m}, n={n}: with a partial last group it can deadlock; use --warmup single (or auto), or "
+            f"m a multiple of {g // n}"
+        )
+    return w
+
+
 def _slimpipe(p: int, m: int, n: int = 1, v: int = 1, warmup: str = "auto",
               slice_weights: Sequence[float] | None = None) -> Schedule:
-    w = warmup_factor(warmup, v)
+    w = _interleaved_warmup("slimpipe", warmup, p, m, n, v)
     _check_warmup_fits("slimpipe", p, m, n, v, w)
     return slice_1f1b(name="slimpipe", p=p, m=m, n=n, v=v, w=w, slice_weights=slice_weights)
 
@@ -160,7 +183,7 @@ def _interleaved(p: int, m: int, n: int = 1, v: int = 2, warmup: str = "auto",
             f"interleaved-1f1b is unsliced (got slices={n}): use --schedule slimpipe with --vpp for "
             "interleaved slicing"
         )
-    w = warmup_factor(warmup, v)
+    w = _interleaved_warmup("interleaved-1f1b", warmup, p, m, 1, v)
     _check_warmup_fits("interleaved-1f1b", p, m, 1, v, w)
     return slice_1f1b(name="interleaved-1f1b", p=p, m=m, n=1, v=v, w=w)
 

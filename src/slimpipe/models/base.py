@@ -1,0 +1,107 @@
+"""The user-model contract: what slimpipe needs to pipeline a decoder-only transformer.
+
+A decoder is three kinds of parts, named globally whatever the pipeline layout:
+
+* ``embed``: an ``nn.Module`` mapping token ids ``(b, t)`` to hidden states ``(b, t, h)``;
+* ``layers.<i>`` for i in [0, L): blocks mapping ``(x (b, t, h), ctx: LayerContext)`` to ``(b, t, h)``;
+  a block's attention hands its post-positional-encoding q, k, v to ``ctx.attend`` (which adds the K/V
+  prefix of earlier slices and the causal mask) and uses ``ctx.start`` as the global position of the
+  slice's first token;
+* ``norm`` and ``head``: the final norm ``(b, t, h) → (b, t, h)`` and the output layer
+  ``(b, t, h) → (b, t, V)``; with tied embeddings the head reads the embedding's weight.
+
+:class:`slimpipe.models.llama.LlamaParts` is one instance of :class:`DecoderParts`; docs/runtime.md shows a
+user-defined one. Initial weights come from :func:`init_parameters`, which depends only on (seed, global
+parameter name), so every pipeline layout starts from identical weights.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+__all__ = ["LayerContext", "DecoderParts", "init_parameters", "param_generator", "PlainContext"]
+
+
+@runtime_checkable
+class LayerContext(Protocol):
+    """What a block sees of the slice it processes (one per layer and slice)."""
+
+    start: int
+    """Global position of the slice's first token (RoPE positions are global, not per slice)."""
+    shared: dict[str, object]
+    """Per-slice scratch shared by the layers of one stage (e.g. RoPE tables computed once per slice)."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of the slice's queries over the K/V of this and all earlier slices.
+
+        q ``(b, t, H, d)``, k and v ``(b, t, H_kv, d)`` after positional encoding; returns ``(b, t, H, d)``.
+        """
+        ...
+
+
+@runtime_checkable
+class DecoderParts(Protocol):
+    """A factory of the parts of a decoder (see the module docstring for the contract)."""
+
+    num_layers: int
+    """L: number of blocks."""
+    hidden: int
+    """h: width of the hidden states passed between stages."""
+    vocab_size: int
+    """V: output classes."""
+    tie_embeddings: bool
+    """The head reads the embedding's weight (grads of both stages are summed)."""
+
+    def embedding(self) -> nn.Module: ...
+
+    def block(self, index: int) -> nn.Module: ...
+
+    def final_norm(self) -> nn.Module: ...
+
+    def head(self, tied: nn.Module | None) -> nn.Module:
+        """The output layer; ``tied`` is the embedding module when tie_embeddings, else None."""
+        ...
+
+    def init_parameter(self, name: str, param: torch.Tensor, generator: torch.Generator) -> None:
+        """Fill ``param`` (float32, CPU) in place from ``generator``; ``name`` is the global name."""
+        ...
+
+
+def param_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded from (seed, crc32 of the global name): layout-independent initial weights."""
+    return torch.Generator().manual_seed((int(seed) & 0xFFFFFFFF) << 32 | zlib.crc32(name.encode()))
+
+
+def init_parameters(parts: DecoderParts, named: Iterable[tuple[str, nn.Parameter]], seed: int) -> None:
+    """Initialise every parameter from (seed, its global name) only.
+
+    Values are drawn in float32 on the CPU and then cast, so float32 and float64 runs start from the same
+    numbers and the result does not depend on the device or on which rank owns the parameter.
+    """
+    with torch.no_grad():
+        for name, param in named:
+            buf = torch.empty(param.shape, dtype=torch.float32)
+            parts.init_parameter(name, buf, param_generator(seed, name))
+            param.copy_(buf)
+
+
+class PlainContext:
+    """LayerContext of an unsliced, unpipelined forward (the reference): plain causal attention."""
+
+    __slots__ = ("start", "shared")
+
+    def __init__(self) -> None:
+        self.start = 0
+        self.shared: dict[str, object] = {}
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            enable_gqa=q.size(2) != k.size(2),
+        )  # (b, H, t, d)
+        return out.transpose(1, 2)

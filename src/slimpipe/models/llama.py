@@ -1,0 +1,157 @@
+"""A Llama-family decoder as plain nn.Modules: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+Parameter names (relative to the pipeline's rank model, see slimpipe.runtime.stage): ``embed.weight``,
+``layers.<i>.attn_norm.weight``, ``layers.<i>.attn.{wq,wk,wv,wo}.weight``, ``layers.<i>.mlp_norm.weight``,
+``layers.<i>.mlp.{w1,w2,w3}.weight``, ``norm.weight``, ``head.weight`` (absent when tied). No biases, no
+dropout. Attention goes through ``ctx.attend`` so the same block runs unsliced (reference) or as one slice
+of a pipelined sequence with its K/V prefix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from slimpipe.config import ConfigError, ModelConfig
+from slimpipe.models.base import LayerContext
+
+__all__ = ["LlamaParts", "RMSNorm", "Attention", "MLP", "Block", "Head", "rope_tables", "apply_rope"]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if x.dtype in _LOW_PRECISION else x  # the mean of squares in fp32 at least
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.to(x.dtype) * self.weight
+
+
+def rope_tables(start: int, length: int, head_dim: int, theta: float, *, device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (length, head_dim) for global positions [start, start + length).
+
+    Angles are computed per position in float64, so a slice's table equals the matching rows of the whole
+    sequence's table bit for bit (sliced and unsliced runs see the same numbers).
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    pos = torch.arange(start, start + length, dtype=torch.float64, device=device)
+    ang = torch.outer(pos, inv_freq)  # (t, d/2)
+    ang = torch.cat([ang, ang], dim=-1)  # (t, d): rotate-half layout
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (b, t, heads, d); cos/sin (t, d)."""
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.theta = cfg.rope_theta
+        self.wq = nn.Linear(cfg.hidden, cfg.q_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden, cfg.kv_dim, bias=False)
+        self.wv = nn.Linear(cfg.hidden, cfg.kv_dim, bias=False)
+        self.wo = nn.Linear(cfg.q_dim, cfg.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.heads, self.head_dim)
+        k = self.wk(x).view(b, t, self.kv_heads, self.head_dim)
+        v = self.wv(x).view(b, t, self.kv_heads, self.head_dim)
+        key = f"rope:{self.head_dim}:{self.theta}"
+        if key not in ctx.shared:  # once per slice, shared by every layer of the stage
+            ctx.shared[key] = rope_tables(ctx.start, t, self.head_dim, self.theta, device=x.device, dtype=x.dtype)
+        cos, sin = ctx.shared[key]  # type: ignore[misc]
+        out = ctx.attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)  # (b, t, H, d)
+        return self.wo(out.reshape(b, t, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
+        self.w3 = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
+        self.w2 = nn.Linear(cfg.ffn, cfg.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), ctx)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Head(nn.Module):
+    """Output layer; with ``tied`` it reads the embedding's weight and owns no parameter."""
+
+    def __init__(self, cfg: ModelConfig, tied: nn.Module | None) -> None:
+        super().__init__()
+        # A list hides the tied embedding from module registration: it is registered once, as ``embed``.
+        self._tied = [tied] if tied is not None else []
+        if tied is None:
+            self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._tied[0].weight if self._tied else self.weight
+        return nn.functional.linear(x, weight)  # (b, t, V)
+
+
+class LlamaParts:
+    """DecoderParts for a ModelConfig (dense models; MoE is not supported by the runtime yet)."""
+
+    def __init__(self, cfg: ModelConfig, *, init_std: float = 0.02) -> None:
+        if cfg.num_experts != 1:
+            raise ConfigError(
+                f"model.num_experts={cfg.num_experts}: the runtime builds dense Llama blocks only; "
+                "use a dense preset (num_experts=1) or pass your own DecoderParts"
+            )
+        self.cfg = cfg
+        self.num_layers, self.hidden, self.vocab_size = cfg.num_layers, cfg.hidden, cfg.vocab_size
+        self.tie_embeddings = cfg.tie_embeddings
+        self.init_std = init_std
+
+    def embedding(self) -> nn.Module:
+        return nn.Embedding(self.cfg.vocab_size, self.cfg.hidden)
+
+    def block(self, index: int) -> nn.Module:
+        return Block(self.cfg)
+
+    def final_norm(self) -> nn.Module:
+        return RMSNorm(self.cfg.hidden, self.cfg.norm_eps)
+
+    def head(self, tied: nn.Module | None) -> nn.Module:
+        return Head(self.cfg, tied)
+
+    def init_parameter(self, name: str, param: torch.Tensor, generator: torch.Generator) -> None:
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            return
+        std = self.init_std
+        if name.endswith(("attn.wo.weight", "mlp.w2.weight")):  # GPT-2 style residual scaling
+            std = std / math.sqrt(2 * self.cfg.num_layers)
+        param.normal_(0.0, std, generator=generator)

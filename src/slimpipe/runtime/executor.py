@@ -1,0 +1,220 @@
+"""Executes one rank's lowered program through a dispatch table Kind → handler.
+
+Convention used below: a *unit* key is ``(stage, micro-batch, slice)``. Per step the executor keeps:
+
+* ``_inputs[unit]``: the input of F(unit), from RECV_F or from the same rank's upstream F (p = 1);
+* ``_held[unit] = (input leaf, output)`` between F(unit) and B(unit);
+* ``_to_send_f[unit]`` / ``_to_send_b[unit]``: output / input-gradient waiting for SEND_F / SEND_B;
+* ``_douts[unit]``: the output gradient of B(unit), from RECV_B or the same rank's downstream B.
+
+The transport is the only thing that differs between the distributed and the local runtime. ``run`` is a
+generator that yields while the next RECV cannot complete, so the local runtime can interleave ranks; the
+distributed transport's RECV blocks instead and the generator never yields. No ordering logic lives here:
+the program order is the schedule's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.profiler import record_function
+
+from slimpipe.schedule.actions import Action, Kind, Schedule
+from slimpipe.schedule.format import to_grid
+from slimpipe.runtime.attention import MaskCache
+from slimpipe.runtime.kv import KVStore
+from slimpipe.runtime.memory import MemoryTracker
+from slimpipe.runtime.p2p import Transport
+from slimpipe.runtime.result import PipelineError, TraceEvent
+from slimpipe.runtime.stage import RankModel, StageInfo, slice_bounds, stage_forward
+
+__all__ = ["RankExecutor", "COMPUTE"]
+
+log = logging.getLogger(__name__)
+
+COMPUTE = frozenset({Kind.F, Kind.B, Kind.W})
+Unit = tuple[int, int, int]
+
+
+class RankExecutor:
+    """One pipeline rank: its model parts, its program, and the per-step state between actions."""
+
+    def __init__(self, *, rank: int, schedule: Schedule, model: RankModel, stages: list[StageInfo],
+                 transport: Transport, hidden: int, device: torch.device, dtype: torch.dtype,
+                 masks: MaskCache | None = None) -> None:
+        self.rank, self.schedule, self.model = rank, schedule, model
+        self.program = schedule.ranks[rank]
+        self.stages = {st.stage: st for st in stages}
+        self.transport, self.hidden, self.device, self.dtype = transport, hidden, device, dtype
+        self.masks = masks or MaskCache()
+        self.last_stage = schedule.num_stages - 1
+        self.handlers: dict[Kind, Callable[[Action], None]] = {
+            Kind.F: self._forward, Kind.B: self._backward,
+            Kind.SEND_F: self._send_f, Kind.RECV_F: self._recv_f,
+            Kind.SEND_B: self._send_b, Kind.RECV_B: self._recv_b,
+        }
+        self._param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.tracker = MemoryTracker(self._excluded)
+        self.store: KVStore | None = None
+        self.step = 0
+        self.trace: list[TraceEvent] = []
+        self.busy_s = 0.0
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+    # ---- step lifecycle -------------------------------------------------------------------------
+    def begin_step(self, step: int, tokens: torch.Tensor, normaliser: float) -> None:
+        """tokens (m, s+1) on this rank's device; normaliser = tokens of the global batch."""
+        self.step, self.tokens, self.normaliser = step, tokens, float(normaliser)
+        self.bounds = slice_bounds(tokens.size(1) - 1, self.schedule.slice_fractions())
+        self.store = KVStore(self.bounds, self.masks)
+        self._token_ptr = tokens.untyped_storage().data_ptr()
+        self._inputs: dict[Unit, torch.Tensor] = {}
+        self._held: dict[Unit, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._to_send_f: dict[Unit, torch.Tensor] = {}
+        self._to_send_b: dict[Unit, torch.Tensor] = {}
+        self._douts: dict[Unit, torch.Tensor] = {}
+        self.tracker.reset()
+        self.trace, self.busy_s, self.executed = [], 0.0, 0
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def run(self) -> Iterator[Action]:
+        """Execute the program in order; yields the blocked action while a RECV cannot complete yet."""
+        for idx, action in enumerate(self.program):
+            while action.kind in (Kind.RECV_F, Kind.RECV_B) and not self.transport.ready(
+                    _channel(action), self._peer(action)):
+                yield action
+            self._execute(idx, action)
+
+    def end_step(self) -> None:
+        """Check nothing is left over (K/V state, unconsumed tensors) and wait for outstanding sends."""
+        try:
+            assert self.store is not None
+            self.store.check_drained()
+            left = {name: sorted(d) for name, d in (("inputs", self._inputs), ("held", self._held),
+                    ("to_send_f", self._to_send_f), ("to_send_b", self._to_send_b), ("douts", self._douts)) if d}
+            if left:
+                raise RuntimeError(f"tensors left over at the end of the step: {left}")
+            self.transport.finish()
+        except Exception as exc:
+            raise self._error(len(self.program), None, exc) from exc
+
+    # ---- dispatch -------------------------------------------------------------------------------
+    def _execute(self, idx: int, action: Action) -> None:
+        handler = self.handlers.get(action.kind)
+        t0 = time.time()
+        try:
+            if handler is None:
+                raise NotImplementedError(
+                    f"the runtime has no handler for {action.kind.value} actions (known: "
+                    f"{sorted(k.value for k in self.handlers)}); use a schedule without them"
+                )
+            with record_function(str(action)):
+                handler(action)
+        except Exception as exc:
+            raise self._error(idx, action, exc) from exc
+        t1 = time.time()
+        self.trace.append(TraceEvent(self.rank, str(action), t0, t1))
+        if action.kind in COMPUTE:
+            self.busy_s += t1 - t0
+        self.executed += 1
+        assert self.store is not None
+        self.tracker.sample(*self.store.nbytes())
+
+    def _error(self, idx: int, action: Action | None, exc: BaseException) -> PipelineError:
+        what = f"action {idx} ({action})" if action is not None else "the end-of-step check"
+        mark = (self.rank, idx) if action is not None else None
+        grid = to_grid(self.schedule, mark=mark, window=8) if mark else to_grid(self.schedule, window=8)
+        msg = (f"rank {self.rank} step {self.step}: {what} failed: {type(exc).__name__}: {exc}\n"
+               f"schedule {self.schedule.name} (p={self.schedule.num_ranks}, v={self.schedule.virtual_stages}, "
+               f"m={self.schedule.num_microbatches}, n={self.schedule.num_slices}):\n{grid}")
+        log.error(msg)
+        return PipelineError(msg)
+
+    def _excluded(self, ptr: int) -> bool:
+        assert self.store is not None
+        return (ptr in self._param_ptrs or ptr == self._token_ptr or ptr in self.store.buffer_ptrs
+                or ptr in self.masks.storages())
+
+    def _peer(self, a: Action) -> int:
+        nxt = a.stage + 1 if a.kind in (Kind.SEND_F, Kind.RECV_B) else a.stage - 1
+        return self.schedule.rank_of(nxt)
+
+    def _shape(self, a: Action) -> tuple[int, int, int]:
+        return (1, self.bounds[a.seq_slice + 1] - self.bounds[a.seq_slice], self.hidden)  # (b, t, h)
+
+    # ---- handlers -------------------------------------------------------------------------------
+    def _forward(self, a: Action) -> None:
+        unit, info = a.unit, self.stages[a.stage]
+        j, mb = a.seq_slice, a.microbatch
+        start, end = self.bounds[j], self.bounds[j + 1]
+        if info.first:
+            inp, leaf = self.tokens[mb : mb + 1, start:end], None  # (1, t) ids
+        else:
+            if unit not in self._inputs:
+                raise RuntimeError(f"no input for {a}: its RECV_F (or upstream F) has not run")
+            inp = leaf = self._inputs.pop(unit)  # (1, t, h), requires grad
+        labels = self.tokens[mb : mb + 1, start + 1 : end + 1] if info.last else None
+        assert self.store is not None
+        slice_kv = self.store.begin_forward(a.stage, mb, j)
+        with self.tracker.saving(unit):
+            out = stage_forward(self.model, info, inp, slice_kv, labels, self.normaliser)
+        self._held[unit] = (leaf, out)
+        if info.last:
+            self.loss_sum += out.detach().double()
+            return
+        nxt = out.detach()
+        if self.schedule.rank_of(a.stage + 1) == self.rank:  # same-rank handoff (p = 1): no message
+            self._inputs[(a.stage + 1, mb, j)] = nxt.requires_grad_()
+        else:
+            self._to_send_f[unit] = nxt
+
+    def _backward(self, a: Action) -> None:
+        unit, info = a.unit, self.stages[a.stage]
+        if unit not in self._held:
+            raise RuntimeError(f"{a} has no forward state: F{unit} did not run on this rank")
+        assert self.store is not None
+        self.store.begin_backward(a.stage, a.microbatch, a.seq_slice)
+        leaf, out = self._held.pop(unit)
+        if info.last:
+            torch.autograd.backward(out)  # the slice's loss, already scaled by 1/normaliser
+        else:
+            if unit not in self._douts:
+                raise RuntimeError(f"no output gradient for {a}: its RECV_B (or downstream B) has not run")
+            torch.autograd.backward(out, self._douts.pop(unit))
+        self.store.end_backward(a.stage, a.microbatch, a.seq_slice)
+        self.tracker.release(unit)
+        if leaf is None:
+            return
+        grad = leaf.grad
+        if grad is None:
+            raise RuntimeError(f"{a}: the stage input received no gradient")
+        if self.schedule.rank_of(a.stage - 1) == self.rank:
+            self._douts[(a.stage - 1, a.microbatch, a.seq_slice)] = grad
+        else:
+            self._to_send_b[unit] = grad
+
+    def _send_f(self, a: Action) -> None:
+        self.transport.send("fwd", _pop(self._to_send_f, a, "F").contiguous(), self._peer(a))
+
+    def _send_b(self, a: Action) -> None:
+        self.transport.send("bwd", _pop(self._to_send_b, a, "B").contiguous(), self._peer(a))
+
+    def _recv_f(self, a: Action) -> None:
+        buf = self.transport.recv("fwd", self._shape(a), self.dtype, self._peer(a))
+        self._inputs[a.unit] = buf.requires_grad_()
+
+    def _recv_b(self, a: Action) -> None:
+        self._douts[a.unit] = self.transport.recv("bwd", self._shape(a), self.dtype, self._peer(a))
+
+
+def _channel(a: Action) -> str:
+    return "fwd" if a.kind in (Kind.SEND_F, Kind.RECV_F) else "bwd"
+
+
+def _pop(d: dict[Unit, torch.Tensor], a: Action, src: str) -> torch.Tensor:
+    if a.unit not in d:
+        raise RuntimeError(f"{a}: nothing to send, {src}{a.unit} has not produced it on this rank")
+    return d.pop(a.unit)

@@ -1,0 +1,191 @@
+"""The K/V store of one rank: per (stage, micro-batch) K/V buffers, prefix leaves and dK/dV hand-down.
+
+Life of one (stage, micro-batch) entry (SlimPipe reference §5):
+
+* forward of slice j (in order 0, 1, …, n−1): every layer writes its K/V into its buffer (allocated at
+  slice 0 for the whole sequence) and attends to the window [0, end_j); the rows of earlier slices enter
+  slice j's graph through a detached prefix leaf with requires_grad;
+* backward of slice j (in order n−1, …, 0, and only after all n forwards): the window node adds the dK/dV
+  that later slices handed down for rows [start_j, end_j); afterwards the prefix leaves' grads (rows
+  [0, start_j)) are added into the entry's dK/dV accumulator for the earlier slices;
+* after slice 0's backward the entry (buffers and accumulators) is dropped.
+
+Any other order raises :class:`KVOrderError` before a gradient can go wrong, and so does state left over at
+the end of a step.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from slimpipe.runtime.attention import KVWindow, MaskCache, window_attention
+
+__all__ = ["KVStore", "KVOrderError", "SliceKV"]
+
+
+class KVOrderError(RuntimeError):
+    """A slice forward/backward ran in an order that would make the K/V carry or its gradient wrong."""
+
+
+@dataclass(slots=True)
+class _LayerKV:
+    k: torch.Tensor | None = None  # (b, s, H_kv, d): the sequence's keys, filled slice by slice
+    v: torch.Tensor | None = None
+    acc_k: torch.Tensor | None = None  # (b, start_{n-1}, H_kv, d): dK handed down to earlier slices
+    acc_v: torch.Tensor | None = None
+    prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # slice -> leaves
+
+
+@dataclass(slots=True)
+class _Entry:
+    next_fwd: int = 0
+    next_bwd: int = -1  # set to n−1 once every slice was forwarded
+    layers: dict[int, _LayerKV] = field(default_factory=dict)
+
+
+class KVStore:
+    """K/V carry across slices for every (stage, micro-batch) of one rank."""
+
+    def __init__(self, bounds: list[int], masks: MaskCache) -> None:
+        self.bounds = bounds  # token boundaries of the n slices: slice j = [bounds[j], bounds[j+1])
+        self.n = len(bounds) - 1
+        self.masks = masks
+        self._entries: dict[tuple[int, int], _Entry] = {}
+        self.buffer_ptrs: set[int] = set()  # storages of live K/V buffers (memory accounting)
+
+    def begin_forward(self, stage: int, mb: int, j: int) -> SliceKV:
+        entry = self._entries.setdefault((stage, mb), _Entry())
+        if j != entry.next_fwd:
+            raise KVOrderError(
+                f"forward of slice {j} of stage {stage} micro-batch {mb} out of order: slices must be "
+                f"forwarded 0, 1, …, {self.n - 1} (expected slice {entry.next_fwd})"
+            )
+        entry.next_fwd += 1
+        if entry.next_fwd == self.n:
+            entry.next_bwd = self.n - 1
+        return SliceKV(self, entry, j)
+
+    def begin_backward(self, stage: int, mb: int, j: int) -> None:
+        entry = self._entries.get((stage, mb))
+        if entry is None or entry.next_fwd < self.n:
+            done = 0 if entry is None else entry.next_fwd
+            raise KVOrderError(
+                f"backward of slice {j} of stage {stage} micro-batch {mb} before all {self.n} slices were "
+                f"forwarded ({done} were): a slice's backward needs the dK/dV of every later slice"
+            )
+        if j != entry.next_bwd:
+            raise KVOrderError(
+                f"backward of slice {j} of stage {stage} micro-batch {mb} out of reverse order: slices must "
+                f"run backward {self.n - 1}, …, 0 (expected slice {entry.next_bwd}); a FIFO slice backward "
+                "would miss the dK/dV later slices hand down"
+            )
+
+    def end_backward(self, stage: int, mb: int, j: int) -> None:
+        entry = self._entries[(stage, mb)]
+        for lk in entry.layers.values():
+            leaves = lk.prefix.pop(j, None)
+            if leaves is not None:
+                lk.acc_k = _accumulate(lk.acc_k, leaves[0])
+                lk.acc_v = _accumulate(lk.acc_v, leaves[1])
+        entry.next_bwd -= 1
+        if j == 0:  # nothing of this micro-batch's K/V is needed any more
+            for lk in entry.layers.values():
+                self.buffer_ptrs.difference_update(_ptr(t) for t in (lk.k, lk.v))
+            del self._entries[(stage, mb)]
+
+    def check_drained(self) -> None:
+        if self._entries:
+            left = ", ".join(
+                f"stage {st} micro-batch {mb} ({e.next_fwd} of {self.n} slices forwarded, "
+                f"{self.n - 1 - e.next_bwd if e.next_bwd >= 0 else 0} backwarded)"
+                for (st, mb), e in sorted(self._entries.items())
+            )
+            raise KVOrderError(f"K/V state left over at the end of the step: {left}")
+
+    def reset(self) -> None:
+        """Drop everything (after a failed step)."""
+        self._entries.clear()
+        self.buffer_ptrs.clear()
+
+    def nbytes(self) -> tuple[int, int]:
+        """(K/V buffer bytes, dK/dV accumulator bytes) currently held."""
+        kv = dkv = 0
+        for e in self._entries.values():
+            for lk in e.layers.values():
+                kv += sum(_storage_bytes(t) for t in (lk.k, lk.v))
+                dkv += sum(_storage_bytes(t) for t in (lk.acc_k, lk.acc_v))
+        return kv, dkv
+
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.untyped_storage().data_ptr()
+
+
+def _storage_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.untyped_storage().nbytes()
+
+
+def _accumulate(acc: torch.Tensor | None, leaf: torch.Tensor) -> torch.Tensor | None:
+    grad = leaf.grad
+    if grad is None:  # the prefix did not influence the output (cannot happen for causal attention)
+        return acc
+    if acc is None:  # the first backward (slice n−1) covers every earlier row: reuse its gradient
+        return grad
+    acc[:, : grad.size(1)] += grad
+    return acc
+
+
+class SliceKV:
+    """The K/V view of one (stage, micro-batch, slice) forward; hands a LayerContext to each layer."""
+
+    def __init__(self, store: KVStore, entry: _Entry, j: int) -> None:
+        self.store, self.entry, self.j = store, entry, j
+        self.start, self.end = store.bounds[j], store.bounds[j + 1]
+        self.shared: dict[str, object] = {}
+
+    def layer(self, layer_id: int) -> _LayerCtx:
+        return _LayerCtx(self, layer_id)
+
+    def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (b, t, H, d), k/v (b, t, H_kv, d) of this slice -> (b, t, H, d)."""
+        if k.size(1) != self.end - self.start:
+            raise ValueError(f"slice {self.j} has {self.end - self.start} tokens, attention got {k.size(1)}")
+        lk = self.entry.layers.setdefault(layer_id, _LayerKV())
+        seq = self.store.bounds[-1]
+        if lk.k is None:
+            lk.k = k.new_empty((k.size(0), seq, *k.shape[2:]))  # (b, s, H_kv, d)
+            lk.v = v.new_empty((v.size(0), seq, *v.shape[2:]))
+            self.store.buffer_ptrs.update((_ptr(lk.k), _ptr(lk.v)))
+        assert lk.v is not None
+        start = self.start
+        kp = vp = None
+        if start:
+            kp = lk.k[:, :start].detach().requires_grad_()  # (b, start, H_kv, d): the prefix leaves
+            vp = lk.v[:, :start].detach().requires_grad_()
+            lk.prefix[self.j] = (kp, vp)
+        k_win = KVWindow.apply(k, kp, lk.k, start, functools.partial(_handed, lk, "acc_k", start, self.end))
+        v_win = KVWindow.apply(v, vp, lk.v, start, functools.partial(_handed, lk, "acc_v", start, self.end))
+        return window_attention(q, k_win, v_win, start, self.store.masks, seq)
+
+
+def _handed(lk: _LayerKV, which: str, start: int, end: int) -> torch.Tensor | None:
+    acc = getattr(lk, which)
+    return None if acc is None else acc[:, start:end]
+
+
+class _LayerCtx:
+    """LayerContext (slimpipe.models.base) of one layer within one slice."""
+
+    __slots__ = ("_slice", "_layer", "start", "shared")
+
+    def __init__(self, slice_kv: SliceKV, layer_id: int) -> None:
+        self._slice, self._layer = slice_kv, layer_id
+        self.start = slice_kv.start
+        self.shared = slice_kv.shared
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._slice.attend(self._layer, q, k, v)

@@ -1,0 +1,164 @@
+"""LocalPipelineRuntime: every rank of one pipeline in one process, through in-memory channels.
+
+The ranks are the same RankExecutors as in the distributed runtime with a LocalTransport instead of
+torch.distributed: same handlers, same programs, no schedule logic of its own. They run cooperatively:
+each rank executes until its next RECV has nothing queued, then the next rank runs; a full round in
+which no rank executes anything is a deadlock and raises, naming every rank's blocked action. Useful for
+debugging, fast tests, and per-stage memory of a whole pipeline on one device. dp = 1 (emulate DP by
+several runtimes with ``loss_tokens`` set to the global token count).
+
+step_time_s is the whole sequential run, so bubble_ratio here only says how the work split over ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from slimpipe.config import ModelConfig
+from slimpipe.models.base import DecoderParts
+from slimpipe.runtime.attention import MaskCache
+from slimpipe.runtime.executor import RankExecutor
+from slimpipe.runtime.optim import OptimConfig, build_optimizer, clip_coefficient, scale_grads, squared_norm
+from slimpipe.runtime.p2p import LocalHub, LocalTransport
+from slimpipe.runtime.pipeline import check_tokens, executor_stats, prepare_schedule, reduce_step_stats
+from slimpipe.runtime.result import PipelineError, StepResult
+from slimpipe.runtime.stage import RankModel, as_parts, build_rank_model, stages_of_rank
+from slimpipe.schedule.actions import Schedule
+from slimpipe.schedule.format import to_grid
+
+__all__ = ["LocalPipelineRuntime"]
+
+
+class LocalPipelineRuntime:
+    """All p ranks of one pipeline (dp = 1) in this process."""
+
+    def __init__(self, model: ModelConfig | DecoderParts, schedule: Schedule, *,
+                 dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu",
+                 optim: OptimConfig | None = None, check_schedule: bool = True, mask_mode: str = "auto") -> None:
+        self.parts = as_parts(model)
+        self.device = torch.device(device)
+        p = schedule.num_ranks
+        self.schedule = prepare_schedule(schedule, pp=p, num_layers=self.parts.num_layers, check=check_schedule)
+        self.hub = LocalHub()
+        masks = MaskCache(mask_mode)  # one table for the whole process
+        self.models: list[RankModel] = []
+        self.executors: list[RankExecutor] = []
+        for r in range(p):
+            stages = stages_of_rank(self.parts.num_layers, p, self.schedule.virtual_stages, r)
+            model = build_rank_model(self.parts, stages, seed=seed, device=self.device, dtype=dtype)
+            self.models.append(model)
+            self.executors.append(RankExecutor(
+                rank=r, schedule=self.schedule, model=model, stages=stages,
+                transport=LocalTransport(self.hub, r), hidden=self.parts.hidden, device=self.device,
+                dtype=dtype, masks=masks,
+            ))
+        self.optim_config = optim or OptimConfig()
+        # Every rank's parameters, tied replicas included (they get identical grads, so stay identical).
+        self.optimizer = build_optimizer(
+            ((n, q) for m in self.models for n, q in m.named_parameters()), self.optim_config)
+        self.step = 0
+
+    # ---- parameters ---------------------------------------------------------------------------------
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(global name, Parameter) over all stages; a tied replica is listed once (rank 0's)."""
+        seen: set[str] = set()
+        for model in self.models:
+            for name, param in model.named_parameters():
+                if name not in seen:
+                    seen.add(name)
+                    yield name, param
+
+    def rank_parameters(self, rank: int) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.models[rank].named_parameters()
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters()}
+
+    def load_model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        for model in self.models:
+            model.load_state_dict({k: state_dict[k] for k in model.state_dict()})
+
+    def zero_grad(self) -> None:
+        for model in self.models:
+            model.zero_grad(set_to_none=True)
+
+    # ---- steps --------------------------------------------------------------------------------------
+    def forward_backward(self, tokens: torch.Tensor, *, reduce_grads: bool = False,
+                         loss_tokens: int | None = None) -> StepResult:
+        """As PipelineRuntime.forward_backward; ``reduce_grads`` sums the tied-embedding replicas' grads."""
+        res = self._run(tokens, loss_tokens)
+        if reduce_grads:
+            self._reduce_grads()
+        return res
+
+    def train_step(self, tokens: torch.Tensor, *, loss_tokens: int | None = None) -> StepResult:
+        self.zero_grad()
+        res = self._run(tokens, loss_tokens)
+        self._reduce_grads()
+        norm = math.sqrt(sum(float(squared_norm(m.norm_parameters(), self.device)) for m in self.models))
+        coef = clip_coefficient(norm, self.optim_config.clip)
+        for model in self.models:
+            scale_grads(model.parameters(), coef)
+        self.optimizer.step()
+        return dataclasses.replace(res, grad_norm=norm)
+
+    def _run(self, tokens: torch.Tensor, loss_tokens: int | None) -> StepResult:
+        check_tokens(tokens, self.schedule)
+        tokens = tokens.to(self.device)
+        normaliser = loss_tokens if loss_tokens is not None else tokens.size(0) * (tokens.size(1) - 1)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for ex in self.executors:
+            ex.begin_step(self.step, tokens, normaliser)
+        self.step += 1
+        self.hub.queues.clear()
+        t0 = time.time()
+        self._round_robin()
+        for ex in self.executors:
+            ex.end_step()
+        elapsed = time.time() - t0
+        if self.hub.pending():
+            raise PipelineError(f"messages never received at the end of the step: {self.hub.pending()}")
+        values = [executor_stats(ex, elapsed) for ex in self.executors]
+        trace = sorted((ev for ex in self.executors for ev in ex.trace), key=lambda e: e.start_s)
+        res = reduce_step_stats(values, trace, float(self.executors[-1].loss_sum), math.nan, False)
+        if self.device.type == "cuda":  # one device for every rank: only the process-wide peak exists
+            res = dataclasses.replace(res, cuda_max_allocated=[torch.cuda.max_memory_allocated(self.device)])
+        return res
+
+    def _round_robin(self) -> None:
+        gens = {r: ex.run() for r, ex in enumerate(self.executors)}
+        blocked: dict[int, object] = {}
+        while gens:
+            progress = False
+            for r in list(gens):
+                before = self.executors[r].executed
+                try:
+                    blocked[r] = next(gens[r])
+                except StopIteration:
+                    del gens[r]
+                    blocked.pop(r, None)
+                    progress = True
+                    continue
+                progress = progress or self.executors[r].executed != before
+            if gens and not progress:
+                raise PipelineError(self._deadlock_message(blocked))
+
+    def _deadlock_message(self, blocked: dict[int, object]) -> str:
+        marks = [(r, self.executors[r].executed) for r in sorted(blocked)]
+        what = "; ".join(f"rank {r} waits at step {i} ({blocked[r]})" for r, i in marks)
+        return (f"deadlock in step {self.step - 1}: every unfinished rank waits on a RECV with nothing queued: "
+                f"{what}\n{to_grid(self.schedule, marks=marks, window=8)}")
+
+    def _reduce_grads(self) -> None:
+        first, last = self.models[0], self.models[-1]
+        if last.embed_replica:  # p > 1 with tied embeddings: sum the replicas' grads
+            g0, g1 = first.embed.weight.grad, last.embed.weight.grad
+            total = g0 if g1 is None else (g1 if g0 is None else g0 + g1)
+            first.embed.weight.grad, last.embed.weight.grad = total, total.clone()

@@ -1,0 +1,180 @@
+"""PipelineRuntime: one process = one pipeline rank of one DP replica, over torch.distributed.
+
+A step: execute this rank's lowered program (slimpipe.runtime.executor), then — for train_step — sum the
+tied-embedding gradients over the embedding group, all-reduce gradients over the DP group, compute the
+global grad norm over the pipeline (DP replicas hold identical gradients by then), clip and step AdamW.
+The per-slice loss is already divided by the token count of the global batch, so plain sums (over slices,
+micro-batches, DP replicas) give the global-batch mean and its gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from slimpipe.config import ConfigError, ModelConfig
+from slimpipe.models.base import DecoderParts
+from slimpipe.runtime.attention import MaskCache
+from slimpipe.runtime.executor import RankExecutor
+from slimpipe.runtime.optim import OptimConfig, build_optimizer, clip_coefficient, scale_grads, squared_norm
+from slimpipe.runtime.p2p import DistTransport
+from slimpipe.runtime.parallel_state import ParallelState
+from slimpipe.runtime.result import StepResult
+from slimpipe.runtime.stage import RankModel, as_parts, build_rank_model, stages_of_rank
+from slimpipe.schedule.actions import Schedule
+from slimpipe.schedule.passes import lower
+from slimpipe.schedule.validate import validate
+
+__all__ = ["PipelineRuntime", "prepare_schedule", "check_tokens"]
+
+
+def prepare_schedule(schedule: Schedule, *, pp: int, num_layers: int, check: bool = True) -> Schedule:
+    """Lower (idempotent) and validate; ``check=False`` skips validation (tests of the runtime's own checks)."""
+    if schedule.num_ranks != pp:
+        raise ConfigError(
+            f"schedule has p={schedule.num_ranks} ranks but the pipeline has pp={pp}: build it with p={pp}"
+        )
+    stages_of_rank(num_layers, schedule.num_ranks, schedule.virtual_stages, 0)  # layer divisibility check
+    lowered = lower(schedule)
+    if check:
+        validate(lowered)
+    return lowered
+
+
+def check_tokens(tokens: torch.Tensor, schedule: Schedule) -> None:
+    m, n = schedule.num_microbatches, schedule.num_slices
+    if tokens.dim() != 2 or tokens.size(0) != m or tokens.dtype != torch.long:
+        raise ValueError(
+            f"tokens must be a LongTensor (m, s+1) = ({m}, s+1): one row per micro-batch of the schedule, "
+            f"got {tuple(tokens.shape)} {tokens.dtype}"
+        )
+    if tokens.size(1) - 1 < n:
+        raise ConfigError(f"sequence length {tokens.size(1) - 1} is shorter than the {n} slices: use s ≥ n")
+
+
+def reduce_step_stats(values: list[list[float]], trace, loss: float, grad_norm: float,
+                      cuda: bool) -> StepResult:
+    """values[r] = [peak_total, peak_kv, peak_saved, busy_s, elapsed_s, cuda_max] of pipeline rank r."""
+    step_time = max(v[4] for v in values)
+    busy = [v[3] for v in values]
+    return StepResult(
+        loss=loss, grad_norm=grad_norm, step_time_s=step_time, trace=trace,
+        peak_activation_bytes=[int(v[0]) for v in values], peak_kv_bytes=[int(v[1]) for v in values],
+        peak_saved_bytes=[int(v[2]) for v in values], busy_s=busy,
+        bubble_ratio=1.0 - sum(busy) / (len(values) * step_time) if step_time > 0 else 0.0,
+        cuda_max_allocated=[int(v[5]) for v in values] if cuda else None,
+    )
+
+
+def executor_stats(ex: RankExecutor, elapsed: float) -> list[float]:
+    pk = ex.tracker.peaks()
+    cuda = torch.cuda.max_memory_allocated(ex.device) if ex.device.type == "cuda" else 0
+    return [float(pk.total), float(pk.kv), float(pk.saved), ex.busy_s, elapsed, float(cuda)]
+
+
+class PipelineRuntime:
+    """This process's pipeline rank (see docs/runtime.md and notes/runtime_api.md)."""
+
+    def __init__(self, model: ModelConfig | DecoderParts, schedule: Schedule, state: ParallelState, *,
+                 dtype: torch.dtype = torch.float32, seed: int = 0, optim: OptimConfig | None = None,
+                 check_schedule: bool = True, mask_mode: str = "auto") -> None:
+        self.parts = as_parts(model)
+        self.state = state
+        self.schedule = prepare_schedule(schedule, pp=state.pp, num_layers=self.parts.num_layers,
+                                         check=check_schedule)
+        p, v = self.schedule.num_ranks, self.schedule.virtual_stages
+        self.stages = stages_of_rank(self.parts.num_layers, p, v, state.pp_rank)
+        self.model: RankModel = build_rank_model(self.parts, self.stages, seed=seed, device=state.device,
+                                                 dtype=dtype)
+        self.optim_config = optim or OptimConfig()
+        self.optimizer = build_optimizer(self.model.named_parameters(), self.optim_config)
+        self.executor = RankExecutor(
+            rank=state.pp_rank, schedule=self.schedule, model=self.model, stages=self.stages,
+            transport=DistTransport(state), hidden=self.parts.hidden, device=state.device, dtype=dtype,
+            masks=MaskCache(mask_mode),
+        )
+        self.step = 0
+
+    # ---- parameters ---------------------------------------------------------------------------------
+    def named_parameters(self):
+        """(global name, Parameter) of this rank's stages."""
+        return self.model.named_parameters()
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state_dict)
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    # ---- steps --------------------------------------------------------------------------------------
+    def forward_backward(self, tokens: torch.Tensor, *, reduce_grads: bool = False,
+                         loss_tokens: int | None = None) -> StepResult:
+        """Run the schedule, accumulating into .grad. ``reduce_grads`` also sums tied-embedding grads and
+        all-reduces over DP (what train_step does before clipping). ``loss_tokens`` overrides the loss
+        normaliser (default: every token of the global batch, m·s·dp)."""
+        res = self._run(tokens, loss_tokens)
+        if reduce_grads:
+            self._reduce_grads()
+        return res
+
+    def train_step(self, tokens: torch.Tensor, *, loss_tokens: int | None = None) -> StepResult:
+        """zero_grad, forward_backward, grad reduction, clipping (global norm) and one AdamW step."""
+        self.zero_grad()
+        res = self._run(tokens, loss_tokens)
+        self._reduce_grads()
+        norm = self._grad_norm()
+        scale_grads(self.model.parameters(), clip_coefficient(norm, self.optim_config.clip))
+        self.optimizer.step()
+        return dataclasses.replace(res, grad_norm=norm)
+
+    def _run(self, tokens: torch.Tensor, loss_tokens: int | None) -> StepResult:
+        check_tokens(tokens, self.schedule)
+        st, ex = self.state, self.executor
+        tokens = tokens.to(st.device)
+        normaliser = loss_tokens if loss_tokens is not None else tokens.size(0) * (tokens.size(1) - 1) * st.dp
+        if st.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(st.device)
+        ex.begin_step(self.step, tokens, normaliser)
+        self.step += 1
+        t0 = time.time()
+        for blocked in ex.run():
+            raise RuntimeError(f"distributed transport yielded on {blocked}: its receives must block")
+        ex.end_step()
+        elapsed = time.time() - t0
+        loss = ex.loss_sum.clone()
+        if st.dp > 1:
+            dist.all_reduce(loss, group=st.dp_group)
+        if st.pp > 1:  # only the last pipeline rank holds a nonzero sum
+            dist.all_reduce(loss, group=st.pp_group)
+        stats = torch.tensor(executor_stats(ex, elapsed), dtype=torch.float64, device=st.device)
+        gathered = [torch.empty_like(stats) for _ in range(st.pp)]
+        dist.all_gather(gathered, stats, group=st.pp_group)
+        values = [g.tolist() for g in gathered]
+        return reduce_step_stats(values, list(ex.trace), float(loss), math.nan, st.device.type == "cuda")
+
+    def _reduce_grads(self) -> None:
+        st, model = self.state, self.model
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if st.embed_group is not None and model.tied and st.pp_rank in (0, st.pp - 1):
+            dist.all_reduce(model.embed.weight.grad, group=st.embed_group)  # Megatron's embedding group
+        if st.dp > 1:
+            grads = [p.grad for p in model.parameters()]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=st.dp_group)
+            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
+
+    def _grad_norm(self) -> float:
+        sq = squared_norm(self.model.norm_parameters(), self.state.device)
+        if self.state.pp > 1:
+            dist.all_reduce(sq, group=self.state.pp_group)
+        return math.sqrt(float(sq))

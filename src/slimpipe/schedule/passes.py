@@ -1,0 +1,211 @@
+"""Schedule → Schedule passes, and a dependency-driven dry run of the lowered programs.
+
+``lower`` makes every cross-rank tensor handoff explicit: the runtime executes exactly the lowered
+program of its rank, and the simulator and the deadlock check read the same program.
+
+``dry_run`` executes all ranks' lowered programs against each other in O(actions): SEND never blocks, a
+RECV waits until its SEND ran (plus an optional latency), a compute action waits for its data (upstream
+activation or downstream gradient, the K/V carry of the neighbouring slice, its own forward). Each rank
+runs its program strictly in order, so a rank blocked on an action that never becomes ready is a
+deadlock, reported with the stuck actions marked. It is deliberately low-fidelity: durations per action
+and one latency for every message, no bandwidth, no contention (slimpipe.sim models those).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from slimpipe.schedule.actions import Action, Kind, Schedule
+from slimpipe.schedule.validate import ScheduleError
+
+__all__ = ["lower", "dry_run", "DryRunResult", "uniform_duration", "peak_inflight", "inflight_curve"]
+
+_Key = tuple[Kind, int, int, int]  # (kind, stage, micro-batch, slice)
+
+
+_UNIFORM = {Kind.F: 1.0, Kind.B: 2.0, Kind.W: 1.0}
+
+
+def uniform_duration(action: Action) -> float:
+    """The closed-form cost convention: F = 1, B = 2, W = 1, communication free."""
+    return _UNIFORM.get(action.kind, 0.0)
+
+
+def lower(schedule: Schedule) -> Schedule:
+    """Add explicit SEND/RECV around every cross-rank stage handoff.
+
+    SEND_F right after an F whose next stage is on another rank; RECV_F right before an F whose input comes
+    from another rank (stage 0 has none); SEND_B right after a B whose previous stage is on another rank;
+    RECV_B right before a B whose output gradient comes from another rank (the last stage's comes from the
+    loss). Same-rank handoffs (p = 1) need nothing. Because every rank runs its forwards (and its
+    backwards) in one shared order, sends and receives on each channel come out in the same order.
+
+    An already-lowered schedule is returned unchanged (idempotent; hand-edited communication is left for
+    check_comm_matching to judge, not silently rewritten).
+    """
+    if schedule.is_lowered:
+        return schedule
+    p, last = schedule.num_ranks, schedule.num_stages - 1
+    ranks = []
+    for r, prog in enumerate(schedule.ranks):
+        out: list[Action] = []
+        for a in prog:
+            st, mb, j = a.stage, a.microbatch, a.seq_slice
+            if a.kind is Kind.F:
+                if st > 0 and (st - 1) % p != r:
+                    out.append(Action(st, Kind.RECV_F, mb, j))
+                out.append(a)
+                if st < last and (st + 1) % p != r:
+                    out.append(Action(st, Kind.SEND_F, mb, j))
+            elif a.kind is Kind.B:
+                if st < last and (st + 1) % p != r:
+                    out.append(Action(st, Kind.RECV_B, mb, j))
+                out.append(a)
+                if st > 0 and (st - 1) % p != r:
+                    out.append(Action(st, Kind.SEND_B, mb, j))
+            else:
+                out.append(a)
+        ranks.append(tuple(out))
+    return schedule.replace_ranks(tuple(ranks))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DryRunResult:
+    """When every action of a lowered schedule ran, in dependency-driven time."""
+
+    schedule: Schedule
+    """The lowered schedule that ran (start/end index its programs)."""
+    start: tuple[tuple[float, ...], ...]
+    """start[r][i]: time action i of rank r began (with unit durations: the step it ran at)."""
+    end: tuple[tuple[float, ...], ...]
+    """end[r][i] = start[r][i] + its duration."""
+    makespan: float
+    """Time the last action of any rank ended."""
+
+    def busy(self) -> tuple[float, ...]:
+        """Per rank: total duration of its actions (compute only under uniform_duration)."""
+        return tuple(sum(e - s for s, e in zip(st, en)) for st, en in zip(self.start, self.end))
+
+    def bubble_ratio(self) -> float:
+        """Idle fraction of p × makespan (0 for an empty schedule)."""
+        total = self.makespan * len(self.start)
+        return 0.0 if total == 0 else 1.0 - sum(self.busy()) / total
+
+
+def _deps(a: Action, r: int, p: int, last: int, n: int) -> list[_Key]:
+    """What action a (on rank r) waits for. A RECV's dependency is its SEND (latency applies)."""
+    k, st, mb, j = a.kind, a.stage, a.microbatch, a.seq_slice
+    if k is Kind.F:
+        d: list[_Key] = []
+        if st > 0:  # the activation from the previous stage
+            d.append((Kind.F, st - 1, mb, j) if (st - 1) % p == r else (Kind.RECV_F, st, mb, j))
+        if j > 0:  # the K/V prefix of the earlier slice
+            d.append((Kind.F, st, mb, j - 1))
+        return d
+    if k is Kind.B:
+        d = [(Kind.F, st, mb, j)]
+        if st < last:  # the output gradient from the next stage
+            d.append((Kind.B, st + 1, mb, j) if (st + 1) % p == r else (Kind.RECV_B, st, mb, j))
+        if j < n - 1:  # the dK/dV contributions of the later slice
+            d.append((Kind.B, st, mb, j + 1))
+        return d
+    if k is Kind.W:
+        return [(Kind.B, st, mb, j)]
+    if k is Kind.SEND_F:
+        return [(Kind.F, st, mb, j)]
+    if k is Kind.SEND_B:
+        return [(Kind.B, st, mb, j)]
+    if k is Kind.RECV_F:
+        return [(Kind.SEND_F, st - 1, mb, j)]
+    return [(Kind.SEND_B, st + 1, mb, j)]  # RECV_B
+
+
+def _deadlock(schedule: Schedule, cursor: list[int], blocked: dict[int, _Key], check: str) -> ScheduleError:
+    stuck = [(r, i) for r, i in enumerate(cursor) if i < len(schedule.ranks[r])]
+    lines = []
+    for r, i in stuck:
+        kind, st, mb, j = blocked[r]
+        lines.append(f"rank {r} step {i}: {schedule.ranks[r][i]} waits for {Action(st, kind, mb, j)}")
+    return ScheduleError(
+        check,
+        "deadlock in the dry run (SEND non-blocking, RECV waits for its SEND, compute waits for its "
+        "inputs): " + "; ".join(lines),
+        schedule, stuck,
+    )
+
+
+def _dry_run(
+    schedule: Schedule, *, duration: Callable[[Action], float] | None, latency: float, check: str
+) -> DryRunResult:
+    dur = uniform_duration if duration is None else duration
+    p, last, n = schedule.num_ranks, schedule.num_stages - 1, schedule.num_slices
+    progs = schedule.ranks
+    start: list[list[float]] = [[0.0] * len(prog) for prog in progs]
+    end: list[list[float]] = [[0.0] * len(prog) for prog in progs]
+    cursor, clock = [0] * p, [0.0] * p
+    done: dict[_Key, float] = {}  # action key -> end time
+    waiting: dict[_Key, list[int]] = {}  # action key -> ranks blocked on it
+    blocked: dict[int, _Key] = {}
+    ready = list(range(p))
+    while ready:
+        r = ready.pop()
+        prog, i, t_rank = progs[r], cursor[r], clock[r]
+        while i < len(prog):
+            a = prog[i]
+            t = t_rank
+            hold = None
+            for d in _deps(a, r, p, last, n):
+                e = done.get(d)
+                if e is None:
+                    hold = d
+                    break
+                if d[0] is Kind.SEND_F or d[0] is Kind.SEND_B:
+                    e += latency
+                if e > t:
+                    t = e
+            if hold is not None:
+                blocked[r] = hold
+                waiting.setdefault(hold, []).append(r)
+                break
+            t_rank = t + dur(a)
+            start[r][i], end[r][i] = t, t_rank
+            key = (a.kind, a.stage, a.microbatch, a.seq_slice)
+            done[key] = t_rank
+            ready.extend(waiting.pop(key, ()))
+            i += 1
+        cursor[r], clock[r] = i, t_rank
+    if any(i < len(prog) for i, prog in zip(cursor, progs)):
+        raise _deadlock(schedule, cursor, blocked, check)
+    return DryRunResult(
+        schedule=schedule,
+        start=tuple(map(tuple, start)),
+        end=tuple(map(tuple, end)),
+        makespan=max(clock, default=0.0),
+    )
+
+
+def dry_run(
+    schedule: Schedule, *, duration: Callable[[Action], float] | None = None, latency: float = 0.0
+) -> DryRunResult:
+    """Execute the lowered programs against each other (lowering first if needed); raise ScheduleError
+    (check ``dry_run``) with the stuck actions marked on deadlock.
+
+    duration: time of each action (default uniform_duration: F 1, B 2, communication 0). latency: time
+    from a SEND's end until its RECV may complete (p2p overlapped with compute: the sender never waits).
+    """
+    return _dry_run(lower(schedule), duration=duration, latency=latency, check="dry_run")
+
+
+def inflight_curve(schedule: Schedule, rank: int) -> list[int]:
+    """Units forwarded but not yet backwarded on ``rank`` after each of its actions (program order)."""
+    cur, out = 0, []
+    for a in schedule.ranks[rank]:
+        cur += 1 if a.kind is Kind.F else -1 if a.kind is Kind.B else 0
+        out.append(cur)
+    return out
+
+
+def peak_inflight(schedule: Schedule) -> tuple[int, ...]:
+    """Per rank: the most units whose forward ran and whose backward has not (activation held)."""
+    return tuple(max(inflight_curve(schedule, r), default=0) for r in range(schedule.num_ranks))

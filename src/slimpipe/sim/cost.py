@@ -1,0 +1,270 @@
+"""Per-slice cost models: how long each F/B of a (stage, slice) takes and how long its p2p transfer takes.
+
+Readable like nanoGPT's ``estimate_mfu``: FLOPs are counted per layer for one slice of T tokens that sees
+a K/V prefix of P tokens (full-sequence token counts, before any sharding):
+
+* attention projections (GQA): ``2·T·h·(q + 2·d_kv)`` (Q, K, V) + ``2·T·q·h`` (output);
+* causal attention with a prefix: QKᵀ and AV each ``2·q`` FLOPs per (query, key) pair, and the queries of
+  the slice see ``T·P + T²/2`` keys in all: ``4·q·(T·P + T²/2)``. Slice j of n equal slices (block
+  b = s/n, P = j·b) costs ``4·q·b²·(j + ½)``; summed over j that is the unsliced causal ``4·q·s²/2``;
+* SwiGLU MLP ``6·T·h·f``; MoE: top-k of E experts, ``k·6·T·h·f`` plus the router ``2·T·h·E``;
+* output layer ``2·T·h·V`` (+ loss, not counted); embedding lookup: no FLOPs.
+
+Backward = 2× forward for GEMMs and 2.5× for attention (flash attention recomputes QKᵀ: 5 matmuls against
+2); recomputation adds the recomputed forward work to B (partial+fc1: fc1; full: the whole layer).
+Per GPU the work is divided by t·c (TP shards weights, CP shards tokens with balanced zig-zag causal work).
+Communication is charged without overlap (a pessimistic, stated simplification): TP+SP 4 collectives per
+layer and direction, CP query-out all-gather/reduce-scatter, EP all-to-all, vocab-parallel collectives;
+DP gradient/parameter sync once per step. Attention context exchange (SlimPipe §8) is not modelled: the
+per-slice attention imbalance stays where the schedule puts it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from slimpipe.config import ModelConfig
+from slimpipe.schedule.actions import Kind
+from slimpipe.sim.hardware import Hardware
+from slimpipe.sim.workload import Workload
+
+__all__ = [
+    "CostModel", "UniformCost", "AnalyticCost", "LayerFlops", "layer_flops", "seq1f1b_partition",
+    "model_flops_per_token", "ATTN_BWD_FACTOR",
+]
+
+ATTN_BWD_FACTOR = 2.5
+"""Backward/forward FLOP ratio of fused attention (5 matmuls against 2; flash attention recomputes QKᵀ)."""
+
+
+class CostModel(Protocol):
+    """What the simulator asks a cost model; all times in seconds (uniform: in units of one forward)."""
+
+    name: str
+
+    def compute_time(self, kind: Kind, stage: int, seq_slice: int) -> float:
+        """Duration of F/B/W of any micro-batch of ``stage`` on slice ``seq_slice``."""
+        ...
+
+    def transfer_time(self, kind: Kind, stage: int, seq_slice: int) -> float:
+        """Latency from a SEND_F/SEND_B of (stage, slice) until the tensor is usable by the receiver."""
+        ...
+
+    def step_overhead(self) -> float:
+        """Time added once per step after the pipeline drains (data-parallel gradient sync)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class UniformCost:
+    """Every F costs 1, every B 2 (W 1), communication is free: the closed-form bubble convention."""
+
+    name: str = "uniform"
+
+    def compute_time(self, kind: Kind, stage: int, seq_slice: int) -> float:
+        return 2.0 if kind is Kind.B else 1.0
+
+    def transfer_time(self, kind: Kind, stage: int, seq_slice: int) -> float:
+        return 0.0
+
+    def step_overhead(self) -> float:
+        return 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LayerFlops:
+    """Forward FLOPs of one layer for one slice, split by the kernel efficiency they run at."""
+
+    linear: float
+    """GEMM FLOPs (projections, MLP/experts, router)."""
+    attention: float
+    """Core attention FLOPs (QKᵀ and AV over the causal prefix)."""
+    fc1: float
+    """The fc1 (gate + up) part of ``linear``: what partial+fc1 recomputation replays."""
+
+
+def layer_flops(model: ModelConfig, tokens: float, prefix: float) -> LayerFlops:
+    """Forward FLOPs of one transformer layer for ``tokens`` queries after a K/V prefix of ``prefix``."""
+    h, q, kv, f = model.hidden, model.q_dim, model.kv_dim, model.ffn
+    k = model.top_k if model.num_experts > 1 else 1
+    proj = 2 * tokens * h * (q + 2 * kv) + 2 * tokens * q * h
+    fc1 = k * 2 * tokens * h * 2 * f
+    mlp = k * 2 * tokens * h * 3 * f
+    router = 2 * tokens * h * model.num_experts if model.num_experts > 1 else 0
+    attention = 4 * q * (tokens * prefix + tokens * tokens / 2)
+    return LayerFlops(linear=proj + mlp + router, attention=attention, fc1=fc1)
+
+
+def model_flops_per_token(model: ModelConfig, seq_len: int, *, causal: bool) -> float:
+    """MFU numerator per token: ``6·N + 12·L·H·Q·T`` (PaLM/torchtitan) or ``6·N + 6·L·H·Q·T`` (causal).
+
+    N counts active parameters without the input-embedding lookup (the output layer is counted once, also
+    when tied), H·Q = q heads × head_dim, T = sequence length.
+    """
+    n = model.active_params(include_embedding=model.tie_embeddings)
+    attn = (6 if causal else 12) * model.num_layers * model.q_dim * seq_len
+    return 6 * n + attn
+
+
+def _ring_time(bytes_per_gpu: float, group: int, bw: float, latency: float) -> float:
+    """One ring collective moving (group−1)/group of ``bytes_per_gpu`` through each GPU."""
+    if group <= 1:
+        return 0.0
+    return latency * (group - 1) + bytes_per_gpu * (group - 1) / group / bw
+
+
+class AnalyticCost:
+    """FLOP- and bandwidth-based durations for one workload on one GPU type (see the module docstring).
+
+    Durations depend on (kind, stage, slice) only, so the simulator tabulates them once per step.
+    """
+
+    name = "analytic"
+
+    def __init__(self, workload: Workload, hardware: Hardware, slice_fractions: Sequence[float]) -> None:
+        self.workload, self.hw = workload, hardware
+        s = workload.seq_len
+        self.tokens = [s * w for w in slice_fractions]  # tokens of each slice of one sequence
+        self.prefix = [sum(self.tokens[:j]) for j in range(len(self.tokens))]
+        par = workload.parallel
+        self.b = par.micro_batch  # sequences per micro-batch: every per-unit cost scales with b
+        self._fwd: dict[tuple[int, int], float] = {}
+        self._bwd: dict[tuple[int, int], float] = {}
+        self._span_tp = par.tp
+        self._span_cp = par.tp * par.cp
+        self._span_pp = 2 * par.tp * par.cp * par.dp  # neighbours sit t·c·d GPU ids apart (pp outermost)
+
+    # -- per-layer pieces -------------------------------------------------------------------------
+    def _layer_times(self, j: int) -> tuple[float, float]:
+        """(forward, backward) seconds of one layer on slice j, compute and communication."""
+        wl, hw, par = self.workload, self.hw, self.workload.parallel
+        shard = par.tp * par.cp
+        fl = layer_flops(wl.model, self.tokens[j], self.prefix[j])
+        gemm = hw.peak_flops * hw.gemm_efficiency
+        attn = hw.peak_flops * hw.attention_efficiency
+        per_gpu = self.b / shard  # b sequences, work split over t·c GPUs
+        fwd = per_gpu * (fl.linear / gemm + fl.attention / attn)
+        bwd = per_gpu * (2 * fl.linear / gemm + ATTN_BWD_FACTOR * fl.attention / attn)
+        rec = wl.recompute
+        if rec == "partial+fc1":
+            bwd += per_gpu * fl.fc1 / gemm
+        elif rec == "full":
+            bwd += fwd
+        tp_one, cp, ep = self._layer_comm(j)
+        replayed = {"partial+fc1": 1, "full": 2}.get(rec, 0)  # recompute replays SP all-gathers
+        return fwd + 4 * tp_one + cp + ep, bwd + (4 + replayed) * tp_one + 2 * cp + ep
+
+    def _layer_comm(self, j: int) -> tuple[float, float, float]:
+        """(one TP+SP collective, CP forward exchange, EP all-to-all pair) seconds for slice j."""
+        wl, hw, par = self.workload, self.hw, self.workload.parallel
+        model, t, c = wl.model, par.tp, par.cp
+        tok = self.tokens[j] * self.b
+        lat = hw.p2p_latency_s
+        # TP+SP: all-gather before attention and MLP, reduce-scatter after each (backward mirrors them).
+        tp_one = _ring_time(tok / c * model.hidden * 2, t, hw.link_bw(self._span_tp), lat)
+        # CP query-out: all-gather Q, reduce-scatter out (+lse); backward ≈ twice (dout, q, out, dq).
+        cp = 2 * _ring_time(tok * model.q_dim / t * 2, c, hw.link_bw(self._span_cp), lat)
+        ep = 0.0
+        if model.num_experts > 1 and par.ep > 1:  # dispatch + combine all-to-all of the routed tokens
+            routed = tok / (t * c) * model.top_k * model.hidden * 2
+            ep = 2 * (lat + routed * (par.ep - 1) / par.ep / hw.link_bw(par.ep))
+        return tp_one, cp, ep
+
+    # -- vocabulary layers ------------------------------------------------------------------------
+    def _vocab_times(self, j: int) -> tuple[float, float]:
+        """(forward, backward) seconds of the output layer for slice j on the GPU(s) that run it."""
+        wl, hw, par = self.workload, self.hw, self.workload.parallel
+        tok, h, vsz = self.tokens[j] * self.b, wl.model.hidden, wl.model.vocab_size
+        gemm = hw.peak_flops * hw.gemm_efficiency
+        flops = 2 * tok * h * vsz / (par.tp * par.cp)
+        if not wl.vocab_parallel:
+            return flops / gemm, 2 * flops / gemm
+        group = par.tp * par.pp  # scatter + all-gather of the last stage's hidden states over TP×PP
+        span = self._span_pp * par.pp
+        comm = 2 * _ring_time(tok / par.cp * h * 2, group, hw.link_bw(span), hw.p2p_latency_s)
+        return flops / par.pp / gemm + comm, 2 * flops / par.pp / gemm + comm
+
+    def _embed_comm(self, j: int) -> float:
+        """Vocab-parallel embedding: all-reduce of the slice's hidden states over TP×PP (forward and back)."""
+        wl, hw, par = self.workload, self.hw, self.workload.parallel
+        if not wl.vocab_parallel:
+            return 0.0
+        group = par.tp * par.pp
+        return 2 * _ring_time(self.tokens[j] * self.b / par.cp * wl.model.hidden * 2, group,
+                              hw.link_bw(self._span_pp * par.pp), hw.p2p_latency_s)
+
+    # -- CostModel --------------------------------------------------------------------------------
+    def _unit(self, stage: int, j: int) -> tuple[float, float]:
+        key = (stage, j)
+        if key not in self._fwd:
+            wl, par = self.workload, self.workload.parallel
+            lf, lb = self._layer_times(j)
+            fwd, bwd = wl.layers_per_stage * lf, wl.layers_per_stage * lb
+            k = stage // par.pp
+            last_stage = par.pp * par.vpp - 1
+            if (wl.vocab_parallel and k == par.vpp - 1) or (not wl.vocab_parallel and stage == last_stage):
+                vf, vb = self._vocab_times(j)
+                fwd, bwd = fwd + vf, bwd + vb
+            if wl.vocab_parallel and k == 0:
+                e = self._embed_comm(j)
+                fwd, bwd = fwd + e, bwd + e
+            self._fwd[key], self._bwd[key] = fwd, bwd
+        return self._fwd[key], self._bwd[key]
+
+    def compute_time(self, kind: Kind, stage: int, seq_slice: int) -> float:
+        fwd, bwd = self._unit(stage, seq_slice)
+        if kind is Kind.F:
+            return fwd
+        if kind is Kind.B:
+            return bwd
+        return bwd / 2  # W: the weight-gradient half of a split backward
+
+    def transfer_time(self, kind: Kind, stage: int, seq_slice: int) -> float:
+        par, hw = self.workload.parallel, self.hw
+        tokens = self.b * self.tokens[seq_slice] / (par.tp * par.cp)
+        nbytes = tokens * self.workload.model.hidden * 2  # (b, s_j/(t·c), h) bf16
+        return hw.p2p_latency_s + nbytes / hw.link_bw(self._span_pp)
+
+    def step_overhead(self) -> float:
+        """Distributed-optimizer sync over the d·c copies: fp32 grad reduce-scatter + bf16 all-gather."""
+        from slimpipe.sim.memory import params_per_gpu  # memory owns the parameter layout
+
+        wl, hw, par = self.workload, self.hw, self.workload.parallel
+        group = par.dp * par.cp
+        per_gpu = max(params_per_gpu(wl, r) for r in range(par.pp))
+        return _ring_time(per_gpu * 6, group, hw.link_bw(par.tp * group), hw.p2p_latency_s)
+
+
+def seq1f1b_partition(model: ModelConfig, seq_len: int, k: int, *, multiple: int = 1) -> tuple[float, ...]:
+    """Seq1F1B's computation-balanced segments: lengths whose prefix-aware forward FLOPs are total/k each.
+
+    Solved from the end of the sequence (the last segment sees the longest prefix, so it is the shortest);
+    boundaries are rounded to ``multiple`` tokens (e.g. t·2c); the first segment takes the rest. Returns
+    slice_weights (fractions of ``seq_len``, summing to 1), for ``build(..., slice_weights=...)``.
+    """
+    if k == 1:
+        return (1.0,)
+    whole = layer_flops(model, seq_len, 0)
+    target = (whole.linear + whole.attention) / k
+    lin = layer_flops(model, 1, 0).linear  # linear FLOPs per token
+    q4 = 4 * model.q_dim
+    lengths: list[int] = []
+    end = float(seq_len)
+    for _ in range(k - 1):
+        # lin·x + 4q·(x·(end − x) + x²/2) = target  →  2q·x² − (lin + 4q·end)·x + target = 0
+        a, b = q4 / 2, lin + q4 * end
+        x = (b - math.sqrt(max(b * b - 4 * a * target, 0.0))) / (2 * a)
+        x = max(multiple, round(x / multiple) * multiple)
+        lengths.append(int(x))
+        end -= x
+    first = seq_len - sum(lengths)
+    if first < multiple:
+        raise ValueError(
+            f"seq1f1b_partition: seq_len={seq_len} too short for k={k} segments of ≥ {multiple} tokens"
+        )
+    lengths.append(first)
+    lengths.reverse()  # (first, …, last)
+    return tuple(x / seq_len for x in lengths)

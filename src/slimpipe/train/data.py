@@ -1,0 +1,137 @@
+"""Training data: a flat token array and a seed-only sampler. Imports numpy, not torch.
+
+The global batch of step k is ``B`` windows of ``s + 1`` tokens whose offsets are drawn from a generator
+seeded by ``(seed, k)`` only, so every parallel layout (pp, dp, vpp, slices, schedule) sees the same
+sequences in the same order, and a resumed run needs nothing but the step number to continue. Data-parallel
+replica d takes sequences ``[d·m, (d+1)·m)`` of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slimpipe.config import ConfigError
+
+__all__ = ["TokenData", "load_data", "stdlib_corpus"]
+
+# Parts of the stdlib tree left out of the corpus: installed third-party code varies between machines,
+# and the test suites are large and repetitive.
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+
+
+@dataclass(frozen=True, slots=True)
+class TokenData:
+    """A token source: a flat array (text, token file) or a generated pattern (synthetic)."""
+
+    name: str
+    """What was loaded, for logs (path, 'stdlib', 'synthetic')."""
+    tokens: np.ndarray | None
+    """Flat token ids (uint8/uint16/uint32, possibly a memmap); None for synthetic data."""
+    vocab_size: int
+    """Vocabulary size the ids were checked against."""
+    fingerprint: str
+    """Short content hash stored in checkpoints so a resume on other data is refused."""
+
+    @property
+    def num_tokens(self) -> int:
+        return 0 if self.tokens is None else len(self.tokens)
+
+    def batch(self, step: int, *, seed: int, batch: int, seq_len: int) -> np.ndarray:
+        """The global batch of ``step``: (B, s + 1) int64 token ids."""
+        rng = np.random.default_rng([seed, step])
+        if self.tokens is None:
+            return _synthetic(rng, batch, seq_len, self.vocab_size, seed)
+        starts = rng.integers(0, self.num_tokens - seq_len, size=batch)  # window s+1 fits
+        return np.stack([np.asarray(self.tokens[o : o + seq_len + 1], dtype=np.int64) for o in starts])
+
+
+def _synthetic(rng: np.random.Generator, batch: int, seq_len: int, vocab: int, seed: int) -> np.ndarray:
+    """Walks of a fixed random permutation: token i+1 = perm[token i]; learnable from the previous token."""
+    perm = np.random.default_rng([seed, 1 << 30]).permutation(vocab)
+    out = np.empty((batch, seq_len + 1), dtype=np.int64)  # (B, s+1)
+    out[:, 0] = rng.integers(0, vocab, size=batch)
+    for i in range(seq_len):
+        out[:, i + 1] = perm[out[:, i]]
+    return out
+
+
+def stdlib_corpus() -> tuple[np.ndarray, str]:
+    """Bytes of the sorted .py files of this Python's standard library (offline, same on every run)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
+    files.sort()
+    blob = b"\n".join(f.read_bytes() for f in files)
+    return np.frombuffer(blob, dtype=np.uint8), str(root)
+
+
+def load_data(spec: str, *, vocab_size: int, seq_len: int, data_dtype: str = "auto") -> TokenData:
+    """Load and check a data spec; every problem is a ConfigError naming the fix."""
+    if spec == "synthetic":
+        return TokenData("synthetic", None, vocab_size, "synthetic")
+    if spec == "stdlib":
+        tokens, root = stdlib_corpus()
+        name = f"stdlib ({root}, {len(tokens) / 1e6:.1f} MB)"
+        _check_bytes(vocab_size, spec)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"--data {spec}: no such file; give a .bin token file, a text file, stdlib or synthetic")
+        if path.stat().st_size == 0:
+            raise ConfigError(f"--data {spec}: the file is empty; give a file with at least seq_len+1 tokens")
+        if path.suffix == ".bin":
+            tokens = _token_file(path, vocab_size, data_dtype)
+        else:
+            _check_bytes(vocab_size, spec)
+            tokens = np.memmap(path, dtype=np.uint8, mode="r")
+        name = str(path)
+    if len(tokens) < seq_len + 1:
+        raise ConfigError(
+            f"--data {spec}: has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}: "
+            "use more data or a shorter --seq-len"
+        )
+    return TokenData(name, tokens, vocab_size, _fingerprint(tokens))
+
+
+def _check_bytes(vocab_size: int, spec: str) -> None:
+    if vocab_size < 256:
+        raise ConfigError(
+            f"--data {spec} is read as bytes (ids 0..255) but the model's vocab_size={vocab_size}: "
+            "use a model with vocab_size ≥ 256 or a .bin token file"
+        )
+
+
+def _token_file(path: Path, vocab_size: int, data_dtype: str) -> np.ndarray:
+    if data_dtype == "auto":
+        data_dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
+    dtype = np.dtype(data_dtype)
+    if path.stat().st_size % dtype.itemsize:
+        raise ConfigError(
+            f"--data {path}: size {path.stat().st_size} B is not a multiple of {dtype.itemsize} "
+            f"({data_dtype}); pass the right --data-dtype (uint16 or uint32)"
+        )
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    # Scan in blocks: a token file can be far larger than memory.
+    top = max(int(tokens[i : i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))
+    if top >= vocab_size:
+        raise ConfigError(
+            f"--data {path}: token id {top} ≥ the model's vocab_size={vocab_size}: use a model whose "
+            f"vocab covers the tokenizer (e.g. --model a JSON with vocab_size ≥ {top + 1}) or check --data-dtype"
+        )
+    return tokens
+
+
+def _fingerprint(tokens: np.ndarray) -> str:
+    """Hash of the length and up to 4 MiB from each end (cheap even for huge files)."""
+    h = hashlib.sha256(str(len(tokens)).encode())
+    h.update(np.ascontiguousarray(tokens[: 1 << 21]).tobytes())
+    h.update(np.ascontiguousarray(tokens[-(1 << 21) :]).tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,155 @@
+"""Every check a run can fail before a process starts, each a ConfigError with a one-line fix. No torch.
+
+``preflight`` resolves the config into what the ranks need (model, compute-only schedule, loaded data,
+checkpoint to resume from) so that a bad flag costs milliseconds, not a process group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from slimpipe.config import ConfigError, ModelConfig, ParallelConfig, load_model
+from slimpipe.schedule.actions import Schedule
+from slimpipe.train.checkpoint import check_checkpoint, resolve_checkpoint
+from slimpipe.train.config import TrainConfig
+from slimpipe.train.data import TokenData, load_data
+
+__all__ = ["Prepared", "preflight", "torchrun_env", "TorchrunEnv"]
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A checked run: what every rank builds its runtime from."""
+
+    cfg: TrainConfig
+    """The resolved config (output paths filled in)."""
+    model: ModelConfig
+    """The model the runtime builds."""
+    schedule: Schedule
+    """Compute-only schedule for p = pp ranks and m = global_batch / dp micro-batches."""
+    data: TokenData
+    """Loaded and checked training data."""
+    resume_dir: Path | None
+    """Step directory to resume from, or None."""
+
+
+@dataclass(frozen=True, slots=True)
+class TorchrunEnv:
+    """The process's place as torchrun (or any env:// launcher) describes it."""
+
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+
+
+def torchrun_env() -> TorchrunEnv | None:
+    """RANK/WORLD_SIZE/LOCAL_RANK from the environment, or None when not started by a launcher."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    return TorchrunEnv(
+        rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+    )
+
+
+def preflight(cfg: TrainConfig, *, env: TorchrunEnv | None = None, check_outputs: bool = True) -> Prepared:
+    """Check the layout, schedule, data, checkpoint and outputs; return what the ranks need."""
+    from slimpipe.schedule.builders import build
+
+    cfg = cfg.resolved()
+    model = load_model(cfg.model)
+    layout = ParallelConfig(pp=cfg.pp, dp=cfg.dp, vpp=cfg.vpp, slices=cfg.slices)
+    layout.check_layers(model.num_layers)
+    m = layout.microbatches(cfg.global_batch)
+    if cfg.seq_len % cfg.slices:
+        raise ConfigError(
+            f"--seq-len={cfg.seq_len} is not divisible by --slices={cfg.slices}: use a seq-len that is a "
+            f"multiple of {cfg.slices} (e.g. {cfg.seq_len - cfg.seq_len % cfg.slices or cfg.slices})"
+        )
+    _check_processes(cfg, env)
+    schedule = build(cfg.schedule, p=cfg.pp, m=m, n=cfg.slices, v=cfg.vpp, warmup=cfg.warmup)
+    data = load_data(cfg.data, vocab_size=model.vocab_size, seq_len=cfg.seq_len, data_dtype=cfg.data_dtype)
+    resume_dir = None
+    if cfg.resume:
+        resume_dir = resolve_checkpoint(cfg.resume, cfg.checkpoint_dir)
+        check_checkpoint(resume_dir, model=model.to_dict(), seed=cfg.seed, data_fingerprint=data.fingerprint,
+                         steps=cfg.steps)
+    if cfg.trace:
+        _check_trace_writer()
+    if check_outputs:
+        _check_outputs(cfg)
+    _check_device(cfg, env)  # last: it imports torch (~2 s)
+    return Prepared(cfg=cfg, model=model, schedule=schedule, data=data, resume_dir=resume_dir)
+
+
+def _check_processes(cfg: TrainConfig, env: TorchrunEnv | None) -> None:
+    need = cfg.world
+    layout = "1 (--local-pipeline)" if cfg.local_pipeline else f"pp·dp = {cfg.pp}·{cfg.dp} = {need}"
+    if env is not None and env.world != need:
+        raise ConfigError(
+            f"the launcher started WORLD_SIZE={env.world} processes but the layout needs {layout}: "
+            f"start {need} processes or change --pp/--dp"
+        )
+    if env is None and cfg.nproc and cfg.nproc != need:
+        raise ConfigError(f"--nproc={cfg.nproc} but the layout needs {layout}: use --nproc {need} or change --pp/--dp")
+
+
+def _check_device(cfg: TrainConfig, env: TorchrunEnv | None) -> None:
+    if cfg.device == "cuda" or cfg.device == "auto":
+        try:
+            import torch  # only to count GPUs; never initialises CUDA
+        except ImportError:  # pragma: no cover - torch is a dependency
+            return
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if cfg.device == "cuda" and gpus == 0:
+            raise ConfigError("--device cuda but no CUDA device is visible: use --device cpu")
+        local = env.local_world if env is not None else cfg.world
+        if gpus and local > gpus and cfg.device == "cuda":
+            raise ConfigError(
+                f"{local} processes on this node but {gpus} GPU(s): NCCL needs one GPU per process; "
+                "use fewer processes per node, --local-pipeline, or --device cpu"
+            )
+
+
+def _check_trace_writer() -> None:
+    try:
+        from slimpipe.trace import write_chrome_trace  # noqa: F401
+    except ImportError:
+        raise ConfigError("--trace needs slimpipe.trace.write_chrome_trace, missing from this install: drop --trace") from None
+
+
+def _writable_dir(path: Path, flag: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".slimpipe-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: not writable ({exc.strerror}); choose a writable directory") from None
+
+
+def _check_outputs(cfg: TrainConfig) -> None:
+    out = Path(cfg.out_dir)
+    _writable_dir(out, "--out-dir")
+    files = [("--log-json", cfg.log_json), ("--out-dir", str(out / "config.json"))]
+    if cfg.trace:
+        files.append(("--trace", cfg.trace))
+    for flag, name in files:
+        path = Path(name)
+        _writable_dir(path.parent, flag)
+        if path.exists() and not (cfg.overwrite or cfg.resume):
+            raise ConfigError(
+                f"{flag}: {path} exists from an earlier run: pass --overwrite, --resume, or another --out-dir"
+            )
+    if cfg.checkpoint_every:
+        ckpt = Path(cfg.checkpoint_dir)
+        _writable_dir(ckpt, "--checkpoint-dir")
+        if (ckpt / "latest").exists() and not (cfg.overwrite or cfg.resume):
+            raise ConfigError(
+                f"--checkpoint-dir {ckpt} holds another run's checkpoints: pass --resume to continue it, "
+                "--overwrite to replace them, or another --checkpoint-dir"
+            )

@@ -1,0 +1,243 @@
+"""One rank's training loop on the SlimPipe runtime: data, LR schedule, metrics, checkpoints, trace.
+
+Rank 0 owns every file of the run directory (config.json, the JSON-lines log, the trace); all of them are
+written under ``.partial`` names and renamed when the run succeeds. Checkpoints are collective (DCP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from slimpipe.train.checkpoint import load_checkpoint, save_checkpoint
+from slimpipe.train.launch import Watchdog, fault_hook
+from slimpipe.train.log import StepLogger, flops_per_token, measure_peak_flops
+from slimpipe.train.preflight import Prepared
+
+__all__ = ["run_rank", "lr_at"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_COMM_WORDS = ("connection closed", "connection reset", "timed out", "timeout", "broken pipe", "peer")
+
+
+def lr_at(step: int, cfg: Any) -> float:
+    """Linear warm-up over lr_warmup steps, then cosine decay to min_lr_ratio·lr at the last step."""
+    if step <= cfg.lr_warmup:
+        return cfg.lr * step / cfg.lr_warmup
+    span = max(1, cfg.steps - cfg.lr_warmup)
+    progress = min(1.0, (step - cfg.lr_warmup) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _device(cfg: Any, local_rank: int) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def run_rank(prep: Prepared, *, rank: int, world: int, local_rank: int, store: Any) -> int:
+    """Join the process group, train, and return an exit code (errors are printed, never raised)."""
+    device = _device(prep.cfg, local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                            world_size=world, timeout=timedelta(seconds=prep.cfg.timeout))
+    watchdog = None
+    step = [0]
+    try:
+        shared = [prep.cfg]  # rank 0's resolved paths win (torchrun ranks resolve timestamps separately)
+        dist.broadcast_object_list(shared, src=0)
+        prep = dataclasses.replace(prep, cfg=shared[0])
+        if world > 1:
+            watchdog = Watchdog(store, rank, world, stale_s=max(2.0, prep.cfg.timeout / 3))
+            watchdog.start()
+        _train(prep, rank=rank, world=world, device=device, step=step)
+        return 0
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message and an exit code
+        return _report_failure(exc, rank=rank, step=step[0], watchdog=watchdog)
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _report_failure(exc: BaseException, *, rank: int, step: int, watchdog: Watchdog | None) -> int:
+    text = " ".join(str(e).lower() for e in _chain(exc))
+    if watchdog is not None and (isinstance(exc, dist.DistError) or any(w in text for w in _COMM_WORDS)):
+        cause = watchdog.wait_for_cause()  # a peer probably died: let the heartbeats name it
+        if cause:
+            sys.stderr.write(f"slimpipe train: rank {rank}: stopping at step {step}: {cause}\n")
+            return 1
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if watchdog is not None:
+        watchdog.publish(f"rank {rank} failed at step {step}: {first}")
+    sys.stderr.write(f"slimpipe train: rank {rank}: failed at step {step}: {type(exc).__name__}: {exc}\n")
+    if not isinstance(exc, (RuntimeError, ValueError)) or os.environ.get("SLIMPIPE_TRACEBACK"):
+        traceback.print_exception(exc, file=sys.stderr)
+    return 1
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    out = []
+    while exc is not None and len(out) < 8:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _build_runtime(prep: Prepared, device: torch.device) -> tuple[Any, int]:
+    """(runtime, data-parallel rank of this process)."""
+    from slimpipe.runtime import LocalPipelineRuntime, OptimConfig, ParallelState, PipelineRuntime
+
+    cfg = prep.cfg
+    optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip)
+    dtype = _DTYPES[cfg.dtype]
+    if cfg.local_pipeline:
+        rt = LocalPipelineRuntime(prep.model, prep.schedule, dtype=dtype, seed=cfg.seed, device=device, optim=optim)
+        return rt, 0
+    state = ParallelState.create(pp=cfg.pp, dp=cfg.dp, timeout_s=cfg.timeout)
+    return PipelineRuntime(prep.model, prep.schedule, state, dtype=dtype, seed=cfg.seed, optim=optim), state.dp_rank
+
+
+def _ckpt_meta(prep: Prepared) -> dict[str, Any]:
+    cfg = prep.cfg
+    return {
+        "format": 1, "model": prep.model.to_dict(), "seed": cfg.seed, "data": prep.data.name,
+        "data_fingerprint": prep.data.fingerprint, "seq_len": cfg.seq_len, "global_batch": cfg.global_batch,
+        "layout": {"pp": cfg.pp, "dp": cfg.dp, "vpp": cfg.vpp, "slices": cfg.slices, "schedule": cfg.schedule},
+    }
+
+
+def _train(prep: Prepared, *, rank: int, world: int, device: torch.device, step: list[int]) -> None:
+    cfg = prep.cfg
+    torch.manual_seed(cfg.seed)
+    rt, dp_rank = _build_runtime(prep, device)
+    start = load_checkpoint(rt, prep.resume_dir) if prep.resume_dir is not None else 0
+    m = cfg.microbatches
+    tokens_per_step = cfg.global_batch * cfg.seq_len
+    fpt = flops_per_token(prep.model, cfg.seq_len)
+    fpt_causal = flops_per_token(prep.model, cfg.seq_len, causal=True)
+    logger = None
+    dist.barrier()  # the other ranks wait idle while rank 0 measures the matmul peak
+    if rank == 0:
+        peak, how = (cfg.peak_tflops * 1e12, "--peak-tflops") if cfg.peak_tflops else measure_peak_flops(
+            _DTYPES[cfg.dtype], device)
+        logger = StepLogger(cfg.log_json, steps=cfg.steps, start_step=start, log_every=cfg.log_every,
+                            progress=cfg.progress)
+        config_partial = _write_config(prep, world, device, fpt, peak, how)
+        logger.print(_header(prep, world, device, start, peak, how))
+    dist.barrier()
+    try:
+        res = None
+        t_run = time.perf_counter()
+        for k in range(start + 1, cfg.steps + 1):
+            step[0] = k
+            fault_hook(rank, k)
+            lr = lr_at(k, cfg)
+            for group in rt.optimizer.param_groups:
+                group["lr"] = lr
+            batch = prep.data.batch(k, seed=cfg.seed, batch=cfg.global_batch, seq_len=cfg.seq_len)  # (B, s+1)
+            mine = torch.from_numpy(batch[dp_rank * m : (dp_rank + 1) * m]).to(device)  # (m, s+1)
+            res = rt.train_step(mine)
+            if logger is not None:
+                tps = tokens_per_step / res.step_time_s
+                logger.log({
+                    "step": k, "loss": res.loss, "grad_norm": res.grad_norm, "lr": lr,
+                    "tokens_per_s": tps, "tokens_per_s_per_device": tps / world,
+                    "step_time_s": res.step_time_s, "mfu": fpt * tps / (world * peak),
+                    "mfu_causal": fpt_causal * tps / (world * peak), "bubble_ratio": res.bubble_ratio,
+                    "peak_activation_bytes": [int(b) for b in res.peak_activation_bytes],
+                    "peak_kv_bytes": [int(b) for b in res.peak_kv_bytes],
+                    "max_allocated_bytes": res.cuda_max_allocated,
+                    "elapsed_s": time.perf_counter() - t_run,
+                })
+            if cfg.checkpoint_every and (k % cfg.checkpoint_every == 0 or k == cfg.steps):
+                save_checkpoint(rt, cfg.checkpoint_dir, k, _ckpt_meta(prep), rank=rank, keep=cfg.keep_checkpoints)
+        trace = _gather_trace(res, world) if cfg.trace and res is not None else None
+        if logger is not None:
+            _publish(prep, logger, config_partial, trace)
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _gather_trace(res: Any, world: int) -> list[tuple[Any, ...]] | None:
+    """The last step's executed actions of every rank, gathered to rank 0 as slimpipe.trace events.
+
+    The runtime stamps events with the wall clock (ranks on other nodes line up as well as their clocks
+    do); they are shifted to seconds since the earliest event; pid = global rank.
+    """
+    mine = [(e.rank, e.action, e.start_s, e.end_s) for e in res.trace]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (dist.get_rank(), mine))
+    if dist.get_rank() != 0:
+        return None
+    t0 = min((ev[2] for _, evs in gathered for ev in evs), default=0.0)
+    out = []
+    for grank, evs in gathered:
+        for pp_rank, action, start, end in evs:
+            # local pipeline: one process runs every pipeline rank, so the row is the pipeline rank
+            pid = pp_rank if world == 1 else grank
+            out.append((pid, action, start - t0, end - t0, {"pp_rank": pp_rank, "global_rank": grank}))
+    return out
+
+
+def _write_config(prep: Prepared, world: int, device: torch.device, fpt: float, peak: float, how: str) -> Path:
+    cfg = prep.cfg
+    path = Path(cfg.out_dir) / "config.json.partial"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    resolved = {
+        "train": cfg.to_dict(),
+        "model": prep.model.to_dict(),
+        "derived": {
+            "world": world, "microbatches": cfg.microbatches, "device": str(device),
+            "backend": "nccl" if device.type == "cuda" else "gloo", "threads": torch.get_num_threads(),
+            "params": prep.model.num_params(), "flops_per_token": fpt, "peak_flops": peak, "peak_source": how,
+            "data": prep.data.name, "data_tokens": prep.data.num_tokens, "schedule_meta": dict(prep.schedule.meta),
+            "resumed_from": str(prep.resume_dir) if prep.resume_dir else None, "torch": torch.__version__,
+        },
+    }
+    path.write_text(json.dumps(resolved, indent=1, default=str) + "\n")
+    return path
+
+
+def _header(prep: Prepared, world: int, device: torch.device, start: int, peak: float, how: str) -> str:
+    cfg, mdl = prep.cfg, prep.model
+    lines = [
+        f"slimpipe train: {mdl.name} ({mdl.num_params() / 1e6:.1f}M params, L={mdl.num_layers} h={mdl.hidden}) "
+        f"on {prep.data.name}",
+        f"  layout pp={cfg.pp} dp={cfg.dp} vpp={cfg.vpp} slices={cfg.slices} schedule={cfg.schedule} "
+        f"m={cfg.microbatches} | seq {cfg.seq_len} × batch {cfg.global_batch} = "
+        f"{cfg.seq_len * cfg.global_batch:,} tokens/step | {cfg.dtype}",
+        f"  {world} process(es) on {device.type}, {torch.get_num_threads()} thread(s) each | peak "
+        f"{peak / 1e12:.3g} TFLOP/s per process ({how}) | out {cfg.out_dir}",
+    ]
+    if start:
+        lines.append(f"  resumed from {prep.resume_dir} at step {start}")
+    return "\n".join(lines)
+
+
+def _publish(prep: Prepared, logger: StepLogger, config_partial: Path, trace: list[dict[str, Any]] | None) -> None:
+    """Success: move every output into place."""
+    cfg = prep.cfg
+    if trace is not None:
+        from slimpipe.trace import write_chrome_trace
+
+        partial = cfg.trace + ".partial"
+        write_chrome_trace(trace, partial)
+        os.replace(partial, cfg.trace)
+    os.replace(config_partial, config_partial.with_name("config.json"))
+    logger.finish()
+    logger.print(f"done: log {cfg.log_json}" + (f", trace {cfg.trace}" if cfg.trace else ""))

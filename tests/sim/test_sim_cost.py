@@ -1,0 +1,124 @@
+"""Cost-model sanity: per-slice causal attention, FLOP totals, Seq1F1B's partition, MFU numerator, GPUs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from slimpipe.config import MODEL_PRESETS, ConfigError, ParallelConfig
+from slimpipe.schedule.actions import Kind
+from slimpipe.sim import (
+    AnalyticCost, Workload, layer_flops, load_hardware, model_flops_per_token, seq1f1b_partition,
+)
+
+L70 = MODEL_PRESETS["llama-70b"]
+MIX = MODEL_PRESETS["mixtral-8x7b"]
+
+
+@pytest.mark.parametrize("model", [L70, MODEL_PRESETS["llama-13b"], MIX])
+def test_slice_attention_is_j_plus_half_blocks(model) -> None:
+    s, n = 131072, 16
+    b = s / n
+    per_block = 4 * model.q_dim * b * b  # QKᵀ + AV for one full (s/n)² block
+    for j in range(n):
+        assert layer_flops(model, b, j * b).attention == pytest.approx((j + 0.5) * per_block)
+    total = sum(layer_flops(model, b, j * b).attention for j in range(n))
+    assert total == pytest.approx(layer_flops(model, s, 0).attention)  # = unsliced causal 4·q·s²/2
+    assert layer_flops(model, s, 0).attention == pytest.approx(2 * model.q_dim * s * s)
+
+
+def test_linear_flops_are_equal_per_slice_and_match_parameter_count() -> None:
+    s, n = 65536, 8
+    lin = [layer_flops(L70, s / n, j * s / n).linear for j in range(n)]
+    assert max(lin) == pytest.approx(min(lin))
+    # Dense: 2 FLOPs per weight per token (norm weights aside).
+    assert sum(lin) == pytest.approx(2 * s * (L70.layer_params() - 2 * L70.hidden))
+    # MoE: top-2 of 8 experts plus the router.
+    moe = layer_flops(MIX, 1, 0)
+    assert moe.linear == pytest.approx(2 * (2 * 4096 * 4096 + 2 * 4096 * 1024) + 2 * 3 * 4096 * 14336 * 2
+                                       + 2 * 4096 * 8)
+
+
+def test_attention_dominates_at_512k() -> None:
+    # Reference §7: ≈ 8.6 GFLOP attention vs ≈ 1.7 GFLOP linear per token per layer at 512K (≈ 83 %).
+    fl = layer_flops(L70, 524288, 0)
+    assert fl.attention / (fl.attention + fl.linear) == pytest.approx(0.83, abs=0.02)
+
+
+def _cost(**kw) -> AnalyticCost:
+    par = ParallelConfig(tp=kw.get("t", 4), cp=kw.get("c", 1), pp=kw.get("p", 4), slices=kw.get("n", 8),
+                         vpp=kw.get("v", 1))
+    wl = Workload(model=L70, parallel=par, seq_len=kw.get("s", 131072), global_batch=4,
+                  recompute=kw.get("recompute", "none"), vocab_parallel=kw.get("vp", False))
+    n = par.slices
+    return AnalyticCost(wl, load_hardware("h800"), [1 / n] * n)
+
+
+def test_analytic_durations_grow_with_slice_index_and_backward_costs_more() -> None:
+    cost = _cost(t=1)  # no TP communication: compute only
+    f = [cost.compute_time(Kind.F, 1, j) for j in range(8)]
+    b = [cost.compute_time(Kind.B, 1, j) for j in range(8)]
+    assert f == sorted(f) and f[0] < f[-1]
+    assert all(bj > 2 * fj for fj, bj in zip(f, b))  # attention backward is 2.5× its forward
+    assert cost.transfer_time(Kind.SEND_F, 0, 0) > 0
+
+
+def test_recompute_adds_forward_work_to_backward_only() -> None:
+    base, full = _cost(), _cost(recompute="full")
+    fc1 = _cost(recompute="partial+fc1")
+    for j in (0, 7):
+        assert full.compute_time(Kind.F, 1, j) == base.compute_time(Kind.F, 1, j)
+        b_none, b_fc1, b_full = (c.compute_time(Kind.B, 1, j) for c in (base, fc1, full))
+        assert b_none < b_fc1 < b_full
+
+
+def test_vocabulary_layers_move_with_vocab_parallel() -> None:
+    ends, spread = _cost(), _cost(vp=True)
+    last = 3  # p = 4, v = 1: every stage is both the first and the last virtual stage of its rank
+    assert ends.compute_time(Kind.F, last, 0) > ends.compute_time(Kind.F, 1, 0)  # output layer on the last
+    assert spread.compute_time(Kind.F, last, 0) == spread.compute_time(Kind.F, 1, 0)  # spread evenly
+    inter = _cost(vp=True, v=2)  # v = 2: head work rides on virtual stage 1 (stages 4..7) of every rank
+    hw = load_hardware("h800")
+    head = 2 * (131072 / 8) * 8192 * 128256 / 4 / 4 / (hw.peak_flops * hw.gemm_efficiency)  # 1/p of the GEMM
+    assert inter.compute_time(Kind.F, 5, 0) - inter.compute_time(Kind.F, 1, 0) == pytest.approx(head)
+
+
+def test_seq1f1b_partition_balances_forward_flops() -> None:
+    s, k = 262144, 8
+    weights = seq1f1b_partition(L70, s, k, multiple=8)
+    assert sum(weights) == pytest.approx(1.0)
+    lengths = [w * s for w in weights]
+    assert all(x % 8 == 0 for x in lengths)
+    assert lengths == sorted(lengths, reverse=True)  # early segments long, later ones short
+    prefix, costs = 0.0, []
+    for x in lengths:
+        fl = layer_flops(L70, x, prefix)
+        costs.append(fl.linear + fl.attention)
+        prefix += x
+    assert max(costs) / min(costs) < 1.01
+    assert seq1f1b_partition(L70, s, 1) == (1.0,)
+
+
+def test_model_flops_per_token_conventions() -> None:
+    s = 65536
+    n = L70.num_layers * L70.layer_params() + L70.vocab_size * L70.hidden + L70.hidden  # output counted once
+    assert model_flops_per_token(L70, s, causal=False) == 6 * n + 12 * 80 * 64 * 128 * s
+    assert model_flops_per_token(L70, s, causal=True) == 6 * n + 6 * 80 * 64 * 128 * s
+
+
+def test_hardware_presets_and_json(tmp_path) -> None:
+    assert load_hardware("h800").peak_flops == 989e12
+    names = ("h100", "h800", "h200", "a100")
+    assert tuple(load_hardware(x).name for x in names) == names
+    path = tmp_path / "mygpu.json"
+    path.write_text(json.dumps({"peak_flops": 5e14, "hbm_bytes": 6.4e10, "intra_node_bw": 1e11,
+                                "inter_node_bw": 1e10}))
+    hw = load_hardware(str(path))
+    assert (hw.name, hw.peak_flops, hw.gpus_per_node) == ("mygpu", 5e14, 8)
+    with pytest.raises(ConfigError, match="unknown"):
+        load_hardware("b300")
+    path.write_text(json.dumps({"peak_flops": 5e14, "hbm_bytes": 1, "intra_node_bw": 1, "inter_node_bw": 1,
+                                "gemm_efficiency": 1.5}))
+    with pytest.raises(ConfigError, match="gemm_efficiency"):
+        load_hardware(str(path))
