@@ -38,6 +38,10 @@ def _grid() -> list[tuple[str, int, int, int, int]]:
 
 
 GRID = _grid()
+# dp = 2 here is two independent local pipelines whose sums are compared: it exercises the global loss
+# normaliser, not the schedule (the schedule is identical to dp = 1), so a cheap slice of the grid that
+# still covers every (builder, p, v) family with n ≤ 4 suffices; gloo runs the real DP all-reduce.
+GRID_DP2 = [c for c in GRID if c[3] <= 2 and c[2] <= 4]
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,7 +96,9 @@ def test_grid_dp1(name: str) -> None:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_grid_dp2(name: str) -> None:
-    for case in (c for c in GRID if c[0] == name):
+    cases = [c for c in GRID_DP2 if c[0] == name]
+    assert cases
+    for case in cases:
         _check(*case, dp=2)
 
 

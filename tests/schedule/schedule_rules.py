@@ -5,7 +5,9 @@ Shared by the schedule tests; not a test module itself.
 
 from __future__ import annotations
 
-from slimpipe.schedule.actions import Action, Kind, Schedule, parse_action
+from slimpipe.schedule.actions import Action, Schedule, parse_action
+
+__all__ = ["group_size", "warmup_w", "must_refuse", "with_program", "act"]
 
 
 def group_size(p: int, n: int, v: int) -> int:
@@ -20,16 +22,16 @@ def group_size(p: int, n: int, v: int) -> int:
 def warmup_w(warmup: str, p: int, m: int, n: int, v: int) -> int | None:
     """w the builder must use, or None when the combination must be refused.
 
-    auto = single for v = 1, double for v > 1 unless the last interleaving group is partial (m·n not a
-    multiple of g: the double warm-up can deadlock there), where auto falls back to single and an
-    explicit double is refused.
+    auto = single for n = v = 1 (Megatron's 1F1B), double otherwise, unless v > 1 and the last
+    interleaving group is partial (m·n not a multiple of g: the double warm-up can deadlock there), where
+    auto falls back to single and an explicit double is refused. seq1f1b: auto = single (its own rule).
     """
     partial = v > 1 and (m * n) % group_size(p, n, v) != 0
     if warmup == "single":
         return 1
     if warmup == "double":
         return None if partial else 2
-    return 1 if v == 1 or partial else 2
+    return 1 if (v == 1 and n == 1) or partial else 2
 
 
 def must_refuse(name: str, p: int, m: int, n: int, v: int, warmup: str = "auto") -> bool:
@@ -40,9 +42,9 @@ def must_refuse(name: str, p: int, m: int, n: int, v: int, warmup: str = "auto")
         return True
     if name == "seq1f1b" and v > 1:
         return True
-    if name == "gpipe":
-        return False  # no steady state, no warm-up to fit
-    w = warmup_w(warmup, p, m, n, v)
+    if name == "gpipe" or name == "1f1b":
+        return False  # no steady state / Megatron caps the 1F1B warm-up at m
+    w = 1 if (name == "seq1f1b" and warmup == "auto") else warmup_w(warmup, p, m, n, v)
     return w is None or (m - 1) * n * v < w * (p - 1)
 
 
@@ -57,5 +59,3 @@ def act(text: str) -> Action:
     """Shorthand: act('1F0.2')."""
     return parse_action(text)
 
-
-__all__ = ["group_size", "warmup_w", "must_refuse", "with_program", "act", "Kind"]

@@ -48,7 +48,8 @@ SEC_4_3_RANK0 = (
     "F1/1/7 B0/1/1 B0/1/0 B0/0/3..0 B1/1/7..4 B1/0/7..4 B1/1/3..0 B1/0/3..0"
 )
 SEC_4_3_RANK3_PREFIX = (
-    "F0/0/0-3 F0/1/0-3 F0/0/4-7 F0/1/4-7 B0/1/7 F1/0/0 B0/1/6 F1/0/1 B0/1/5 F1/0/2 B0/1/4 F1/0/3 B0/0/7 F1/1/0"
+    "F0/0/0-3 F0/1/0-3 F0/0/4-7 F0/1/4-7 "  # F0/*/* (16 units)
+    "B0/1/7 F1/0/0 B0/1/6 F1/0/1 B0/1/5 F1/0/2 B0/1/4 F1/0/3 B0/0/7 F1/1/0"
 )
 
 
@@ -70,9 +71,11 @@ def test_reference_4_3_worked_example() -> None:
 @pytest.mark.parametrize("p", [1, 2, 3, 4, 8])
 def test_slimpipe_n1_is_1f1b(p: int) -> None:
     for m in range(p, 2 * p + 2):
-        for warmup in ("auto", "single"):
+        for warmup in ("auto", "single"):  # Megatron's 1F1B
             assert build("slimpipe", p=p, m=m, n=1, warmup=warmup).ranks == build("1f1b", p=p, m=m).ranks
-        assert build("slimpipe", p=p, m=m, warmup="double").ranks == build("1f1b", p=p, m=m, warmup="double").ranks
+        if (m - 1) >= 2 * (p - 1):  # the double warm-up must fit
+            double = build("slimpipe", p=p, m=m, warmup="double")
+            assert double.ranks == build("1f1b", p=p, m=m, warmup="double").ranks
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4, 8])
@@ -97,7 +100,7 @@ def test_1f1b_peak_is_p_minus_r(p: int) -> None:
 @pytest.mark.parametrize("p", [1, 2, 3, 4, 8])
 def test_slimpipe_peak_formula(p: int) -> None:
     # Reference §4.1: peak on rank r = n·v + w·(p−1−r) whenever g divides n (v = 1, or n has a divisor
-    # ≥ p). Otherwise groups hold whole micro-batches and the first backward waits for (v−1)·g + n.
+    # ≥ p). Otherwise groups hold whole micro-batches and the first backward waits for (v−1)·|group 0| + n.
     checked = 0
     for n in (1, 2, 4, 8):
         for v in (1, 2):
@@ -109,7 +112,7 @@ def test_slimpipe_peak_formula(p: int) -> None:
                         continue
                     w = s.meta["w"]
                     g = group_size(p, n, v)
-                    first = n * v if n % g == 0 else (v - 1) * g + n
+                    first = n * v if n % g == 0 else (v - 1) * min(g, m * n) + n  # first group may be short
                     want = tuple(min(m * n * v, first + w * (p - 1 - r)) for r in range(p))
                     assert peak_inflight(s) == want, (p, m, n, v, warmup)
                     if n % g == 0:

@@ -22,19 +22,20 @@ def test_lower_1f1b_p2_by_hand() -> None:
 
 
 @pytest.mark.parametrize(("name", "p", "m", "n", "v"), [
-    ("1f1b", 4, 5, 1, 1), ("slimpipe", 3, 2, 4, 1), ("slimpipe", 4, 2, 8, 2), ("interleaved-1f1b", 2, 4, 1, 3),
+    ("1f1b", 4, 5, 1, 1), ("slimpipe", 3, 2, 4, 1), ("slimpipe", 4, 2, 8, 2),
+    ("interleaved-1f1b", 2, 4, 1, 3),
     ("seq1f1b", 2, 3, 4, 1), ("gpipe", 3, 2, 2, 2),
 ])
 def test_lowering_places_each_message_next_to_its_compute(name: str, p: int, m: int, n: int, v: int) -> None:
     sched = build(name, p=p, m=m, n=n, v=v)
     low = lower(sched)
     last = sched.num_stages - 1
+    compute_of = {Kind.SEND_F: Kind.F, Kind.RECV_F: Kind.F, Kind.SEND_B: Kind.B, Kind.RECV_B: Kind.B}
     for prog in low.ranks:
         for i, a in enumerate(prog):
-            if a.kind is Kind.SEND_F or a.kind is Kind.SEND_B:
-                assert prog[i - 1].unit == a.unit and prog[i - 1].kind is (Kind.F if a.kind is Kind.SEND_F else Kind.B)
-            if a.kind is Kind.RECV_F or a.kind is Kind.RECV_B:
-                assert prog[i + 1].unit == a.unit and prog[i + 1].kind is (Kind.F if a.kind is Kind.RECV_F else Kind.B)
+            if a.kind in compute_of:  # SEND right after its compute, RECV right before
+                nb = prog[i - 1] if a.kind in (Kind.SEND_F, Kind.SEND_B) else prog[i + 1]
+                assert nb.unit == a.unit and nb.kind is compute_of[a.kind]
     count = {k: sum(a.kind is k for prog in low.ranks for a in prog) for k in COMM_KINDS}
     # p > 1: every stage handoff crosses ranks; stage 0 receives no activation, the last stage no gradient.
     for k in COMM_KINDS:
@@ -114,7 +115,8 @@ def test_inflight_curve_and_peaks() -> None:
 
 
 def test_empty_dry_run_is_harmless() -> None:
-    empty = Schedule(name="custom", num_ranks=1, virtual_stages=1, num_microbatches=1, num_slices=1, ranks=((),))
+    empty = Schedule(name="custom", num_ranks=1, virtual_stages=1, num_microbatches=1, num_slices=1,
+                     ranks=((),))
     assert dry_run(empty).makespan == 0 and dry_run(empty).bubble_ratio() == 0.0
 
 

@@ -54,7 +54,8 @@ def test_fifo_slice_backward_is_rejected_with_a_marked_grid() -> None:
     good = build("slimpipe", p=2, m=2, n=4)
     bad = _fifo_backward(good, rank=0, stage=0, mb=0)
     # What generic validators check still holds: counts, F before B, micro-batch backward after forwards.
-    for check in (check_stage_placement, check_counts, check_f_before_b, check_microbatch_backward_after_forwards):
+    for check in (check_stage_placement, check_counts, check_f_before_b,
+                  check_microbatch_backward_after_forwards):
         check(bad)
     err = _fails(check_slice_order, bad, "reverse slice order", "0B0.1", "*0B0.1")
     step = bad.ranks[0].index(act("0B0.1"))
@@ -136,10 +137,13 @@ def test_microbatch_backward_before_its_last_forward() -> None:
 
 def test_weight_gradient_actions() -> None:
     good = build("1f1b", p=2, m=2)
-    with_w = good.replace_ranks(tuple(
-        tuple(x for a in prog for x in ((a, Action(a.stage, Kind.W, a.microbatch)) if a.kind is Kind.B else (a,)))
-        for prog in good.ranks
-    ))
+    def add_w(prog: tuple[Action, ...]) -> tuple[Action, ...]:
+        out: list[Action] = []
+        for a in prog:
+            out += [a, Action(a.stage, Kind.W, a.microbatch)] if a.kind is Kind.B else [a]
+        return tuple(out)
+
+    with_w = good.replace_ranks(tuple(add_w(prog) for prog in good.ranks))
     validate(with_w)
     validate(lower(with_w))
     dry_run(with_w)
@@ -155,7 +159,8 @@ def test_weight_gradient_actions() -> None:
 
 def test_metadata() -> None:
     good = build("1f1b", p=2, m=2)
-    bad = Schedule(name="x", num_ranks=3, virtual_stages=1, num_microbatches=2, num_slices=1, ranks=good.ranks)
+    bad = Schedule(name="x", num_ranks=3, virtual_stages=1, num_microbatches=2, num_slices=1,
+                   ranks=good.ranks)
     _fails(check_metadata, bad, "num_ranks=3 but 2 rank programs")
     check_metadata(build("seq1f1b", p=2, m=2, n=2, slice_weights=(0.6, 0.4)))
     bad_w = Schedule(name="x", num_ranks=2, virtual_stages=1, num_microbatches=2, num_slices=2,

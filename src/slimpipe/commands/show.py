@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slices", type=int, default=1, help="n: slices per sequence (default 1)")
     parser.add_argument("--vpp", type=int, default=1, help="v: virtual stages per rank (default 1)")
     parser.add_argument("--warmup", default="auto", choices=WARMUPS,
-                        help="auto: single for v=1, the authors' double for v>1")
+                        help="auto: single for unsliced non-interleaved (1F1B), the authors' double otherwise; seq1f1b single")
     parser.add_argument("--lowered", action="store_true", help="show SEND/RECV actions too")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="CSV (one row per rank, with a metadata line)")

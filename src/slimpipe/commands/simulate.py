@@ -61,7 +61,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", default="slimpipe", choices=sorted(BUILDERS),
                    help="builder (default slimpipe)")
     g.add_argument("--warmup", default="auto", choices=WARMUPS,
-                   help="auto: single for v=1, the authors' double for v>1")
+                   help="auto: single for unsliced non-interleaved (1F1B), the authors' double otherwise; seq1f1b single")
     g.add_argument("--equal-slices", action="store_true",
                    help="seq1f1b: equal instead of equal-FLOP segments")
     g.add_argument("--gpu", default="h800", help="hardware preset (h100, h800, h200, a100) or .json")

@@ -63,6 +63,7 @@ class MaskCache:
             raise ValueError(f"mask mode {mode!r} is unknown: use one of {MASK_MODES}")
         self.mode = mode
         self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.ptrs: set[int] = set()  # storages of the cached tables (constants, excluded from accounting)
 
     def uses_table(self, device: torch.device) -> bool:
         return self.mode == "table" or (self.mode == "auto" and device.type == "cpu")
@@ -76,11 +77,8 @@ class MaskCache:
             keep = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
             table = torch.zeros(seq_len, seq_len, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
             self._tables[key] = table
+            self.ptrs = {t.untyped_storage().data_ptr() for t in self._tables.values()}
         return table[start:end, :end]
-
-    def storages(self) -> set[int]:
-        """data_ptrs of the cached tables (constants, excluded from activation accounting)."""
-        return {t.untyped_storage().data_ptr() for t in self._tables.values()}
 
 
 def window_attention(q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, start: int,

@@ -136,7 +136,7 @@ class RankExecutor:
     def _excluded(self, ptr: int) -> bool:
         assert self.store is not None
         return (ptr in self._param_ptrs or ptr == self._token_ptr or ptr in self.store.buffer_ptrs
-                or ptr in self.masks.storages())
+                or ptr in self.masks.ptrs)
 
     def _peer(self, a: Action) -> int:
         nxt = a.stage + 1 if a.kind in (Kind.SEND_F, Kind.RECV_B) else a.stage - 1

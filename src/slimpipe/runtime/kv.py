@@ -55,6 +55,8 @@ class KVStore:
         self.masks = masks
         self._entries: dict[tuple[int, int], _Entry] = {}
         self.buffer_ptrs: set[int] = set()  # storages of live K/V buffers (memory accounting)
+        self.kv_bytes = 0  # bytes of live K/V buffers
+        self.dkv_bytes = 0  # bytes of live dK/dV accumulators
 
     def begin_forward(self, stage: int, mb: int, j: int) -> SliceKV:
         entry = self._entries.setdefault((stage, mb), _Entry())
@@ -88,12 +90,16 @@ class KVStore:
         for lk in entry.layers.values():
             leaves = lk.prefix.pop(j, None)
             if leaves is not None:
+                before = _storage_bytes(lk.acc_k) + _storage_bytes(lk.acc_v)
                 lk.acc_k = _accumulate(lk.acc_k, leaves[0])
                 lk.acc_v = _accumulate(lk.acc_v, leaves[1])
+                self.dkv_bytes += _storage_bytes(lk.acc_k) + _storage_bytes(lk.acc_v) - before
         entry.next_bwd -= 1
         if j == 0:  # nothing of this micro-batch's K/V is needed any more
             for lk in entry.layers.values():
                 self.buffer_ptrs.difference_update(_ptr(t) for t in (lk.k, lk.v))
+                self.kv_bytes -= _storage_bytes(lk.k) + _storage_bytes(lk.v)
+                self.dkv_bytes -= _storage_bytes(lk.acc_k) + _storage_bytes(lk.acc_v)
             del self._entries[(stage, mb)]
 
     def check_drained(self) -> None:
@@ -109,15 +115,11 @@ class KVStore:
         """Drop everything (after a failed step)."""
         self._entries.clear()
         self.buffer_ptrs.clear()
+        self.kv_bytes = self.dkv_bytes = 0
 
     def nbytes(self) -> tuple[int, int]:
         """(K/V buffer bytes, dK/dV accumulator bytes) currently held."""
-        kv = dkv = 0
-        for e in self._entries.values():
-            for lk in e.layers.values():
-                kv += sum(_storage_bytes(t) for t in (lk.k, lk.v))
-                dkv += sum(_storage_bytes(t) for t in (lk.acc_k, lk.acc_v))
-        return kv, dkv
+        return self.kv_bytes, self.dkv_bytes
 
 
 
@@ -160,6 +162,7 @@ class SliceKV:
             lk.k = k.new_empty((k.size(0), seq, *k.shape[2:]))  # (b, s, H_kv, d)
             lk.v = v.new_empty((v.size(0), seq, *v.shape[2:]))
             self.store.buffer_ptrs.update((_ptr(lk.k), _ptr(lk.v)))
+            self.store.kv_bytes += _storage_bytes(lk.k) + _storage_bytes(lk.v)
         assert lk.v is not None
         start = self.start
         kp = vp = None

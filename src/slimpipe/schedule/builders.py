@@ -34,13 +34,19 @@ __all__ = ["build", "BUILDERS", "WARMUPS", "group_size", "warmup_factor", "slice
 WARMUPS = ("auto", "single", "double")
 
 
-def warmup_factor(warmup: str, v: int) -> int:
-    """w for a warm-up name: auto = single (1) when v = 1, double (2) when v > 1 (Megatron's convention;
-    interleaved builders fall back to single when the last group is partial, see _interleaved_warmup)."""
+def warmup_factor(warmup: str, v: int, n: int = 1) -> int:
+    """w for a warm-up name.
+
+    auto = single (1) for the unsliced, non-interleaved case (n = v = 1: Megatron's 1F1B exactly) and the
+    authors' double (2) otherwise: it is what SlimPipe's code and published memory model use, and it hides
+    p2p latency that single exposes (docs/design.md: at a latency of half a forward, slimpipe p4 n8 m4
+    runs 126 vs 108 time units, for 14 vs 11 units in flight). Interleaved builders fall back to single
+    when the last group is partial (see _interleaved_warmup); seq1f1b's own rule is single.
+    """
     if warmup not in WARMUPS:
         raise ConfigError(f"--warmup={warmup!r} is unknown: use one of {', '.join(WARMUPS)}")
     if warmup == "auto":
-        return 1 if v == 1 else 2
+        return 1 if v == 1 and n == 1 else 2
     return 1 if warmup == "single" else 2
 
 
@@ -144,7 +150,7 @@ def _interleaved_warmup(name: str, warmup: str, p: int, m: int, n: int, v: int) 
     rank 0's first backward). The single warm-up never does. So auto falls back to single there, and an
     explicit double is refused.
     """
-    w = warmup_factor(warmup, v)
+    w = warmup_factor(warmup, v, n)
     if w == 2 and v > 1 and (m * n) % group_size(p, n, v) != 0:
         if warmup == "auto":
             return 1
@@ -172,7 +178,7 @@ def _one_f_one_b(p: int, m: int, n: int = 1, v: int = 1, warmup: str = "auto",
             "for slices or interleaved-1f1b for vpp > 1"
         )
     w = warmup_factor(warmup, v)
-    _check_warmup_fits("1f1b", p, m, 1, 1, w)
+    # No warm-up check: like Megatron, 1F1B caps its warm-up at m (m < p runs GPipe's order).
     return slice_1f1b(name="1f1b", p=p, m=m, n=1, v=1, w=w)
 
 
@@ -197,7 +203,8 @@ def _seq1f1b(p: int, m: int, n: int = 1, v: int = 1, warmup: str = "auto",
             raise ConfigError(
                 f"seq1f1b slice_weights must be {n} positive fractions summing to 1, got {slice_weights}"
             )
-    w = warmup_factor(warmup, v)  # Seq1F1B's warm-up p − r − 1 + (k − 1) is the single one
+    # Seq1F1B's own warm-up p − r − 1 + (k − 1) is the single one; auto keeps it.
+    w = 1 if warmup == "auto" else warmup_factor(warmup, v)
     _check_warmup_fits("seq1f1b", p, m, n, 1, w)
     return slice_1f1b(name="seq1f1b", p=p, m=m, n=n, v=1, w=w, slice_weights=slice_weights)
 

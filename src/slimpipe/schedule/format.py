@@ -103,7 +103,7 @@ def _from_parts(ranks: Sequence[Sequence[str]], meta: dict[str, object]) -> Sche
     v = meta.get("v") or max(1, -(-(max((a.stage for a in acts), default=0) + 1) // p))
     m = meta.get("m") or max((a.microbatch for a in acts), default=0) + 1
     n = meta.get("n") or max((a.seq_slice for a in acts), default=0) + 1
-    weights = meta.get("slice_weights")
+    weights: list[float] | None = meta.get("slice_weights")  # type: ignore[assignment]
     extra = meta.get("meta") or {}
     return Schedule(
         name=str(meta.get("name") or "custom"),
@@ -112,7 +112,7 @@ def _from_parts(ranks: Sequence[Sequence[str]], meta: dict[str, object]) -> Sche
         num_microbatches=int(m),  # type: ignore[arg-type]
         num_slices=int(n),  # type: ignore[arg-type]
         ranks=progs,
-        slice_weights=None if weights is None else tuple(float(x) for x in weights),  # type: ignore[union-attr]
+        slice_weights=None if weights is None else tuple(float(x) for x in weights),
         meta=dict(extra),  # type: ignore[arg-type]
     )
 

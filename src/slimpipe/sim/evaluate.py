@@ -15,7 +15,7 @@ from slimpipe.sim.metrics import Report, summarize
 from slimpipe.sim.simulator import DeadlockError, Timeline, simulate
 from slimpipe.sim.workload import Workload
 
-__all__ = ["Evaluation", "evaluate", "COSTS"]
+__all__ = ["Evaluation", "evaluate", "schedule_slice_weights", "COSTS"]
 
 COSTS = ("analytic", "uniform")
 
@@ -38,6 +38,22 @@ class Evaluation:
     """Step-level figures."""
 
 
+def schedule_slice_weights(workload: Workload, schedule_name: str, *,
+                           equal_slices: bool = False) -> tuple[float, ...] | None:
+    """The slice lengths ``evaluate`` builds with: None (equal slices) except for seq1f1b's equal-FLOP
+    segments (boundaries rounded to t·2c tokens). Shared with the planner's memory pre-check."""
+    from slimpipe.config import ConfigError
+
+    par = workload.parallel
+    if schedule_name != "seq1f1b" or par.slices == 1 or equal_slices:
+        return None
+    multiple = par.tp * (2 * par.cp if par.cp > 1 else 1)
+    try:
+        return seq1f1b_partition(workload.model, workload.seq_len, par.slices, multiple=multiple)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}: use fewer --slices or a longer --seq-len") from None
+
+
 def evaluate(workload: Workload, schedule_name: str, *, hardware: Hardware, cost: str = "analytic",
              warmup: str = "auto", equal_slices: bool = False) -> Evaluation:
     """Build the named schedule for ``workload``, lower it, simulate it and apply the memory model.
@@ -52,15 +68,10 @@ def evaluate(workload: Workload, schedule_name: str, *, hardware: Hardware, cost
     if cost not in COSTS:
         raise ConfigError(f"--cost={cost!r} is unknown: use one of {', '.join(COSTS)}")
     par = workload.parallel
-    weights = None
-    if schedule_name == "seq1f1b" and par.slices > 1 and not equal_slices:
-        multiple = par.tp * (2 * par.cp if par.cp > 1 else 1)
-        try:
-            weights = seq1f1b_partition(workload.model, workload.seq_len, par.slices, multiple=multiple)
-        except ValueError as exc:
-            raise ConfigError(f"{exc}: use fewer --slices or a longer --seq-len") from None
-    sched = lower(build(schedule_name, p=par.pp, m=workload.microbatches, n=par.slices, v=par.vpp,
-                        warmup=warmup, slice_weights=weights))
+    weights = schedule_slice_weights(workload, schedule_name, equal_slices=equal_slices)
+    built = build(schedule_name, p=par.pp, m=workload.microbatches, n=par.slices, v=par.vpp,
+                  warmup=warmup, slice_weights=weights)
+    sched = lower(built)
     model: CostModel = (UniformCost() if cost == "uniform"
                         else AnalyticCost(workload, hardware, sched.slice_fractions()))
     try:
@@ -72,7 +83,7 @@ def evaluate(workload: Workload, schedule_name: str, *, hardware: Hardware, cost
             f"v={par.vpp} deadlocks ({str(exc).split('; ')[1]}): use m·n divisible by g={g} "
             "(the micro-batch/slice group size)"
         ) from None
-    memory = tuple(memory_model(workload, sched))
+    memory = tuple(memory_model(workload, built))  # compute-only: a third of the actions to scan
     report = summarize(workload, timeline, memory, hardware=None if cost == "uniform" else hardware,
                        dp_sync_s=model.step_overhead())
     return Evaluation(workload=workload, schedule=sched, cost=model, timeline=timeline, memory=memory,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimpipe.schedule.actions import COMM_KINDS, Action, Kind, Schedule
+from slimpipe.schedule.actions import Action, Kind, Schedule
 from slimpipe.sim.cost import CostModel
 
 __all__ = ["Timeline", "DeadlockError", "simulate"]
@@ -84,7 +84,8 @@ class _Run:
     def advance(self, r: int) -> list[int]:
         """Run rank r until it blocks on a RECV or finishes; return the ranks its SENDs woke up."""
         # Hot loop: everything it touches is a local name.
-        F, B, W, RECV_F, RECV_B, SEND_F = Kind.F, Kind.B, Kind.W, Kind.RECV_F, Kind.RECV_B, Kind.SEND_F
+        F, B, W, RECV_F, RECV_B = Kind.F, Kind.B, Kind.W, Kind.RECV_F, Kind.RECV_B
+        SEND_F, SEND_B = Kind.SEND_F, Kind.SEND_B
         dur, xfer, m, n = self.dur, self.xfer, self.m, self.n
         ready_f, ready_b, wait_f, wait_b = self.ready_f, self.ready_b, self.wait_f, self.wait_b
         prog, st, en = self.progs[r], self.starts[r], self.ends[r]
@@ -108,7 +109,7 @@ class _Run:
                 st[i] = t
                 t = max(t, ready)
                 en[i] = t
-            else:  # SEND_F / SEND_B: non-blocking, the tensor arrives xfer later
+            elif k is SEND_F or k is SEND_B:  # non-blocking: the tensor arrives xfer later
                 st[i] = en[i] = t
                 arrive = t + xfer[(k, a.stage, a.seq_slice)]
                 hop, ready, wait = (1, ready_f, wait_f) if k is SEND_F else (-1, ready_b, wait_b)
@@ -116,6 +117,8 @@ class _Run:
                 ready[u] = arrive
                 if u in wait:
                     woken.append(wait.pop(u))
+            else:
+                raise ValueError(f"simulate: rank {r} step {i} has an action of unknown kind: {a}")
             i += 1
         self.ptr[r], self.clock[r], self.busy[r] = i, t, b
         return woken
@@ -126,9 +129,6 @@ def simulate(schedule: Schedule, cost: CostModel) -> Timeline:
     from slimpipe.schedule.passes import lower
 
     schedule = lower(schedule)  # idempotent
-    unknown = {a.kind for prog in schedule.ranks for a in prog} - set(_COMPUTE) - COMM_KINDS
-    if unknown:
-        raise ValueError(f"simulate: actions of unknown kinds {sorted(map(str, unknown))}")
     run = _Run(schedule, cost)
     work = list(range(schedule.num_ranks - 1, -1, -1))
     while work:

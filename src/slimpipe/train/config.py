@@ -54,11 +54,11 @@ class TrainConfig:
     warmup: str = "auto"
     """Schedule warm-up: single (synchronous p2p), double (overlapped p2p) or auto."""
     # --- optimisation ---------------------------------------------------------------------------
-    steps: int = 40
+    steps: int = 12
     """Optimizer steps in the whole run (a resumed run continues up to this number)."""
-    lr: float = 3e-3
+    lr: float = 2e-3
     """Peak learning rate of AdamW."""
-    lr_warmup: int = 5
+    lr_warmup: int = 3
     """Linear learning-rate warm-up steps; then cosine decay to min_lr_ratio·lr at the last step."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of lr."""

@@ -118,7 +118,8 @@ def _child(rank: int, world: int, prep: Any, store_path: str, threads: int) -> N
     import torch
 
     torch.set_num_threads(threads)  # first: forked children with >1 OpenMP thread can hang (libgomp)
-    os.environ["LOCAL_RANK"] = str(rank)  # what ParallelState reads to pick cuda:<local rank>
+    os.environ["LOCAL_RANK"] = str(rank)
+    import faulthandler; faulthandler.dump_traceback_later(12, file=open(f"/tmp/dump_rank{rank}", "w"))  # what ParallelState reads to pick cuda:<local rank>
     import torch.distributed as dist
 
     from slimpipe.train.trainer import run_rank

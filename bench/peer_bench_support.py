@@ -1,0 +1,214 @@
+"""Plumbing of bench/vs_torch_pipelining.py that does not touch torch.distributed.pipelining.
+
+Options and configuration lists, the forked gloo launcher (platform §6: fork, FileStore, one thread per
+child), the per-configuration summary (medians, ratios to torch's 1F1B, loss agreement) and the text table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from slimpipe.config import ConfigError, ModelConfig, load_model
+
+__all__ = ["BenchOptions", "Variant", "StepStats", "default_variants", "parse_model", "run_ranks", "summarise",
+           "table", "REFERENCE", "LOSS_RTOL"]
+
+REFERENCE = "torch-1f1b"
+# fp32, identical weights and tokens: configurations differ only in summation order (slices, micro-batch
+# reductions), ~1e-7 relative; a wrong K/V carry or loss normaliser is off by ≥ 1e-3.
+LOSS_RTOL = 1e-5
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BenchOptions:
+    """What one comparison run does."""
+
+    seq_len: int = 2048
+    """s: tokens per sequence."""
+    microbatches: int = 2
+    """m: sequences (micro-batches) per step; the global batch is m·s tokens."""
+    model: str = "tiny"
+    """Preset, JSON file, or ``preset:field=value,...``."""
+    steps: int = 1
+    """Timed steps per configuration per round."""
+    reps: int = 3
+    """Round-robin rounds."""
+    slices: tuple[int, ...] = (2, 4, 8)
+    """slimpipe slice counts n (each with v = 1 and v = 2)."""
+    only: tuple[str, ...] = ()
+    """Keep only these configuration names (empty: all)."""
+    seed: int = 0
+    """Weights and data seed."""
+    lr: float = 3e-4
+    """AdamW learning rate (both sides)."""
+    timeout_s: float = 900.0
+    """Process-group timeout."""
+
+    def __post_init__(self) -> None:
+        for f in ("seq_len", "microbatches", "steps", "reps"):
+            if getattr(self, f) < 1:
+                raise ConfigError(f"--{f.replace('_', '-')}={getattr(self, f)} must be ≥ 1")
+        if self.seq_len < max(self.slices, default=1):
+            raise ConfigError(f"--seq-len={self.seq_len} is shorter than n={max(self.slices)} slices: raise it")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Variant:
+    """One configuration of the comparison."""
+
+    name: str
+    """Row label, e.g. ``torch-1f1b`` or ``slimpipe-n8-v2``."""
+    impl: str
+    """``torch`` (torch.distributed.pipelining) or ``slimpipe``."""
+    schedule: str
+    """torch: 1f1b | interleaved-1f1b | interleaved-zb; slimpipe: a builder name."""
+    n: int = 1
+    """Slices per sequence (slimpipe only)."""
+    v: int = 1
+    """Stages per rank."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepStats:
+    """What one rank saw in one step."""
+
+    loss: float
+    """Global-batch mean loss."""
+    busy_s: float
+    """This rank's compute seconds (forward/backward calls)."""
+    peak_activation: int
+    """Pipeline rank 0's peak activation bytes (slimpipe: saved + K/V + dK/dV; torch: saved)."""
+    peak_saved: int
+    """Pipeline rank 0's peak saved-for-backward bytes alone."""
+    recv_wait_s: float
+    """Seconds this rank spent in RECV actions (slimpipe; nan for torch)."""
+    slices: int
+    """Forward actions this rank ran (slimpipe; 0 for torch)."""
+
+
+def default_variants(opts: BenchOptions) -> list[Variant]:
+    out = [
+        Variant(name="torch-1f1b", impl="torch", schedule="1f1b"),
+        Variant(name="torch-interleaved-1f1b", impl="torch", schedule="interleaved-1f1b", v=2),
+        Variant(name="torch-interleaved-zb", impl="torch", schedule="interleaved-zb", v=2),
+        Variant(name="slimpipe-1f1b", impl="slimpipe", schedule="1f1b"),
+        Variant(name="slimpipe-interleaved-1f1b", impl="slimpipe", schedule="interleaved-1f1b", v=2),
+    ]
+    for v in (1, 2):
+        out += [Variant(name=f"slimpipe-n{n}-v{v}", impl="slimpipe", schedule="slimpipe", n=n, v=v)
+                for n in opts.slices]
+    if opts.only:
+        unknown = sorted(set(opts.only) - {v.name for v in out})
+        if unknown:
+            raise ConfigError(f"--only {','.join(unknown)}: unknown; choose from {', '.join(v.name for v in out)}")
+        out = [v for v in out if v.name in opts.only]
+    return out
+
+
+def parse_model(spec: str) -> ModelConfig:
+    """``tiny``, ``cfg.json`` or ``tiny:num_layers=4,hidden=64`` (field types from the preset)."""
+    name, _, rest = spec.partition(":")
+    base = load_model(name)
+    changes: dict[str, object] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq or not hasattr(base, key):
+            raise ConfigError(f"--model {spec}: {item!r} is not field=value of a ModelConfig field")
+        cur = getattr(base, key)
+        changes[key] = (val.lower() in ("1", "true", "yes")) if isinstance(cur, bool) else type(cur)(val)
+    return base.replace(**changes) if changes else base
+
+
+def _child(rank: int, world: int, tmp: str, timeout_s: float, body: Callable, args: tuple) -> None:
+    torch.set_num_threads(1)  # first: libgomp after fork hangs with more threads (platform §6)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        result = body(rank, world, *args)
+        with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as fh:
+            pickle.dump(result, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(body: Callable, world: int, *args: object, timeout_s: float) -> list[object]:
+    """body(rank, world, *args) on ``world`` forked gloo ranks; each rank's return value, by rank."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_child, args=(world, tmp, timeout_s, body, args), nprocs=world, start_method="fork",
+                           join=True)
+        out = []
+        for r in range(world):
+            with open(os.path.join(tmp, f"rank{r}.pkl"), "rb") as fh:
+                out.append(pickle.load(fh))
+        return out
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def summarise(variants: list[Variant], per_rank: list, opts: BenchOptions) -> list[dict]:
+    """One row per configuration: medians over timed steps (slowest rank per step) and ratios."""
+    rows = []
+    for v in variants:
+        recs = [pr["records"][v.name] for pr in per_rank]  # per rank: [(wall_s, StepStats)]
+        walls = [max(r[i][0] for r in recs) for i in range(len(recs[0]))]
+        warm = per_rank[0]["warm"][v.name][1]
+        busy = [_median([s.busy_s for _, s in r]) for r in recs]
+        step = _median(walls)
+        rows.append({
+            "name": v.name, "impl": v.impl, "schedule": v.schedule, "n": v.n, "v": v.v,
+            "step_s": step, "step_s_all": walls, "busy_s": busy,
+            "idle": 1.0 - sum(busy) / (len(busy) * step),
+            "recv_wait_s": [_median([s.recv_wait_s for _, s in r]) for r in recs],
+            "rank0_peak_activation_bytes": warm.peak_activation, "rank0_peak_saved_bytes": warm.peak_saved,
+            "first_loss": warm.loss, "first_step_s": max(pr["warm"][v.name][0] for pr in per_rank),
+        })
+    ref = next((r for r in rows if r["name"] == REFERENCE), rows[0])
+    for r in rows:
+        r["reference"] = ref["name"]
+        r["step_ratio"] = r["step_s"] / ref["step_s"]
+        r["memory_ratio"] = r["rank0_peak_activation_bytes"] / ref["rank0_peak_activation_bytes"]
+        r["loss_rel_diff"] = abs(r["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"])
+        r["loss_ok"] = r["loss_rel_diff"] <= LOSS_RTOL
+    return rows
+
+
+def table(result: dict) -> str:
+    """Markdown table of a compare() result."""
+    o = result["options"]
+    head = (f"model {result['model']['name']} (L={result['model']['num_layers']}, h={result['model']['hidden']}), "
+            f"s={o['seq_len']}, m={o['microbatches']}, p=2; {o['reps']} rounds × {o['steps']} step(s); "
+            f"{result['machine']}; load {result['load_before'][0]:.1f} → {result['load_after'][0]:.1f}; "
+            f"run {result['wall_s']:.0f} s")
+    ref = result["rows"][0]["reference"]
+    lines = [head, "",
+             f"| configuration | n | v | step s (median) | × {ref} | busy r0/r1 s | idle | recv wait r0/r1 s "
+             f"| rank-0 peak act MiB | × {ref} | first loss | loss ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        wait = "/".join("–" if w != w else f"{w:.2f}" for w in r["recv_wait_s"])
+        lines.append(
+            f"| {r['name']} | {r['n']} | {r['v']} | {r['step_s']:.3f} | {r['step_ratio']:.2f} | "
+            f"{r['busy_s'][0]:.2f}/{r['busy_s'][1]:.2f} | {r['idle']:.0%} | {wait} | "
+            f"{r['rank0_peak_activation_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f} | {r['first_loss']:.6f} | "
+            f"{'yes' if r['loss_ok'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def options_dict(opts: BenchOptions) -> dict:
+    return dataclasses.asdict(opts)
+
+
+__all__ += ["options_dict"]
