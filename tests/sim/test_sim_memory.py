@@ -47,7 +47,8 @@ def test_worked_example_b_megatron_interleaved() -> None:
 @pytest.mark.parametrize(("name", "n", "v", "warmup", "factor"), [
     ("slimpipe", 8, 2, "double", lambda p, n, v: 1 + 2 * (p - 1) / (n * v)),
     ("slimpipe", 8, 2, "single", lambda p, n, v: 1 + (p - 1) / (n * v)),
-    ("slimpipe", 8, 1, "auto", lambda p, n, v: 1 + (p - 1) / n),
+    ("slimpipe", 8, 1, "auto", lambda p, n, v: 1 + 2 * (p - 1) / n),  # auto = double for n > 1
+    ("slimpipe", 8, 1, "single", lambda p, n, v: 1 + (p - 1) / n),
     ("interleaved-1f1b", 1, 2, "auto", lambda p, n, v: p + (p - 1) / v),
     ("1f1b", 1, 1, "auto", lambda p, n, v: p),
     ("seq1f1b", 8, 1, "auto", lambda p, n, v: (p + n - 1) / n),
@@ -108,7 +109,7 @@ def test_megatron_end_stages_hold_the_vocabulary() -> None:
 def test_moe_optimizer_is_sharded_over_all_copies() -> None:
     mix = MODEL_PRESETS["mixtral-8x7b"]
     w = wl(mix, s=32768, B=8, t=2, p=4, d=4, e=8, n=4, vp=True, recompute="none")
-    top = memory_model(w, build("slimpipe", p=4, m=2, n=4))[0]
+    top = memory_model(w, build("slimpipe", p=4, m=2, n=4, warmup="single"))[0]
     assert top.optimizer == pytest.approx(12 * mix.num_params() / (2 * 4 * 4))
     experts = 32 * 3 * 4096 * 14336 * 8
     dense = mix.num_params() - experts

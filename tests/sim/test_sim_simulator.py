@@ -53,7 +53,7 @@ def test_two_rank_timeline_by_hand() -> None:
 
 
 def test_compute_only_schedules_are_lowered_first() -> None:
-    sched = build("slimpipe", p=3, m=2, n=2)
+    sched = build("slimpipe", p=3, m=3, n=2)
     assert simulate(sched, UniformCost()).makespan == simulate(lower(sched), UniformCost()).makespan
 
 

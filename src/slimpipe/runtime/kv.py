@@ -135,7 +135,9 @@ def _accumulate(acc: torch.Tensor | None, leaf: torch.Tensor) -> torch.Tensor | 
     grad = leaf.grad
     if grad is None:  # the prefix did not influence the output (cannot happen for causal attention)
         return acc
-    if acc is None:  # the first backward (slice n−1) covers every earlier row: reuse its gradient
+    if acc is None:  # the first backward (slice n−1) covers every earlier row: it becomes the accumulator
+        if grad.untyped_storage().nbytes() > grad.numel() * grad.element_size():
+            grad = grad.clone()  # a view into the whole window's dK: keep only the prefix rows
         return grad
     acc[:, : grad.size(1)] += grad
     return acc

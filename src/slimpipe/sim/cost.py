@@ -17,6 +17,13 @@ Communication is charged without overlap (a pessimistic, stated simplification):
 layer and direction, CP query-out all-gather/reduce-scatter, EP all-to-all, vocab-parallel collectives;
 DP gradient/parameter sync once per step. Attention context exchange (SlimPipe §8) is not modelled: the
 per-slice attention imbalance stays where the schedule puts it.
+
+With a measured profile (``hardware.profile``, from ``slimpipe calibrate``) the compute part of a unit is
+built from fitted kernel times instead of ``FLOPs / (peak × efficiency)``: per layer the model's linear
+layers (per-shape fits, else the all-shape fit), sliced attention ``a + b·F_prefix + c·F_diagonal`` and the
+elementwise ops per token; the embedding and the loss per token; the sum is scaled by the measured
+composition factor κ and one per-action overhead is added (docs/calibrate.md). Communication terms are the
+same as without a profile; p2p activations use the profile's dtype size.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Protocol
 
 from slimpipe.config import ModelConfig
 from slimpipe.schedule.actions import Kind
-from slimpipe.sim.hardware import Hardware
+from slimpipe.sim.hardware import CostProfile, Hardware, elementwise_width
 from slimpipe.sim.workload import Workload
 
 __all__ = [
@@ -141,6 +148,8 @@ class AnalyticCost:
     def _layer_times(self, j: int) -> tuple[float, float]:
         """(forward, backward) seconds of one layer on slice j, compute and communication."""
         wl, hw, par = self.workload, self.hw, self.workload.parallel
+        if hw.profile is not None:
+            return self._profiled_layer(hw.profile, j)
         shard = par.tp * par.cp
         fl = layer_flops(wl.model, self.tokens[j], self.prefix[j])
         gemm = hw.peak_flops * hw.gemm_efficiency
@@ -156,6 +165,57 @@ class AnalyticCost:
         tp_one, cp, ep = self._layer_comm(j)
         replayed = {"partial+fc1": 1, "full": 2}.get(rec, 0)  # recompute replays SP all-gathers
         return fwd + 4 * tp_one + cp + ep, bwd + (4 + replayed) * tp_one + 2 * cp + ep
+
+    def _profiled_layer(self, prof: CostProfile, j: int) -> tuple[float, float]:
+        """(forward, backward) of one layer on slice j from fitted kernel times (module docstring)."""
+        wl, par = self.workload, self.workload.parallel
+        m, t, c = wl.model, par.tp, par.cp
+        tok = self.b * self.tokens[j] / c  # tokens per GPU (CP shards the sequence)
+        fwd = bwd = 0.0
+        for fin, fout, split_out in _linear_shapes(m):
+            shape = (fin, fout // t) if split_out else (fin // t, fout)  # column- / row-parallel under TP
+            g = prof.gemm(*shape)
+            flops = 2 * tok * shape[0] * shape[1]
+            fwd += g.fwd(flops) if g else prof.gemm_fwd(flops)
+            bwd += g.bwd(2 * flops) if g else prof.gemm_bwd(2 * flops)
+        q = m.q_dim / t
+        for att, acc in ((prof.attn_fwd, 0), (prof.attn_bwd, 1)):
+            # CP: each GPU computes 1/c of the slice's query-key pairs (balanced zig-zag).
+            dt = self.b * (att(q, self.tokens[j], self.prefix[j]) - att.fixed_s) / c + att.fixed_s
+            fwd, bwd = (fwd + dt, bwd) if acc == 0 else (fwd, bwd + dt)
+        width = elementwise_width(m.hidden, m.q_dim, m.kv_dim, m.ffn) / t  # SP/TP shard the elementwise work
+        fwd += prof.elementwise_fwd(tok * width)
+        bwd += prof.elementwise_bwd(tok * width)
+        rec = wl.recompute
+        if rec == "full":
+            bwd += fwd
+        elif rec == "partial+fc1":
+            g = prof.gemm(m.hidden, m.ffn // t)
+            flops = 2 * tok * m.hidden * m.ffn / t
+            bwd += 2 * (g.fwd(flops) if g else prof.gemm_fwd(flops))  # w1 and w3 replayed
+        tp_one, cp, ep = self._layer_comm(j)
+        replayed = {"partial+fc1": 1, "full": 2}.get(rec, 0)
+        return (prof.compose_fwd * fwd + 4 * tp_one + cp + ep,
+                prof.compose_bwd * bwd + (4 + replayed) * tp_one + 2 * cp + ep)
+
+    def _profiled_ends(self, prof: CostProfile, j: int, *, head: bool, embed: bool) -> tuple[float, float]:
+        """(forward, backward) of the embedding and/or head + loss on slice j from fitted times."""
+        wl, par = self.workload, self.workload.parallel
+        m = wl.model
+        tok = self.b * self.tokens[j] / par.cp
+        fwd = bwd = 0.0
+        if embed:
+            fwd += prof.compose_fwd * prof.embed_fwd(tok * m.hidden / par.tp)
+            bwd += prof.compose_bwd * prof.embed_bwd(tok * m.hidden / par.tp)
+        if head:
+            shard = par.tp * (par.pp if wl.vocab_parallel else 1)
+            vocab = m.vocab_size // shard
+            g = prof.gemm(m.hidden, vocab)
+            flops = 2 * tok * m.hidden * vocab
+            gf, gb = (g.fwd(flops), g.bwd(2 * flops)) if g else (prof.gemm_fwd(flops), prof.gemm_bwd(2 * flops))
+            fwd += prof.compose_fwd * (gf + prof.loss_fwd(tok * vocab))
+            bwd += prof.compose_bwd * (gb + prof.loss_bwd(tok * vocab))
+        return fwd, bwd
 
     def _layer_comm(self, j: int) -> tuple[float, float, float]:
         """(one TP+SP collective, CP forward exchange, EP all-to-all pair) seconds for slice j."""
@@ -179,7 +239,8 @@ class AnalyticCost:
         wl, hw, par = self.workload, self.hw, self.workload.parallel
         tok, h, vsz = self.tokens[j] * self.b, wl.model.hidden, wl.model.vocab_size
         gemm = hw.peak_flops * hw.gemm_efficiency
-        flops = 2 * tok * h * vsz / (par.tp * par.cp)
+        # With a profile the head's compute comes from _profiled_ends; only the collectives remain here.
+        flops = 0.0 if hw.profile is not None else 2 * tok * h * vsz / (par.tp * par.cp)
         if not wl.vocab_parallel:
             return flops / gemm, 2 * flops / gemm
         group = par.tp * par.pp  # scatter + all-gather of the last stage's hidden states over TP×PP
@@ -205,7 +266,13 @@ class AnalyticCost:
             fwd, bwd = wl.layers_per_stage * lf, wl.layers_per_stage * lb
             k = stage // par.pp
             last_stage = par.pp * par.vpp - 1
-            if (wl.vocab_parallel and k == par.vpp - 1) or (not wl.vocab_parallel and stage == last_stage):
+            has_head = (wl.vocab_parallel and k == par.vpp - 1) or (not wl.vocab_parallel and stage == last_stage)
+            has_embed = (wl.vocab_parallel and k == 0) or stage == 0
+            prof = self.hw.profile
+            if prof is not None:
+                ef, eb = self._profiled_ends(prof, j, head=has_head, embed=has_embed)
+                fwd, bwd = fwd + ef + prof.action_fwd_s, bwd + eb + prof.action_bwd_s
+            if has_head:
                 vf, vb = self._vocab_times(j)
                 fwd, bwd = fwd + vf, bwd + vb
             if wl.vocab_parallel and k == 0:
@@ -225,7 +292,8 @@ class AnalyticCost:
     def transfer_time(self, kind: Kind, stage: int, seq_slice: int) -> float:
         par, hw = self.workload.parallel, self.hw
         tokens = self.b * self.tokens[seq_slice] / (par.tp * par.cp)
-        nbytes = tokens * self.workload.model.hidden * 2  # (b, s_j/(t·c), h) bf16
+        size = 2 if hw.profile is None else hw.profile.dtype_bytes  # bf16 unless calibrated otherwise
+        nbytes = tokens * self.workload.model.hidden * size  # (b, s_j/(t·c), h)
         return hw.p2p_latency_s + nbytes / hw.link_bw(self._span_pp)
 
     def step_overhead(self) -> float:
@@ -236,6 +304,17 @@ class AnalyticCost:
         group = par.dp * par.cp
         per_gpu = max(params_per_gpu(wl, r) for r in range(par.pp))
         return _ring_time(per_gpu * 6, group, hw.link_bw(par.tp * group), hw.p2p_latency_s)
+
+
+def _linear_shapes(model: ModelConfig) -> list[tuple[int, int, bool]]:
+    """(in, out, column-parallel) of every linear layer of one block; MoE counts top-k expert MLPs."""
+    h, q, kv, f = model.hidden, model.q_dim, model.kv_dim, model.ffn
+    k = model.top_k if model.num_experts > 1 else 1
+    shapes = [(h, q, True), (h, kv, True), (h, kv, True), (q, h, False)]
+    shapes += k * [(h, f, True), (h, f, True), (f, h, False)]
+    if model.num_experts > 1:
+        shapes.append((h, model.num_experts, True))
+    return shapes
 
 
 def seq1f1b_partition(model: ModelConfig, seq_len: int, k: int, *, multiple: int = 1) -> tuple[float, ...]:

@@ -1,4 +1,8 @@
-"""GPU specs for the cost model: presets (h100, h800, h200, a100) and JSON files. Imports no torch.
+"""GPU specs for the cost model: presets (h100, h800, h200, a100), JSON files and measured profiles.
+
+Imports no torch. A *profile* (written by ``slimpipe calibrate``) is a Hardware whose peak, efficiencies and
+links were measured on one machine, plus a :class:`CostProfile` of fitted per-kernel times that
+AnalyticCost uses instead of ``peak × efficiency`` (see docs/calibrate.md).
 
 Bandwidths are *achievable* bus bandwidths (what a ring collective or a p2p copy reaches), not datasheet
 link rates, so a transfer of X bytes takes ``latency + X / bandwidth``. The peak FLOP/s is the dense bf16
@@ -15,7 +19,10 @@ from pathlib import Path
 
 from slimpipe.config import ConfigError
 
-__all__ = ["Hardware", "HARDWARE_PRESETS", "load_hardware"]
+__all__ = [
+    "Hardware", "HARDWARE_PRESETS", "load_hardware", "load_profile", "CostProfile", "LinearTime", "GemmProfile",
+    "AttentionTime", "ActivationFootprint", "PROFILE_FORMAT", "elementwise_width", "profile_from_dict",
+]
 
 GIB = 1 << 30
 
@@ -42,6 +49,8 @@ class Hardware:
     """Achievable per-GPU bandwidth between nodes, bytes/s (one NIC per GPU)."""
     p2p_latency_s: float = 10e-6
     """Fixed cost of one point-to-point message or collective step, seconds."""
+    profile: CostProfile | None = None
+    """Fitted kernel times from ``slimpipe calibrate``; None = the FLOP/efficiency model of the presets."""
 
     def __post_init__(self) -> None:
         for f in ("peak_flops", "hbm_bytes", "intra_node_bw", "inter_node_bw"):
@@ -62,7 +71,148 @@ class Hardware:
         return self.intra_node_bw if span <= self.gpus_per_node else self.inter_node_bw
 
     def to_dict(self) -> dict[str, object]:
+        """Plain JSON-able fields (a profile is nested as a dict; presets have ``profile: None``)."""
         return dataclasses.asdict(self)
+
+
+PROFILE_FORMAT = "slimpipe-profile/1"
+"""Value of the ``format`` key of a profile JSON."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LinearTime:
+    """A fitted time ``fixed_s + per_item_s · x``; each use says what x counts (FLOPs, tokens, elements)."""
+
+    fixed_s: float
+    """Intercept: the cost of issuing the work at all (dispatch, kernel launch), seconds."""
+    per_item_s: float
+    """Seconds per item of x."""
+
+    def __call__(self, x: float) -> float:
+        return self.fixed_s + self.per_item_s * x
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GemmProfile:
+    """Measured time of one linear layer ``y = x·Wᵀ``, x (T, in), W (out, in), at the calibrated dtype."""
+
+    in_features: int
+    """in: columns of W."""
+    out_features: int
+    """out: rows of W."""
+    fwd: LinearTime
+    """Forward, x = FLOPs = 2·T·in·out."""
+    bwd: LinearTime
+    """Backward (dX and dW), x = FLOPs = 4·T·in·out."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AttentionTime:
+    """Sliced causal attention of T queries after a K/V prefix of P tokens (one layer, one direction).
+
+    ``t = fixed_s + prefix_s·4q·T·P + diagonal_s·2q·T²`` where the diagonal coefficient is
+    ``diagonal_s`` for the first slice (P = 0, causal kernel) and ``masked_diagonal_s`` otherwise (a
+    kernel with an explicit mask may compute the whole T×T block), q = heads·head_dim.
+    """
+
+    fixed_s: float
+    """Intercept, seconds."""
+    prefix_s: float
+    """Seconds per FLOP of queries × prefix keys (4·q·T·P FLOPs)."""
+    diagonal_s: float
+    """Seconds per FLOP of the causal T×T block when P = 0 (2·q·T² FLOPs)."""
+    masked_diagonal_s: float
+    """Seconds per FLOP of the causal T×T block when P > 0."""
+
+    def __call__(self, q_dim: float, tokens: float, prefix: float) -> float:
+        diag = self.diagonal_s if prefix <= 0 else self.masked_diagonal_s
+        return self.fixed_s + self.prefix_s * 4 * q_dim * tokens * prefix + diag * 2 * q_dim * tokens * tokens
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ActivationFootprint:
+    """Bytes the slimpipe runtime keeps per token, measured from its own accounting at the calibrated dtype."""
+
+    per_layer: float
+    """Saved-for-backward bytes per token per layer (K/V buffers excluded)."""
+    first_stage: float
+    """Extra saved bytes per token of a unit of the stage holding the embedding."""
+    middle_stage: float
+    """Extra saved bytes per token of a unit of a stage with neither embedding nor head (RoPE tables…)."""
+    last_stage: float
+    """Extra saved bytes per token of a unit of the stage holding norm, head and loss (logits…)."""
+    kv_per_layer: float
+    """K + V buffer bytes per token per layer (2·d_kv·dtype bytes, whole sequence per micro-batch)."""
+
+
+def elementwise_width(hidden: int, q_dim: int, kv_dim: int, ffn: int) -> int:
+    """Elements per token per layer touched by the non-GEMM, non-attention ops of a Llama block.
+
+    Two RMSNorms and two residual adds (4h), RoPE on q and k (q + d_kv), the SwiGLU gate (f). Used only
+    to scale a profile's elementwise cost to another model width.
+    """
+    return 4 * hidden + q_dim + kv_dim + ffn
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CostProfile:
+    """What ``slimpipe calibrate`` fitted; AnalyticCost turns it into per-slice F/B times."""
+
+    device: str
+    """``cpu`` or ``cuda``."""
+    dtype: str
+    """Calibrated dtype (``float32`` on CPU, ``bfloat16`` on CUDA)."""
+    dtype_bytes: int
+    """Bytes per element of that dtype (p2p activation size)."""
+    threads: int
+    """torch intra-op threads during calibration (CPU)."""
+    model: str
+    """Model whose layer shapes were measured."""
+    model_width: int
+    """elementwise_width of that model."""
+    gemms: tuple[GemmProfile, ...]
+    """The calibrated model's linear shapes."""
+    gemm_fwd: LinearTime
+    """Any other shape, forward: fitted over all measured shapes, x = FLOPs."""
+    gemm_bwd: LinearTime
+    """Any other shape, backward, x = FLOPs."""
+    attn_fwd: AttentionTime
+    """Sliced causal attention, forward."""
+    attn_bwd: AttentionTime
+    """Sliced causal attention, backward."""
+    elementwise_fwd: LinearTime
+    """Norms, RoPE, SwiGLU gate, residuals of one layer, forward; x = tokens · elementwise_width."""
+    elementwise_bwd: LinearTime
+    """The same, backward."""
+    embed_fwd: LinearTime
+    """Embedding lookup, x = tokens · hidden."""
+    embed_bwd: LinearTime
+    """Embedding gradient, x = tokens · hidden."""
+    loss_fwd: LinearTime
+    """Final norm + cross-entropy beyond the head GEMM, x = tokens · vocab."""
+    loss_bwd: LinearTime
+    """The same, backward."""
+    compose_fwd: float
+    """κ: measured runtime forward of a unit ÷ the sum of its kernels (caches, allocator, autograd)."""
+    compose_bwd: float
+    """κ for the backward."""
+    action_fwd_s: float
+    """Per-action overhead of a forward unit in the runtime (executor, hooks, K/V store), seconds."""
+    action_bwd_s: float
+    """Per-action overhead of a backward unit, seconds."""
+    p2p_latency_s: float
+    """Measured one-way latency between two processes (CUDA: device-to-device copy, a stand-in)."""
+    p2p_bandwidth: float
+    """Measured bytes/s of the same transfer."""
+    footprint: ActivationFootprint | None = None
+    """Runtime activation bytes per token (None if not measured)."""
+
+    def gemm(self, in_features: int, out_features: int) -> GemmProfile | None:
+        """The measured shape, if calibrated."""
+        for g in self.gemms:
+            if (g.in_features, g.out_features) == (in_features, out_features):
+                return g
+        return None
 
 
 HARDWARE_PRESETS: dict[str, Hardware] = {
@@ -82,7 +232,7 @@ HARDWARE_PRESETS: dict[str, Hardware] = {
 
 
 def load_hardware(name_or_path: str) -> Hardware:
-    """A preset by name or a JSON file of Hardware fields (name defaults to the file stem)."""
+    """A preset by name, a JSON file of Hardware fields (name defaults to the file stem), or a profile."""
     if name_or_path in HARDWARE_PRESETS:
         return HARDWARE_PRESETS[name_or_path]
     if name_or_path.endswith(".json"):
@@ -91,9 +241,50 @@ def load_hardware(name_or_path: str) -> Hardware:
             raise ConfigError(f"--gpu {name_or_path}: no such file; give a preset or a JSON file path")
         try:
             fields = json.loads(path.read_text())
+            if isinstance(fields, dict) and fields.get("format") == PROFILE_FORMAT:
+                return profile_from_dict(fields, default_name=path.stem, source=name_or_path)
             return Hardware(**{"name": path.stem, **fields})
         except (json.JSONDecodeError, TypeError) as exc:
             raise ConfigError(f"--gpu {name_or_path}: not a valid Hardware JSON ({exc})") from None
     raise ConfigError(
         f"--gpu {name_or_path!r} is unknown: use one of {sorted(HARDWARE_PRESETS)} or a .json file"
     )
+
+
+def load_profile(path: str) -> Hardware:
+    """A profile JSON written by ``slimpipe calibrate``: measured Hardware with its CostProfile attached."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--profile {path}: no such file; run `slimpipe calibrate -o {path}` first")
+    try:
+        doc = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--profile {path}: not JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT:
+        raise ConfigError(f"--profile {path}: not a slimpipe profile (format must be {PROFILE_FORMAT!r}); "
+                          "write one with `slimpipe calibrate`")
+    return profile_from_dict(doc, default_name=p.stem, source=path)
+
+
+def _linear(d: dict) -> LinearTime:
+    return LinearTime(fixed_s=float(d["fixed_s"]), per_item_s=float(d["per_item_s"]))
+
+
+def profile_from_dict(doc: dict, *, default_name: str, source: str) -> Hardware:
+    """Hardware(+CostProfile) from the ``hardware`` and ``profile`` objects of a profile document."""
+    try:
+        prof = dict(doc["profile"])
+        for key in ("gemm_fwd", "gemm_bwd", "elementwise_fwd", "elementwise_bwd", "embed_fwd", "embed_bwd",
+                    "loss_fwd", "loss_bwd"):
+            prof[key] = _linear(prof[key])
+        for key in ("attn_fwd", "attn_bwd"):
+            prof[key] = AttentionTime(**prof[key])
+        prof["gemms"] = tuple(GemmProfile(in_features=g["in_features"], out_features=g["out_features"],
+                                          fwd=_linear(g["fwd"]), bwd=_linear(g["bwd"])) for g in prof["gemms"])
+        if prof.get("footprint") is not None:
+            prof["footprint"] = ActivationFootprint(**prof["footprint"])
+        fields = {"name": default_name, **doc["hardware"], "profile": CostProfile(**prof)}
+        return Hardware(**fields)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: not a valid slimpipe profile ({type(exc).__name__}: {exc}); "
+                          "recreate it with `slimpipe calibrate`") from None
