@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from slimpipe.config import ConfigError, ModelConfig, load_model
 
-__all__ = ["BenchOptions", "Variant", "StepStats", "default_variants", "parse_model", "run_ranks", "summarise",
+__all__ = ["BenchOptions", "Variant", "StepStats", "batch", "default_variants", "parse_model", "run_ranks", "summarise",
            "table", "REFERENCE", "LOSS_RTOL"]
 
 REFERENCE = "torch-1f1b"
@@ -52,6 +52,8 @@ class BenchOptions:
     """Weights and data seed."""
     lr: float = 3e-4
     """AdamW learning rate (both sides)."""
+    warmup: str = "auto"
+    """slimpipe builders' warm-up (auto | single | double)."""
     timeout_s: float = 900.0
     """Process-group timeout."""
 
@@ -85,16 +87,16 @@ class StepStats:
 
     loss: float
     """Global-batch mean loss."""
-    busy_s: float
-    """This rank's compute seconds (forward/backward calls)."""
+    fwd_s: float
+    """This rank's seconds in forward calls (slimpipe: F actions; torch: forward_one_chunk)."""
+    bwd_s: float
+    """This rank's seconds in backward calls (B and W actions / backward_*_one_chunk)."""
+    recv_wait_s: float
+    """Seconds this rank spent in RECV actions (slimpipe; nan for torch, whose receives are not timed)."""
     peak_activation: int
     """Pipeline rank 0's peak activation bytes (slimpipe: saved + K/V + dK/dV; torch: saved)."""
     peak_saved: int
     """Pipeline rank 0's peak saved-for-backward bytes alone."""
-    recv_wait_s: float
-    """Seconds this rank spent in RECV actions (slimpipe; nan for torch)."""
-    slices: int
-    """Forward actions this rank ran (slimpipe; 0 for torch)."""
 
 
 def default_variants(opts: BenchOptions) -> list[Variant]:
@@ -114,6 +116,12 @@ def default_variants(opts: BenchOptions) -> list[Variant]:
             raise ConfigError(f"--only {','.join(unknown)}: unknown; choose from {', '.join(v.name for v in out)}")
         out = [v for v in out if v.name in opts.only]
     return out
+
+
+def batch(cfg: ModelConfig, opts: BenchOptions, k: int) -> torch.Tensor:
+    """Token batch of step k (m, s+1): the same for every configuration and rank."""
+    gen = torch.Generator().manual_seed(opts.seed * 7919 + k)
+    return torch.randint(0, cfg.vocab_size, (opts.microbatches, opts.seq_len + 1), generator=gen)
 
 
 def parse_model(spec: str) -> ModelConfig:
@@ -162,16 +170,20 @@ def summarise(variants: list[Variant], per_rank: list, opts: BenchOptions) -> li
     """One row per configuration: medians over timed steps (slowest rank per step) and ratios."""
     rows = []
     for v in variants:
-        recs = [pr["records"][v.name] for pr in per_rank]  # per rank: [(wall_s, StepStats)]
+        recs = [pr["records"][v.name] for pr in per_rank]  # per rank: [(wall_s, cpu_s, StepStats)]
         walls = [max(r[i][0] for r in recs) for i in range(len(recs[0]))]
-        warm = per_rank[0]["warm"][v.name][1]
-        busy = [_median([s.busy_s for _, s in r]) for r in recs]
+        warm = per_rank[0]["warm"][v.name][2]
+        fwd = [_median([s.fwd_s for _, _, s in r]) for r in recs]
+        bwd = [_median([s.bwd_s for _, _, s in r]) for r in recs]
+        busy = [f + b for f, b in zip(fwd, bwd)]
         step = _median(walls)
         rows.append({
             "name": v.name, "impl": v.impl, "schedule": v.schedule, "n": v.n, "v": v.v,
-            "step_s": step, "step_s_all": walls, "busy_s": busy,
+            "warmup": opts.warmup if v.impl == "slimpipe" else "torch",
+            "step_s": step, "step_min_s": min(walls), "step_s_all": walls, "fwd_s": fwd, "bwd_s": bwd, "busy_s": busy,
+            "cpu_s": [_median([c for _, c, _ in r]) for r in recs],
             "idle": 1.0 - sum(busy) / (len(busy) * step),
-            "recv_wait_s": [_median([s.recv_wait_s for _, s in r]) for r in recs],
+            "recv_wait_s": [_median([s.recv_wait_s for _, _, s in r]) for r in recs],
             "rank0_peak_activation_bytes": warm.peak_activation, "rank0_peak_saved_bytes": warm.peak_saved,
             "first_loss": warm.loss, "first_step_s": max(pr["warm"][v.name][0] for pr in per_rank),
         })
@@ -179,6 +191,7 @@ def summarise(variants: list[Variant], per_rank: list, opts: BenchOptions) -> li
     for r in rows:
         r["reference"] = ref["name"]
         r["step_ratio"] = r["step_s"] / ref["step_s"]
+        r["step_min_ratio"] = r["step_min_s"] / ref["step_min_s"]
         r["memory_ratio"] = r["rank0_peak_activation_bytes"] / ref["rank0_peak_activation_bytes"]
         r["loss_rel_diff"] = abs(r["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"])
         r["loss_ok"] = r["loss_rel_diff"] <= LOSS_RTOL
@@ -189,21 +202,25 @@ def table(result: dict) -> str:
     """Markdown table of a compare() result."""
     o = result["options"]
     head = (f"model {result['model']['name']} (L={result['model']['num_layers']}, h={result['model']['hidden']}), "
-            f"s={o['seq_len']}, m={o['microbatches']}, p=2; {o['reps']} rounds × {o['steps']} step(s); "
+            f"s={o['seq_len']}, m={o['microbatches']}, p=2, slimpipe warm-up {o['warmup']}; {o['reps']} rounds × "
+            f"{o['steps']} step(s); "
             f"{result['machine']}; load {result['load_before'][0]:.1f} → {result['load_after'][0]:.1f}; "
             f"run {result['wall_s']:.0f} s")
     ref = result["rows"][0]["reference"]
     lines = [head, "",
-             f"| configuration | n | v | step s (median) | × {ref} | busy r0/r1 s | idle | recv wait r0/r1 s "
-             f"| rank-0 peak act MiB | × {ref} | first loss | loss ok |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| configuration | step s median (min) | × {ref} median (min) | fwd s r0/r1 | bwd s r0/r1 | CPU s r0/r1 | idle "
+             f"| recv wait s r0/r1 | rank-0 peak act MiB | × {ref} | first loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def pair(xs: list[float]) -> str:
+        return "/".join("–" if x != x else f"{x:.2f}" for x in xs)
+
     for r in result["rows"]:
-        wait = "/".join("–" if w != w else f"{w:.2f}" for w in r["recv_wait_s"])
         lines.append(
-            f"| {r['name']} | {r['n']} | {r['v']} | {r['step_s']:.3f} | {r['step_ratio']:.2f} | "
-            f"{r['busy_s'][0]:.2f}/{r['busy_s'][1]:.2f} | {r['idle']:.0%} | {wait} | "
-            f"{r['rank0_peak_activation_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f} | {r['first_loss']:.6f} | "
-            f"{'yes' if r['loss_ok'] else 'NO'} |")
+            f"| {r['name']} | {r['step_s']:.2f} ({r['step_min_s']:.2f}) | {r['step_ratio']:.2f} ({r['step_min_ratio']:.2f}) | {pair(r['fwd_s'])} | {pair(r['bwd_s'])} | "
+            f"{pair(r['cpu_s'])} | {r['idle']:.0%} | {pair(r['recv_wait_s'])} | "
+            f"{r['rank0_peak_activation_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f} | {r['first_loss']:.6f}"
+            f"{'' if r['loss_ok'] else ' MISMATCH'} |")
     return "\n".join(lines)
 
 

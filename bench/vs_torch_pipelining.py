@@ -37,7 +37,7 @@ from torch.distributed.pipelining import (
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peer_bench_support import (  # noqa: E402  (sibling module of this script)
-    BenchOptions, StepStats, Variant, default_variants, options_dict, parse_model, run_ranks, summarise, table,
+    BenchOptions, StepStats, Variant, batch, default_variants, options_dict, parse_model, run_ranks, summarise, table,
 )
 
 from slimpipe.config import ConfigError, ModelConfig  # noqa: E402
@@ -45,6 +45,7 @@ from slimpipe.models.base import PlainContext  # noqa: E402
 from slimpipe.runtime import OptimConfig, ParallelState, PipelineRuntime, build_reference, stages_of_rank  # noqa: E402
 from slimpipe.runtime.memory import MemoryTracker  # noqa: E402
 from slimpipe.runtime.optim import build_optimizer, clip_coefficient, scale_grads, squared_norm  # noqa: E402
+from slimpipe.schedule.actions import Kind, parse_action  # noqa: E402
 from slimpipe.schedule.builders import build  # noqa: E402
 
 __all__ = ["compare", "main", "TorchRunner", "SlimpipeRunner"]
@@ -86,7 +87,7 @@ class _TrackedStage(PipelineStage):
 
     def __init__(self, *args, tracker: MemoryTracker, busy: list[float], **kw) -> None:
         super().__init__(*args, **kw)
-        self._tracker, self._busy = tracker, busy
+        self._tracker, self._busy = tracker, busy  # busy = [forward seconds, backward seconds]
 
     def forward_one_chunk(self, fwd_chunk_id, args, kwargs=None, save_forward_output=True):
         t0 = time.perf_counter()
@@ -99,7 +100,7 @@ class _TrackedStage(PipelineStage):
     def backward_one_chunk(self, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
         t0 = time.perf_counter()
         out = super().backward_one_chunk(bwd_chunk_id, loss, full_backward, last_backward)
-        self._busy[0] += time.perf_counter() - t0
+        self._busy[1] += time.perf_counter() - t0
         if full_backward:  # a split backward keeps what W needs until backward_weight_one_chunk
             self._tracker.release((self.stage_index, bwd_chunk_id, 0))
         self._tracker.sample(0, 0)
@@ -108,7 +109,7 @@ class _TrackedStage(PipelineStage):
     def backward_weight_one_chunk(self, bwd_chunk_id, last_backward=False):
         t0 = time.perf_counter()
         out = super().backward_weight_one_chunk(bwd_chunk_id, last_backward)
-        self._busy[0] += time.perf_counter() - t0
+        self._busy[1] += time.perf_counter() - t0
         self._tracker.release((self.stage_index, bwd_chunk_id, 0))
         self._tracker.sample(0, 0)
         return out
@@ -128,7 +129,7 @@ class TorchRunner:
         self._param_ptrs = {q.untyped_storage().data_ptr() for q in self.params}
         self._ids_ptr = 0
         self.tracker = MemoryTracker(lambda ptr: ptr in self._param_ptrs or ptr == self._ids_ptr)
-        self._busy = [0.0]
+        self._busy = [0.0, 0.0]
         stages = [
             _TrackedStage(mod, st.stage, p * variant.v, torch.device("cpu"), tracker=self.tracker,
                           busy=self._busy)
@@ -153,7 +154,7 @@ class TorchRunner:
         self._normaliser = float(labels.numel())
         self._ids_ptr = tokens.untyped_storage().data_ptr()
         self.tracker.reset()
-        self._busy[0] = 0.0
+        self._busy[:] = [0.0, 0.0]
         for q in self.params:
             q.grad = None
         losses: list[torch.Tensor] = []
@@ -168,24 +169,29 @@ class TorchRunner:
         scale_grads(self.params, clip_coefficient(float(sq) ** 0.5, self.optim.clip))
         self.optimizer.step()
         pk = self.tracker.peaks()
-        return StepStats(loss=float(loss), busy_s=self._busy[0], peak_activation=pk.saved, peak_saved=pk.saved,
-                         recv_wait_s=float("nan"), slices=0)
+        return StepStats(loss=float(loss), fwd_s=self._busy[0], bwd_s=self._busy[1], recv_wait_s=float("nan"),
+                         peak_activation=pk.saved, peak_saved=pk.saved)
 
 
 class SlimpipeRunner:
     """One slimpipe configuration on this rank (PipelineRuntime.train_step)."""
 
     def __init__(self, variant: Variant, cfg: ModelConfig, opts: BenchOptions, state: ParallelState) -> None:
-        sched = build(variant.schedule, p=state.pp, m=opts.microbatches, n=variant.n, v=variant.v)
+        sched = build(variant.schedule, p=state.pp, m=opts.microbatches, n=variant.n, v=variant.v,
+                      warmup=opts.warmup)
         self.rank = state.pp_rank
         self.rt = PipelineRuntime(cfg, sched, state, seed=opts.seed, optim=OptimConfig(lr=opts.lr))
 
     def step(self, tokens: torch.Tensor) -> StepStats:
         res = self.rt.train_step(tokens)
-        wait = sum(e.end_s - e.start_s for e in res.trace if "RECV" in e.action)
-        computes = sum(1 for e in res.trace if "F" in e.action and "_" not in e.action)
-        return StepStats(loss=res.loss, busy_s=res.busy_s[self.rank], peak_activation=res.peak_activation_bytes[0],
-                         peak_saved=res.peak_saved_bytes[0], recv_wait_s=wait, slices=computes)
+        by_kind: dict[Kind, float] = {}
+        for e in res.trace:  # this rank's executed actions
+            kind = parse_action(e.action).kind
+            by_kind[kind] = by_kind.get(kind, 0.0) + e.end_s - e.start_s
+        return StepStats(loss=res.loss, fwd_s=by_kind.get(Kind.F, 0.0),
+                         bwd_s=by_kind.get(Kind.B, 0.0) + by_kind.get(Kind.W, 0.0),
+                         recv_wait_s=by_kind.get(Kind.RECV_F, 0.0) + by_kind.get(Kind.RECV_B, 0.0),
+                         peak_activation=res.peak_activation_bytes[0], peak_saved=res.peak_saved_bytes[0])
 
 
 def _make_runner(variant: Variant, cfg: ModelConfig, opts: BenchOptions, state: ParallelState):
@@ -198,17 +204,16 @@ def _rank_body(rank: int, world: int, cfg: ModelConfig, opts: BenchOptions, vari
     """Everything one rank does: build every configuration, warm up, then timed round-robin rounds."""
     state = ParallelState.create(pp=world, timeout_s=opts.timeout_s)
     runners = [_make_runner(v, cfg, opts, state) for v in variants]
-    batches = [torch.randint(0, cfg.vocab_size, (opts.microbatches, opts.seq_len + 1),
-                             generator=torch.Generator().manual_seed(opts.seed * 7919 + k))
-               for k in range(1 + opts.reps * opts.steps)]
-    records: dict[str, list[tuple[float, StepStats]]] = {v.name: [] for v in variants}
-    warm: dict[str, tuple[float, StepStats]] = {}
+    batches = [batch(cfg, opts, k) for k in range(1 + opts.reps * opts.steps)]
+    records: dict[str, list[tuple[float, float, StepStats]]] = {v.name: [] for v in variants}
+    warm: dict[str, tuple[float, float, StepStats]] = {}
 
-    def timed(i: int, k: int) -> tuple[float, StepStats]:
+    def timed(i: int, k: int) -> tuple[float, float, StepStats]:
+        """(wall s, CPU s of this process incl. gloo threads, stats) of one step."""
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         stats = runners[i].step(batches[k])
-        return time.perf_counter() - t0, stats
+        return time.perf_counter() - t0, time.process_time() - c0, stats
 
     for i, v in enumerate(variants):  # warm-up: step 0 on batch 0 (its loss is the sanity check)
         warm[v.name] = timed(i, 0)
@@ -248,12 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="round-robin rounds (default 3)")
     ap.add_argument("--slices", default="2,4,8", help="slimpipe n values (default 2,4,8)")
     ap.add_argument("--only", default="", help="comma-separated configuration names to keep (default all)")
+    ap.add_argument("--warmup", default="auto", choices=("auto", "single", "double"),
+                    help="slimpipe builders' warm-up (default auto: single for 1f1b, double otherwise)")
     ap.add_argument("--json", default="", help="write the result here")
     a = ap.parse_args(argv)
     try:
         opts = BenchOptions(seq_len=a.seq_len, microbatches=a.microbatches, model=a.model, steps=a.steps,
                             reps=a.reps, slices=tuple(int(x) for x in a.slices.split(",") if x),
-                            only=tuple(x for x in a.only.split(",") if x))
+                            only=tuple(x for x in a.only.split(",") if x), warmup=a.warmup)
         result = compare(opts)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -31,7 +31,8 @@ def tokens(rows: int, seq: int = SEQ, *, vocab: int = 64, seed: int = 0) -> torc
     return torch.randint(0, vocab, (rows, seq + 1), generator=torch.Generator().manual_seed(seed))
 
 
-def reference_grads(cfg: ModelConfig, toks: torch.Tensor, *, seed: int) -> tuple[float, dict[str, torch.Tensor]]:
+def reference_grads(cfg: ModelConfig, toks: torch.Tensor, *,
+                    seed: int) -> tuple[float, dict[str, torch.Tensor]]:
     """Loss and every gradient of the unsliced, unpipelined model on the whole global batch (float64)."""
     ref = build_reference(cfg, seed=seed, dtype=torch.float64)
     loss = reference_loss(ref, toks)
@@ -50,7 +51,8 @@ def max_rel_error(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) 
     return worst, name
 
 
-def _child(rank: int, world: int, store: str, timeout_s: float, out_dir: str, fn: Callable, args: tuple) -> None:
+def _child(rank: int, world: int, store: str, timeout_s: float, out_dir: str, fn: Callable,
+           args: tuple) -> None:
     torch.set_num_threads(1)  # first: libgomp after fork hangs with more than one thread
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
@@ -64,6 +66,9 @@ def _child(rank: int, world: int, store: str, timeout_s: float, out_dir: str, fn
 def run_dist(fn: Callable, world: int, *args: object, timeout_s: float = 60.0) -> list[object]:
     """Run fn(rank, world, *args) on ``world`` forked gloo processes; return each rank's result."""
     with tempfile.TemporaryDirectory() as tmp:
+        # fork: ~0.1 s per group (platform §6). Where CUDA exists the parent's autograd engine may already
+        # run device threads, and a forked child then refuses to run backward: spawn there instead.
+        method = "spawn" if torch.cuda.is_available() else "fork"
         mp.start_processes(_child, args=(world, os.path.join(tmp, "store"), timeout_s, tmp, fn, args),
-                           nprocs=world, start_method="fork", join=True)
+                           nprocs=world, start_method=method, join=True)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]

@@ -11,9 +11,12 @@ from slimpipe.runtime.kv import KVOrderError, KVStore
 
 
 def _explicit(q, k, v):
-    """Causal attention with an explicit boolean mask over the whole sequence; q (b,s,H,d), k/v (b,s,Hkv,d)."""
+    """Causal attention with an explicit boolean mask over the whole sequence.
+
+    q (b, s, H, d), k/v (b, s, H_kv, d) -> (b, s, H, d).
+    """
     s, rep = q.size(1), q.size(2) // k.size(2)
-    mask = torch.ones(s, s, dtype=torch.bool).tril()
+    mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
     out = scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2),
                                        v.repeat_interleave(rep, 2).transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
@@ -68,7 +71,8 @@ def test_is_causal_is_wrong_for_slices() -> None:
     """The pitfall the lower-right mask avoids: is_causal=True aligns upper-left when q_len < kv_len."""
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 16, 8, generator=g) for _ in range(3))
-    lower_right = scaled_dot_product_attention(q[:, :, 8:], k, v, attn_mask=torch.ones(8, 16, dtype=torch.bool).tril(8))
+    mask = torch.ones(8, 16, dtype=torch.bool).tril(8)  # query i sees keys ≤ 8 + i
+    lower_right = scaled_dot_product_attention(q[:, :, 8:], k, v, attn_mask=mask)
     upper_left = scaled_dot_product_attention(q[:, :, 8:], k, v, is_causal=True)
     full = scaled_dot_product_attention(q, k, v, is_causal=True)[:, :, 8:]
     torch.testing.assert_close(lower_right, full)
@@ -90,7 +94,8 @@ def test_window_is_not_copied() -> None:
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             store.begin_forward(0, 0, j).layer(0).attend(torch.randn(1, 8, 4, 8), x, x * 2)
-        big = [t for t in saved if t.dim() == 4 and t.size(1) == 2 and t.size(2) == (j + 1) * 8]  # K/V windows
+        # the K/V windows (b, H_kv = 2, end, d)
+        big = [t for t in saved if t.dim() == 4 and t.size(1) == 2 and t.size(2) == (j + 1) * 8]
         assert len(big) == 2
         assert all(t.untyped_storage().data_ptr() in store.buffer_ptrs for t in big)
     assert store.nbytes()[0] == 2 * 32 * 2 * 8 * 4  # K and V buffers of one (stage, micro-batch, layer)

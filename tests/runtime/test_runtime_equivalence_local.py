@@ -56,7 +56,8 @@ def _pipeline_grads(cfg, sched, toks: torch.Tensor, dp: int) -> tuple[float, lis
     loss, per_rank = 0.0, None
     for d in range(dp):
         rt = LocalPipelineRuntime(cfg, sched, dtype=torch.float64, seed=SEED)
-        res = rt.forward_backward(toks[d * m : (d + 1) * m], reduce_grads=True, loss_tokens=toks[:, 1:].numel())
+        share = toks[d * m : (d + 1) * m]
+        res = rt.forward_backward(share, reduce_grads=True, loss_tokens=toks[:, 1:].numel())
         loss += res.loss
         grads = [{n: p.grad for n, p in rt.rank_parameters(r)} for r in range(sched.num_ranks)]
         per_rank = grads if per_rank is None else [

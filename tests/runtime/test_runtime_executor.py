@@ -31,8 +31,9 @@ def _fifo(sched: Schedule) -> Schedule:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("name, p, n, m, v", [("slimpipe", 2, 4, 2, 2), ("gpipe", 4, 8, 2, 1), ("1f1b", 4, 1, 4, 1),
-                                              ("slimpipe", 1, 4, 2, 2)])
+@pytest.mark.parametrize("name, p, n, m, v", [
+    ("slimpipe", 2, 4, 2, 2), ("gpipe", 4, 8, 2, 1), ("1f1b", 4, 1, 4, 1), ("slimpipe", 1, 4, 2, 2),
+])
 def test_trace_equals_lowered_program(name, p, n, m, v) -> None:
     sched = build(name, p=p, m=m, n=n, v=v)
     rt = LocalPipelineRuntime(model(2 * p * v), sched, dtype=torch.float64)

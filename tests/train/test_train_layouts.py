@@ -38,7 +38,6 @@ def test_same_loss_curve(name: str, reference: list[dict], tmp_path: Path) -> No
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert losses(recs) == pytest.approx(losses(reference), rel=1e-6, abs=0)
     assert [r["grad_norm"] for r in recs] == pytest.approx([r["grad_norm"] for r in reference], rel=1e-5)
-    assert losses(recs)[-1] < losses(recs)[0], "the loss should fall on the learnable synthetic data"
     pp = LAYOUTS[name]["pp"]
     for r in recs:
         assert len(r["peak_activation_bytes"]) == pp and all(b > 0 for b in r["peak_activation_bytes"])

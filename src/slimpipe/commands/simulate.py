@@ -65,6 +65,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--equal-slices", action="store_true",
                    help="seq1f1b: equal instead of equal-FLOP segments")
     g.add_argument("--gpu", default="h800", help="hardware preset (h100, h800, h200, a100) or .json")
+    g.add_argument("--profile", default=None, metavar="FILE",
+                   help="measured profile from `slimpipe calibrate` (replaces --gpu)")
     g.add_argument("--cost", default="analytic", choices=COSTS,
                    help="analytic (FLOPs/bandwidth) or uniform (F=1, B=2, free communication)")
 
@@ -73,7 +75,7 @@ def evaluate_from_args(args: argparse.Namespace):  # -> slimpipe.sim.evaluate.Ev
     """Parse the shared flags into a Workload, check them, and simulate."""
     from slimpipe.config import ConfigError, ParallelConfig, load_model
     from slimpipe.sim.evaluate import evaluate
-    from slimpipe.sim.hardware import load_hardware
+    from slimpipe.sim.hardware import load_hardware, load_profile
     from slimpipe.sim.workload import Workload
 
     overrides = {field: getattr(args, f"model_{field}") for field in _MODEL_FIELDS.values()}
@@ -88,7 +90,8 @@ def evaluate_from_args(args: argparse.Namespace):  # -> slimpipe.sim.evaluate.Ev
         )
     wl = Workload(model=model, parallel=par, seq_len=args.seq_len, global_batch=args.global_batch,
                   recompute=args.recompute, offload=args.offload, vocab_parallel=args.vocab_parallel)
-    return evaluate(wl, args.schedule, hardware=load_hardware(args.gpu), cost=args.cost, warmup=args.warmup,
+    hardware = load_profile(args.profile) if args.profile else load_hardware(args.gpu)
+    return evaluate(wl, args.schedule, hardware=hardware, cost=args.cost, warmup=args.warmup,
                     equal_slices=args.equal_slices)
 
 
@@ -117,8 +120,13 @@ def _config_dict(args: argparse.Namespace, ev) -> dict[str, object]:
         "ep": args.ep, "slices": args.slices, "vpp": args.vpp, "layers_per_stage": wl.layers_per_stage,
         "schedule": sched.name, "warmup_w": sched.meta.get("w"), "group_g": sched.meta.get("g"),
         "slice_weights": sched.slice_weights, "recompute": wl.recompute, "offload": wl.offload,
-        "vocab_parallel": wl.vocab_parallel, "cost": ev.cost.name, "gpu": args.gpu,
+        "vocab_parallel": wl.vocab_parallel, "cost": ev.cost.name, "gpu": _hardware_label(args),
     }
+
+
+def _hardware_label(args: argparse.Namespace) -> str:
+    profile = getattr(args, "profile", None)
+    return f"profile {profile}" if profile else args.gpu
 
 
 def _table(args: argparse.Namespace, ev, elapsed: float) -> str:
@@ -133,7 +141,7 @@ def _table(args: argparse.Namespace, ev, elapsed: float) -> str:
         f"schedule {sched.name} (w={sched.meta.get('w')}, g={sched.meta.get('g')})  "
         f"recompute {wl.recompute}  "
         f"offload {wl.offload}  vocab-parallel {'on' if wl.vocab_parallel else 'off'}  cost {ev.cost.name}"
-        + (f" on {args.gpu}" if ev.cost.name == "analytic" else ""),
+        + (f" on {_hardware_label(args)}" if ev.cost.name == "analytic" else ""),
         "",
         f"step time     {rep.step_time_s:.6g}{unit}  "
         f"(pipeline {rep.pipeline_time_s:.6g}, dp sync {rep.dp_sync_s:.3g})",
@@ -156,7 +164,7 @@ def _table(args: argparse.Namespace, ev, elapsed: float) -> str:
         lines.append(f"{mb.rank:>3}{mark} " + " ".join(f"{g[c]:>10.2f}" for c in cols)
                      + f"  {mb.peak_inflight:>9.4g}")
     if rep.hbm_bytes is not None and rep.memory[top].peak > rep.hbm_bytes:
-        lines.append(f"warning: peak {rep.memory[top].peak / 2**30:.1f} GiB exceeds {args.gpu}'s "
+        lines.append(f"warning: peak {rep.memory[top].peak / 2**30:.1f} GiB exceeds {_hardware_label(args)}'s "
                      f"{rep.hbm_bytes / 2**30:.1f} GiB")
     lines.append(f"\n(simulated in {elapsed:.2f} s)")
     return "\n".join(lines) + "\n"

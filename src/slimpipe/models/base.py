@@ -73,8 +73,12 @@ class DecoderParts(Protocol):
 
 
 def param_generator(seed: int, name: str) -> torch.Generator:
-    """A CPU generator seeded from (seed, crc32 of the global name): layout-independent initial weights."""
-    return torch.Generator().manual_seed((int(seed) & 0xFFFFFFFF) << 32 | zlib.crc32(name.encode()))
+    """A CPU generator seeded from (seed, crc32 of the global name): layout-independent initial weights.
+
+    The CPU generator (mt19937) keeps only 32 bits of its seed, so seed and name are mixed into one 32-bit
+    value: the CRC-32 of the name started from the seed's low 32 bits.
+    """
+    return torch.Generator().manual_seed(zlib.crc32(name.encode(), int(seed) & 0xFFFFFFFF))
 
 
 def init_parameters(parts: DecoderParts, named: Iterable[tuple[str, nn.Parameter]], seed: int) -> None:

@@ -72,7 +72,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, self.kv_heads, self.head_dim)
         key = f"rope:{self.head_dim}:{self.theta}"
         if key not in ctx.shared:  # once per slice, shared by every layer of the stage
-            ctx.shared[key] = rope_tables(ctx.start, t, self.head_dim, self.theta, device=x.device, dtype=x.dtype)
+            ctx.shared[key] = rope_tables(ctx.start, t, self.head_dim, self.theta, device=x.device,
+                                          dtype=x.dtype)
         cos, sin = ctx.shared[key]  # type: ignore[misc]
         out = ctx.attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)  # (b, t, H, d)
         return self.wo(out.reshape(b, t, self.heads * self.head_dim))

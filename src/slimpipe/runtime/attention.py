@@ -75,7 +75,8 @@ class MaskCache:
         table = self._tables.get(key)
         if table is None or table.size(0) < seq_len:
             keep = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-            table = torch.zeros(seq_len, seq_len, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
+            table = torch.zeros(seq_len, seq_len, dtype=dtype, device=device)
+            table.masked_fill_(~keep, float("-inf"))  # additive: 0 where visible
             self._tables[key] = table
             self.ptrs = {t.untyped_storage().data_ptr() for t in self._tables.values()}
         return table[start:end, :end]
@@ -91,5 +92,5 @@ def window_attention(q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, 
         out = scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
     else:
         mask = masks.mask(start, end, device=q.device, dtype=q.dtype, seq_len=seq_len)
-        out = scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)  # type: ignore[arg-type]
+        out = scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)  # type: ignore
     return out.transpose(1, 2)

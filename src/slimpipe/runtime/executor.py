@@ -93,8 +93,9 @@ class RankExecutor:
         try:
             assert self.store is not None
             self.store.check_drained()
-            left = {name: sorted(d) for name, d in (("inputs", self._inputs), ("held", self._held),
-                    ("to_send_f", self._to_send_f), ("to_send_b", self._to_send_b), ("douts", self._douts)) if d}
+            stash = {"inputs": self._inputs, "held": self._held, "to_send_f": self._to_send_f,
+                     "to_send_b": self._to_send_b, "douts": self._douts}
+            left = {name: sorted(d) for name, d in stash.items() if d}
             if left:
                 raise RuntimeError(f"tensors left over at the end of the step: {left}")
             self.transport.finish()
@@ -127,9 +128,10 @@ class RankExecutor:
         what = f"action {idx} ({action})" if action is not None else "the end-of-step check"
         mark = (self.rank, idx) if action is not None else None
         grid = to_grid(self.schedule, mark=mark, window=8) if mark else to_grid(self.schedule, window=8)
+        s = self.schedule
         msg = (f"rank {self.rank} step {self.step}: {what} failed: {type(exc).__name__}: {exc}\n"
-               f"schedule {self.schedule.name} (p={self.schedule.num_ranks}, v={self.schedule.virtual_stages}, "
-               f"m={self.schedule.num_microbatches}, n={self.schedule.num_slices}):\n{grid}")
+               f"schedule {s.name} (p={s.num_ranks}, v={s.virtual_stages}, m={s.num_microbatches}, "
+               f"n={s.num_slices}):\n{grid}")
         log.error(msg)
         return PipelineError(msg)
 

@@ -40,11 +40,13 @@ class LocalPipelineRuntime:
 
     def __init__(self, model: ModelConfig | DecoderParts, schedule: Schedule, *,
                  dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu",
-                 optim: OptimConfig | None = None, check_schedule: bool = True, mask_mode: str = "auto") -> None:
+                 optim: OptimConfig | None = None, check_schedule: bool = True,
+                 mask_mode: str = "auto") -> None:
         self.parts = as_parts(model)
         self.device = torch.device(device)
         p = schedule.num_ranks
-        self.schedule = prepare_schedule(schedule, pp=p, num_layers=self.parts.num_layers, check=check_schedule)
+        self.schedule = prepare_schedule(schedule, pp=p, num_layers=self.parts.num_layers,
+                                         check=check_schedule)
         self.hub = LocalHub()
         masks = MaskCache(mask_mode)  # one table for the whole process
         self.models: list[RankModel] = []
@@ -153,8 +155,8 @@ class LocalPipelineRuntime:
     def _deadlock_message(self, blocked: dict[int, object]) -> str:
         marks = [(r, self.executors[r].executed) for r in sorted(blocked)]
         what = "; ".join(f"rank {r} waits at step {i} ({blocked[r]})" for r, i in marks)
-        return (f"deadlock in step {self.step - 1}: every unfinished rank waits on a RECV with nothing queued: "
-                f"{what}\n{to_grid(self.schedule, marks=marks, window=8)}")
+        return (f"deadlock in step {self.step - 1}: every unfinished rank waits on a RECV with nothing "
+                f"queued: {what}\n{to_grid(self.schedule, marks=marks, window=8)}")
 
     def _reduce_grads(self) -> None:
         first, last = self.models[0], self.models[-1]

@@ -56,7 +56,8 @@ class DistTransport:
             raise ValueError("p2p tensors must be contiguous")
         work = dist.isend(tensor, dst=self.state.global_rank(dst), group=self._groups[channel])
         self._pending.append((work, tensor))
-        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]  # type: ignore[attr-defined]
+        # Drop completed sends as we go so the kept-alive tensors do not pile up over a step.
+        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]  # type: ignore
 
     def ready(self, channel: str, src: int) -> bool:
         return True

@@ -59,7 +59,9 @@ class ParallelState:
         world, rank = dist.get_world_size(), dist.get_rank()
         dp = world // pp if dp is None else dp
         if pp < 1 or dp < 1 or pp * dp != world:
-            raise ValueError(f"pp={pp} × dp={dp} must equal the world size {world}: fix --pp/--dp or the launch")
+            raise ValueError(
+                f"pp={pp} × dp={dp} must equal the world size {world}: fix --pp/--dp or the launch"
+            )
         timeout = timedelta(seconds=timeout_s)
         grid = torch.arange(world).view(dp, pp)
         dp_rank, pp_rank = divmod(rank, pp)

@@ -33,7 +33,8 @@ __all__ = ["PipelineRuntime", "prepare_schedule", "check_tokens"]
 
 
 def prepare_schedule(schedule: Schedule, *, pp: int, num_layers: int, check: bool = True) -> Schedule:
-    """Lower (idempotent) and validate; ``check=False`` skips validation (tests of the runtime's own checks)."""
+    """Lower (idempotent) and validate; ``check=False`` skips validation (to test the runtime's own
+    checks)."""
     if schedule.num_ranks != pp:
         raise ConfigError(
             f"schedule has p={schedule.num_ranks} ranks but the pipeline has pp={pp}: build it with p={pp}"

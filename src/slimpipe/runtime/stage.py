@@ -83,7 +83,8 @@ def slice_bounds(seq_len: int, fractions: Sequence[float]) -> list[int]:
 class RankModel(nn.Module):
     """The parts one rank holds, registered under their global names."""
 
-    def __init__(self, parts: DecoderParts, layer_ids: Sequence[int], *, has_embed: bool, has_head: bool) -> None:
+    def __init__(self, parts: DecoderParts, layer_ids: Sequence[int], *, has_embed: bool,
+                 has_head: bool) -> None:
         super().__init__()
         self.tied = parts.tie_embeddings
         self.embed_replica = has_head and self.tied and not has_embed
@@ -105,7 +106,8 @@ def build_rank_model(parts: DecoderParts, stages: Sequence[StageInfo], *, seed: 
                      dtype: torch.dtype) -> RankModel:
     """Build on the CPU in float32, initialise from (seed, global name), then move and cast."""
     layers = [i for st in stages for i in st.layers]
-    model = RankModel(parts, layers, has_embed=any(s.first for s in stages), has_head=any(s.last for s in stages))
+    model = RankModel(parts, layers, has_embed=any(s.first for s in stages),
+                      has_head=any(s.last for s in stages))
     init_parameters(parts, model.named_parameters(), seed)
     return model.to(device=device, dtype=dtype)
 

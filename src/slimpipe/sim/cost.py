@@ -172,8 +172,9 @@ class AnalyticCost:
         m, t, c = wl.model, par.tp, par.cp
         tok = self.b * self.tokens[j] / c  # tokens per GPU (CP shards the sequence)
         fwd = bwd = 0.0
-        for fin, fout, split_out in _linear_shapes(m):
-            shape = (fin, fout // t) if split_out else (fin // t, fout)  # column- / row-parallel under TP
+        for fin, fout, split in _linear_shapes(m):
+            # Under TP: column-parallel layers split out, row-parallel ones split in; the router is whole.
+            shape = {"col": (fin, fout // t), "row": (fin // t, fout)}.get(split, (fin, fout))
             g = prof.gemm(*shape)
             flops = 2 * tok * shape[0] * shape[1]
             fwd += g.fwd(flops) if g else prof.gemm_fwd(flops)
@@ -306,14 +307,14 @@ class AnalyticCost:
         return _ring_time(per_gpu * 6, group, hw.link_bw(par.tp * group), hw.p2p_latency_s)
 
 
-def _linear_shapes(model: ModelConfig) -> list[tuple[int, int, bool]]:
-    """(in, out, column-parallel) of every linear layer of one block; MoE counts top-k expert MLPs."""
+def _linear_shapes(model: ModelConfig) -> list[tuple[int, int, str]]:
+    """(in, out, TP split "col"/"row"/"none") of every linear layer of one block; MoE: top-k expert MLPs."""
     h, q, kv, f = model.hidden, model.q_dim, model.kv_dim, model.ffn
     k = model.top_k if model.num_experts > 1 else 1
-    shapes = [(h, q, True), (h, kv, True), (h, kv, True), (q, h, False)]
-    shapes += k * [(h, f, True), (h, f, True), (f, h, False)]
+    shapes = [(h, q, "col"), (h, kv, "col"), (h, kv, "col"), (q, h, "row")]
+    shapes += k * [(h, f, "col"), (h, f, "col"), (f, h, "row")]
     if model.num_experts > 1:
-        shapes.append((h, model.num_experts, True))
+        shapes.append((h, model.num_experts, "none"))
     return shapes
 
 

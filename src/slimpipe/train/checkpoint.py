@@ -142,6 +142,10 @@ def save_checkpoint(rt: Any, root: str, step: int, meta: dict[str, Any], *, rank
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:
+    """Drop torn saves older than ``newest`` and all but the ``keep`` newest complete checkpoints."""
+    for torn in root.glob("step_*.tmp"):
+        if torn.name < newest.name:
+            shutil.rmtree(torn, ignore_errors=True)
     if keep <= 0:
         return
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))

@@ -14,6 +14,7 @@ process-group timeout remains the last resort for a rank that is alive but stuck
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import sys
@@ -118,8 +119,7 @@ def _child(rank: int, world: int, prep: Any, store_path: str, threads: int) -> N
     import torch
 
     torch.set_num_threads(threads)  # first: forked children with >1 OpenMP thread can hang (libgomp)
-    os.environ["LOCAL_RANK"] = str(rank)
-    import faulthandler; faulthandler.dump_traceback_later(12, file=open(f"/tmp/dump_rank{rank}", "w"))  # what ParallelState reads to pick cuda:<local rank>
+    os.environ["LOCAL_RANK"] = str(rank)  # what ParallelState reads to pick cuda:<local rank>
     import torch.distributed as dist
 
     from slimpipe.train.trainer import run_rank
@@ -164,13 +164,25 @@ def _run_children(prep: Any, nproc: int, store_path: str) -> int:
     cfg = prep.cfg
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and _cuda_available())
     ctx = mp.get_context("spawn" if cuda else "fork")  # CUDA cannot be used after fork
+    if not cuda:  # import once here rather than once per forked child (seconds each on a busy CPU)
+        import slimpipe.runtime  # noqa: F401
+        if cfg.checkpoint_every or prep.resume_dir is not None:
+            import torch.distributed.checkpoint  # noqa: F401
     child_prep = prep if not cuda else type(prep)(cfg, prep.model, prep.schedule, None, prep.resume_dir)
     sys.stdout.flush()
     sys.stderr.flush()
     procs = [ctx.Process(target=_child, args=(r, nproc, child_prep, store_path, _threads(cfg, nproc)),
                          daemon=False) for r in range(nproc)]
-    for p in procs:
-        p.start()
+    # A process group left in a garbage cycle (an earlier run in this process) must be destroyed here,
+    # where its worker threads exist: a forked child's GC would run its destructor and wait forever on
+    # threads that fork did not copy. Freezing keeps the children's GC off everything inherited.
+    gc.collect()
+    gc.freeze()
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        gc.unfreeze()
     first: tuple[int, int] | None = None
     deadline = float("inf")
     try:
@@ -193,6 +205,8 @@ def _run_children(prep: Any, nproc: int, store_path: str) -> int:
         return 130
     for p in procs:
         p.join()
+    if first is None:  # every rank ended between two polls: take the lowest failed rank
+        first = next(((r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0), None)
     if first is None:
         return 0
     others = [r for r, p in enumerate(procs) if r != first[0] and p.exitcode != 0]

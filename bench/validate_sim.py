@@ -1,0 +1,237 @@
+"""Does the simulator predict real runs? Real training steps vs `slimpipe simulate` with a calibrated profile.
+
+Two gloo ranks (fork, FileStore, one thread each — the same harness as the tests) train the same model
+with several schedules, sequence lengths and slice counts. Per configuration the measured figures are
+medians over ``--steps`` timed steps (one warm-up step first; configurations alternate round-robin so
+machine noise hits all of them alike):
+
+* step time: ``StepResult.step_time_s`` (schedule execution, slowest rank; the optimizer step is outside
+  it, as it is outside the simulator's pipeline makespan), against the simulator's makespan with the
+  profile's cost model (``AnalyticCost`` + ``hardware.profile``);
+* bubble ratio: ``1 − Σ busy / (p · step time)`` from the runtime, against the simulated timeline's;
+* peak activation bytes per rank (saved-for-backward + K/V buffers + dK/dV accumulators, the runtime's
+  own accounting), against a prediction that walks each rank's lowered program with the runtime's
+  storage layout: per unit ``T·(l·a + a_stage)`` saved bytes with a, a_stage *measured by calibrate for
+  one unit* (ActivationFootprint), the K/V buffer of a whole sequence per (stage, micro-batch) from its
+  first slice forward to its last slice backward, and the dK/dV accumulator (rows of all but the last
+  slice) from the first slice backward on. The published formula (bf16, flash attention, Megatron
+  tensors) describes another storage format; its schedule ratios are reported beside it.
+
+    python bench/validate_sim.py --profile cpu1.json --json out.json --markdown out.md
+
+Without ``--profile`` it first runs ``slimpipe calibrate --threads 1`` (the ranks are single-threaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from slimpipe.calibrate import fork_gloo
+from slimpipe.config import ConfigError, ModelConfig, ParallelConfig, load_model
+from slimpipe.schedule.actions import Kind, Schedule
+from slimpipe.schedule.passes import lower
+from slimpipe.sim.evaluate import evaluate
+from slimpipe.sim.hardware import ActivationFootprint, Hardware, load_profile
+from slimpipe.sim.workload import Workload
+
+__all__ = ["Case", "DEFAULT_CASES", "QUICK_CASES", "predict_activation", "predict", "measure", "validate",
+           "markdown", "main"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Case:
+    """One configuration: a schedule at one sequence length."""
+
+    schedule: str
+    """Builder name."""
+    seq_len: int
+    """s: tokens per sequence."""
+    microbatches: int
+    """m: sequences per step."""
+    slices: int = 1
+    """n."""
+    vpp: int = 1
+    """v."""
+
+    @property
+    def label(self) -> str:
+        extra = (f" n={self.slices}" if self.slices > 1 else "") + (f" v={self.vpp}" if self.vpp > 1 else "")
+        return f"{self.schedule}{extra}"
+
+
+def _family(s: int, m: int) -> list[Case]:
+    return [Case(schedule="1f1b", seq_len=s, microbatches=m),
+            *(Case(schedule="slimpipe", seq_len=s, microbatches=m, slices=n) for n in (2, 4, 8)),
+            Case(schedule="slimpipe", seq_len=s, microbatches=m, slices=4, vpp=2),
+            Case(schedule="interleaved-1f1b", seq_len=s, microbatches=m, vpp=2),
+            Case(schedule="seq1f1b", seq_len=s, microbatches=m, slices=4)]
+
+
+DEFAULT_CASES = _family(512, 4) + _family(2048, 2) + [
+    c for c in _family(4096, 2) if (c.schedule, c.slices, c.vpp) not in (("slimpipe", 2, 1), ("slimpipe", 4, 2))]
+QUICK_CASES = [Case(schedule="1f1b", seq_len=128, microbatches=2),
+               Case(schedule="slimpipe", seq_len=128, microbatches=2, slices=4)]
+
+
+# ---- prediction (no torch.distributed) -------------------------------------------------------------------
+def predict_activation(schedule: Schedule, model: ModelConfig, seq_len: int,
+                       fp: ActivationFootprint) -> list[float]:
+    """Per rank: peak of saved + K/V + dK/dV bytes, sampled after every action as the runtime samples."""
+    from slimpipe.runtime.stage import slice_bounds
+
+    sched = lower(schedule)
+    p, v, n = sched.num_ranks, sched.virtual_stages, sched.num_slices
+    layers = model.num_layers // (p * v)
+    bounds = slice_bounds(seq_len, sched.slice_fractions())
+    last = p * v - 1
+    kv_seq = layers * seq_len * fp.kv_per_layer  # K and V buffers of one (stage, micro-batch)
+    acc = layers * bounds[n - 1] * fp.kv_per_layer if n > 1 else 0.0  # dK/dV of rows before the last slice
+    peaks = []
+    for prog in sched.ranks:
+        cur = best = 0.0
+        for a in prog:
+            if a.kind in (Kind.F, Kind.B):
+                t = bounds[a.seq_slice + 1] - bounds[a.seq_slice]
+                extra = fp.first_stage if a.stage == 0 else fp.last_stage if a.stage == last else fp.middle_stage
+                unit = t * (layers * fp.per_layer + extra)
+                if a.kind is Kind.F:
+                    cur += unit + (kv_seq if a.seq_slice == 0 else 0.0)
+                else:
+                    cur -= unit
+                    if a.seq_slice == n - 1:
+                        cur += acc
+                    if a.seq_slice == 0:
+                        cur -= kv_seq + acc
+            best = max(best, cur)
+        peaks.append(best)
+    return peaks
+
+
+def predict(case: Case, model: ModelConfig, hw: Hardware) -> dict:
+    """Simulated step time, bubble and activation peaks for one case (schedule built as evaluate builds it)."""
+    wl = Workload(model=model, parallel=ParallelConfig(pp=2, vpp=case.vpp, slices=case.slices),
+                  seq_len=case.seq_len, global_batch=case.microbatches)
+    ev = evaluate(wl, case.schedule, hardware=hw)
+    assert hw.profile is not None and hw.profile.footprint is not None, "the profile has no activation footprint"
+    return {"schedule": ev.schedule, "step_s": ev.report.pipeline_time_s, "bubble": ev.report.bubble_ratio,
+            "act": predict_activation(ev.schedule, model, case.seq_len, hw.profile.footprint),
+            "published_act": [mb.activations + mb.kv_grad for mb in ev.memory]}
+
+
+# ---- measurement (2 forked gloo ranks) -------------------------------------------------------------------
+def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedule], cases: list[Case],
+               steps: int) -> list[dict]:
+    from slimpipe.runtime import OptimConfig, ParallelState, PipelineRuntime
+
+    state = ParallelState.create(pp=world, timeout_s=600.0)
+    rts = [PipelineRuntime(model, s, state, seed=0, optim=OptimConfig(lr=1e-4)) for s in schedules]
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, model.vocab_size, (c.microbatches, c.seq_len + 1), generator=gen) for c in cases]
+    rec: list[list] = [[] for _ in cases]
+    for rep in range(steps + 1):  # round 0 warms up (allocator, mask tables)
+        order = list(range(len(cases)))
+        order = order[rep % len(order):] + order[: rep % len(order)]
+        for i in order:
+            dist.barrier()  # both ranks start the step together, as the simulator's clocks do
+            res = rts[i].train_step(data[i])
+            if rep:
+                rec[i].append(res)
+    return [{"step_s": [r.step_time_s for r in rs], "bubble": [r.bubble_ratio for r in rs],
+             "busy_s": [r.busy_s for r in rs], "act": rs[0].peak_activation_bytes, "loss": rs[0].loss}
+            for rs in rec]
+
+
+def measure(cases: list[Case], model: ModelConfig, schedules: list[Schedule], steps: int) -> list[dict]:
+    """Median figures per case from two single-threaded gloo ranks."""
+    out = fork_gloo(_rank_body, 2, model, schedules, cases, steps, timeout_s=1800.0)[0]
+    return [{"step_s": statistics.median(r["step_s"]), "step_s_all": r["step_s"],
+             "bubble": statistics.median(r["bubble"]), "act": r["act"], "loss": r["loss"]} for r in out]
+
+
+def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int = 3) -> list[dict]:
+    """One row per case: measured, predicted and their ratios."""
+    preds = [predict(c, model, hw) for c in cases]
+    meas = measure(cases, model, [p["schedule"] for p in preds], steps)
+    ref = {c.seq_len: i for i, c in reversed(list(enumerate(cases))) if c.schedule == "1f1b"}
+    rows = []
+    for i, (c, p, m) in enumerate(zip(cases, preds, meas)):
+        j = ref.get(c.seq_len, i)
+        rows.append({
+            "case": c.label, "schedule": c.schedule, "seq_len": c.seq_len, "m": c.microbatches, "n": c.slices,
+            "v": c.vpp, "measured_step_s": m["step_s"], "step_s_all": m["step_s_all"], "predicted_step_s": p["step_s"],
+            "step_ratio": p["step_s"] / m["step_s"], "measured_bubble": m["bubble"], "predicted_bubble": p["bubble"],
+            "measured_act": m["act"], "predicted_act": p["act"],
+            "act_ratio": [pa / ma for pa, ma in zip(p["act"], m["act"])],
+            "measured_act_vs_1f1b": m["act"][0] / meas[j]["act"][0],
+            "published_act_vs_1f1b": p["published_act"][0] / preds[j]["published_act"][0],
+        })
+    return rows
+
+
+# ---- reporting -----------------------------------------------------------------------------------------
+def markdown(rows: list[dict]) -> str:
+    head = ("| s | m | schedule | step meas s | step pred s | pred/meas | bubble meas | bubble pred "
+            "| r0 act meas MiB | r0 pred/meas | r1 pred/meas | r0 act ÷ 1f1b meas | published ÷ 1f1b |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        ok = "" if 0.9 <= r["step_ratio"] <= 1.1 else " ✗"
+        aok = "" if all(abs(x - 1) <= 0.05 for x in r["act_ratio"]) else " ✗"
+        lines.append(
+            f"| {r['seq_len']} | {r['m']} | {r['case']} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | "
+            f"{r['step_ratio']:.3f}{ok} | {r['measured_bubble']:.1%} | {r['predicted_bubble']:.1%} | "
+            f"{r['measured_act'][0] / 2**20:.1f} | {r['act_ratio'][0]:.4f}{aok} | {r['act_ratio'][1]:.4f} | "
+            f"{r['measured_act_vs_1f1b']:.3f} | {r['published_act_vs_1f1b']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="", help="profile JSON (default: calibrate now with --threads 1)")
+    ap.add_argument("--model", default="tiny", help="model preset or JSON (default tiny)")
+    ap.add_argument("--cases", default="default", choices=("default", "quick"), help="case list")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per case (median; default 3)")
+    ap.add_argument("--json", default="", help="write rows and run metadata here")
+    ap.add_argument("--markdown", default="", help="write the markdown table here")
+    a = ap.parse_args(argv)
+    try:
+        model = load_model(a.model)
+        if a.profile:
+            hw = load_profile(a.profile)
+        else:
+            from slimpipe.calibrate import CalibrateOptions, calibrate
+            from slimpipe.sim.hardware import profile_from_dict
+
+            hw = profile_from_dict(calibrate(CalibrateOptions(model=model, threads=1)), default_name="calibrated",
+                                   source="calibrate")
+        load0, t0 = os.getloadavg(), time.time()
+        rows = validate(DEFAULT_CASES if a.cases == "default" else QUICK_CASES, model, hw, steps=a.steps)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()}-core CPU, gloo, torch "
+            f"{torch.__version__}", "load_before": load0, "load_after": os.getloadavg(), "wall_s": time.time() - t0,
+            "profile": a.profile or "calibrated in-process", "model": model.name, "steps": a.steps}
+    table = markdown(rows)
+    print(f"{meta['date']}  {meta['machine']}  load {load0[0]:.2f} → {meta['load_after'][0]:.2f}  "
+          f"{meta['wall_s']:.0f} s\n{table}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    if a.markdown:
+        with open(a.markdown, "w") as fh:
+            fh.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""`slimpipe plan`: search layouts for a model, sequence length and GPU count; print them ranked."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["HELP", "add_arguments", "run", "parse_count"]
+
+HELP = "find the fastest layouts (t, c, p, d, e, n, v, recompute, offload) that fit in GPU memory"
+
+_SUFFIX = {"k": 1 << 10, "ki": 1 << 10, "m": 1 << 20, "mi": 1 << 20}
+
+
+def parse_count(flag: str, text: str) -> int:
+    """A positive integer, optionally with a binary suffix as in the paper: 512K = 524288, 4Mi = 4·2²⁰."""
+    from slimpipe.config import ConfigError
+
+    raw = text.strip().lower()
+    scale = 1
+    for suffix in ("ki", "mi", "k", "m"):
+        if raw.endswith(suffix):
+            raw, scale = raw[: -len(suffix)], _SUFFIX[suffix]
+            break
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{flag}={text!r} must be a positive integer (suffixes K/Ki = 1024, M/Mi = 2²⁰)")
+    return int(raw) * scale
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from slimpipe.planner import SCHEDULES
+
+    parser.add_argument("--model", default="llama-70b", help="preset or ModelConfig .json (default llama-70b)")
+    parser.add_argument("--seq-len", required=True, help="s: tokens per sequence (512K = 524288)")
+    parser.add_argument("--gpus", required=True, help="G: GPUs to lay out (t·c·p·d)")
+    hw = parser.add_mutually_exclusive_group()
+    hw.add_argument("--gpu", default="h800", help="hardware preset (h100, h800, h200, a100) or .json")
+    hw.add_argument("--profile", metavar="FILE", help="measured profile from `slimpipe calibrate` (replaces --gpu)")
+    parser.add_argument("--schedule", default="all", choices=("all", *SCHEDULES),
+                        help="schedule family to search (default all)")
+    parser.add_argument("--global-batch-tokens", default=str(4 << 20),
+                        help="T: tokens per step, B = T/s sequences (default 4Mi, as in the paper)")
+    parser.add_argument("--recompute", default="auto", choices=("auto", "none", "partial+fc1", "full"),
+                        help="auto: try none → partial+fc1 → full, keep the cheapest that fits")
+    parser.add_argument("--max-offload", type=float, default=0.75,
+                        help="largest offload fraction α to try (from 0, 0.5, 0.75; 0 disables offload)")
+    parser.add_argument("--vocab-parallel", default="auto", choices=("auto", "on", "off"),
+                        help="vocabulary layers sharded over t·p (on), on the end stages (off), or both")
+    parser.add_argument("--top", type=int, default=10, help="plans to print (default 10)")
+    parser.add_argument("--max-simulations", type=int, default=32,
+                        help="cap on full simulations (default 32); the rest are ranked by estimate only")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of plans instead of a table")
+
+
+def _request(args: argparse.Namespace):  # -> slimpipe.planner.PlanRequest
+    from slimpipe.commands.simulate import _model_alias
+    from slimpipe.config import load_model
+    from slimpipe.planner import OFFLOAD_LADDER, RECOMPUTE_LADDER, SCHEDULES, PlanRequest
+
+    return PlanRequest(
+        model=load_model(_model_alias(args.model)), seq_len=parse_count("--seq-len", args.seq_len),
+        gpus=parse_count("--gpus", args.gpus), hardware=_hardware(args),
+        schedules=SCHEDULES if args.schedule == "all" else (args.schedule,),
+        global_batch_tokens=parse_count("--global-batch-tokens", args.global_batch_tokens),
+        top=args.top, max_simulations=args.max_simulations,
+        recompute=RECOMPUTE_LADDER if args.recompute == "auto" else (args.recompute,),
+        offload=tuple(a for a in OFFLOAD_LADDER if a <= args.max_offload),
+        vocab_parallel={"auto": (False, True), "on": (True,), "off": (False,)}[args.vocab_parallel],
+    )
+
+
+def _hardware(args: argparse.Namespace):  # -> slimpipe.sim.hardware.Hardware
+    """--gpu preset/file, or --profile from `slimpipe calibrate` (the loaders `slimpipe simulate` uses)."""
+    from slimpipe.sim.hardware import load_hardware, load_profile
+
+    return load_profile(args.profile) if args.profile else load_hardware(args.gpu)
+
+
+def run(args: argparse.Namespace) -> int:
+    from slimpipe.planner import plan
+
+    req = _request(args)
+    result = plan(req)
+    if not result.plans:
+        raise _infeasible(req, result)
+    if args.json:
+        sys.stdout.write(json.dumps([p.to_dict() for p in result.plans]) + "\n")
+    else:
+        sys.stdout.write(_table(args, req, result))
+    return 0
+
+
+def _infeasible(req, result):  # -> ConfigError
+    from slimpipe.config import ConfigError
+
+    mod = req.model
+    where = f"no feasible plan for {mod.name} at s={req.seq_len} (B={req.global_batch}) on {req.gpus} GPUs"
+    rej = result.rejected
+    if result.layouts == 0 and not rej.get("warm-up"):
+        return ConfigError(
+            f"{where}: no layout G = t·c·p·d with t ≤ 8 dividing the heads ({mod.num_heads}/{mod.num_kv_heads}), "
+            f"p dividing L={mod.num_layers}, c a power of two, d dividing B, s divisible by the slices: "
+            "change --gpus (e.g. a power of two) or --seq-len"
+        )
+    parts = []
+    if rej.get("memory"):
+        parts.append(f"{rej['memory']} layouts exceed {req.hardware.name}'s "
+                     f"{req.hardware.hbm_bytes / 2**30:.1f} GiB even with full recompute and offload "
+                     f"(smallest peak {result.smallest_rejected_peak_gib:.1f} GiB)")
+    if rej.get("warm-up"):
+        parts.append(f"{rej['warm-up']} have too few micro-batches for the warm-up (m = B/d)")
+    for reason in ("offload bandwidth", "schedule"):
+        if rej.get(reason):
+            parts.append(f"{rej[reason]} rejected by {reason}")
+    return ConfigError(f"{where}: " + "; ".join(parts) + ": use more GPUs, a shorter --seq-len, a larger "
+                       "--global-batch-tokens or a GPU with more memory")
+
+
+def _table(args: argparse.Namespace, req, result) -> str:
+    hw = req.hardware
+    lines = [
+        f"{req.model.name}  s={req.seq_len}  B={req.global_batch}  {req.gpus} GPUs  {hw.name} "
+        f"({hw.hbm_bytes / 2**30:.1f} GiB)  schedules: {args.schedule}",
+        f"searched {result.layouts} layouts; rejected "
+        + (", ".join(f"{k} {v}" for k, v in sorted(result.rejected.items())) or "none")
+        + f"; {result.candidates} fit; simulated {result.simulated} best-first in {result.wall_s:.1f} s",
+    ]
+    if result.not_simulated:
+        gain = result.headroom_unsimulated
+        lines.append(f"{result.not_simulated} candidates not simulated (estimate below the top {req.top}): "
+                     + ("by the step-time bound none can beat #1" if gain <= 0 else
+                        f"by the step-time bound none is more than {100 * gain:.1f} % faster than #1"))
+    lines += ["MFU = (6N + 12·L·H·Q·T)·tokens/s / (GPUs·peak); MFUc halves the attention term (causal). "
+              "Attention context exchange: not modelled (off).", ""]
+    head = (f"{'#':>2} {'schedule':<16} {'t':>2} {'c':>3} {'p':>3} {'d':>3} {'e':>2} {'n':>4} {'v':>3} {'m':>4} "
+            f"{'recompute':<11} {'α':>4} {'vocab':<5} {'tokens/s':>10} {'MFU%':>5} {'MFUc%':>5} {'bubble%':>7} "
+            f"{'peak GiB':>8} {'headroom':>8}")
+    lines.append(head)
+    for i, p in enumerate(result.plans, 1):
+        lines.append(
+            f"{i:>2} {p.schedule:<16} {p.tp:>2} {p.cp:>3} {p.pp:>3} {p.dp:>3} {p.ep:>2} {p.slices:>4} "
+            f"{p.vpp:>3} {p.microbatches:>4} {p.recompute:<11} {p.offload:>4.2g} "
+            f"{'on' if p.vocab_parallel else 'off':<5} {p.tokens_per_s:>10.0f} {100 * p.mfu:>5.1f} "
+            f"{100 * p.mfu_causal:>5.1f} {100 * p.bubble_ratio:>7.2f} {p.peak_memory_gib:>8.1f} "
+            f"{p.headroom_gib:>8.1f}"
+        )
+    best = result.plans[0]
+    gpu = f"--profile {args.profile}" if args.profile else f"--gpu {args.gpu}"
+    lines += ["", f"reproduce #1: slimpipe simulate --model {args.model} --seq-len {req.seq_len} "
+              f"--global-batch {req.global_batch} {best.simulate_flags()} --gpus {req.gpus} {gpu}"]
+    return "\n".join(lines) + "\n"

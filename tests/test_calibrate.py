@@ -1,0 +1,196 @@
+"""`slimpipe calibrate`: a quick CPU profile, its use by the simulator, and the validation harness."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slimpipe.cli import main
+from slimpipe.config import ConfigError, ParallelConfig, load_model
+from slimpipe.schedule.actions import Kind
+from slimpipe.sim.cost import AnalyticCost
+from slimpipe.sim.hardware import (
+    ActivationFootprint, AttentionTime, CostProfile, Hardware, LinearTime, load_hardware, load_profile,
+)
+from slimpipe.sim.workload import Workload
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import validate_sim  # noqa: E402  (bench script, importable for its core functions)
+
+TINY = load_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def quick_profile(tmp_path_factory) -> tuple[Path, float]:
+    """A --quick CPU profile written by the CLI, and the seconds it took."""
+    path = tmp_path_factory.mktemp("calibrate") / "cpu.json"
+    t0 = time.perf_counter()
+    assert main(["calibrate", "--quick", "--threads", "1", "-o", str(path)]) == 0
+    return path, time.perf_counter() - t0
+
+
+@pytest.mark.timeout(120)
+def test_quick_profile_is_valid_and_fast(quick_profile) -> None:
+    path, seconds = quick_profile
+    assert seconds < 20, f"calibrate --quick took {seconds:.1f} s"
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "slimpipe-profile/1" and doc["meta"]["quick"]
+    hw = load_profile(str(path))
+    assert hw.name == "cpu" and hw.profile is not None and hw.profile.dtype == "float32"
+    assert load_hardware(str(path)) == hw  # --gpu FILE.json takes a profile too
+    prof = hw.profile
+    assert prof.threads == 1 and prof.device == "cpu" and prof.model == "tiny"
+    assert 0 < hw.gemm_efficiency <= 1 and 0 < hw.attention_efficiency <= 1 and hw.peak_flops > 1e8
+    # wq/wo (128×128, shared shape), wk/wv, w1/w3, w2, head
+    assert len(prof.gemms) == 5 and all(g.fwd.per_item_s > 0 for g in prof.gemms)
+    assert prof.attn_fwd.prefix_s + prof.attn_fwd.masked_diagonal_s > 0
+    assert 1e-6 < prof.p2p_latency_s < 0.05 and prof.p2p_bandwidth > 1e7
+    assert hw.intra_node_bw == prof.p2p_bandwidth  # CPU: the measured gloo link is the cluster link
+    fp = prof.footprint
+    assert fp is not None and fp.kv_per_layer == 2 * TINY.kv_dim * 4
+    # fp32 activations of one tiny layer are several KiB per token; the loss stage keeps logits (V=256 floats).
+    assert 4096 < fp.per_layer < 32768 and fp.last_stage >= 4 * TINY.vocab_size
+
+
+def test_simulate_accepts_the_profile(quick_profile, capsys) -> None:
+    path, _ = quick_profile
+    argv = ["simulate", "--model", "tiny", "--seq-len", "1024", "--global-batch", "2", "--pp", "2", "--slices", "4"]
+    assert main([*argv, "--profile", str(path), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["config"]["gpu"] == f"profile {path}"
+    assert main([*argv, "--json"]) == 0  # same workload on the h800 preset: a CPU is far slower
+    preset = json.loads(capsys.readouterr().out)
+    assert got["step_time_s"] > 100 * preset["step_time_s"]
+    assert main([*argv, "--profile", str(path.with_name("missing.json"))]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_profile_reproduces_its_own_unit_times(quick_profile) -> None:
+    """The cost model with the profile predicts the runtime F/B times calibrate measured (consistency)."""
+    from slimpipe.calibrate import unit_consistency
+
+    path, _ = quick_profile
+    doc = json.loads(path.read_text())
+    rows = unit_consistency(load_profile(str(path)), doc)
+    assert len(rows) == 8  # 2 stages × 2 slices × (F, B)
+    ratios = [r["ratio"] for r in rows]
+    assert 0.9 <= statistics.median(ratios) <= 1.1, rows
+    assert all(0.6 <= x <= 1.6 for x in ratios), rows
+
+
+def _toy_profile(**changes) -> CostProfile:
+    zero = LinearTime(fixed_s=0.0, per_item_s=0.0)
+    attn = AttentionTime(fixed_s=0.0, prefix_s=0.0, diagonal_s=0.0, masked_diagonal_s=0.0)
+    base = dict(device="cpu", dtype="float32", dtype_bytes=4, threads=1, model="tiny", model_width=1, gemms=(),
+                gemm_fwd=zero, gemm_bwd=zero, attn_fwd=attn, attn_bwd=attn, elementwise_fwd=zero,
+                elementwise_bwd=zero, embed_fwd=zero, embed_bwd=zero, loss_fwd=zero, loss_bwd=zero,
+                compose_fwd=1.0, compose_bwd=1.0, action_fwd_s=0.0, action_bwd_s=0.0, p2p_latency_s=1e-4,
+                p2p_bandwidth=1e9)
+    return CostProfile(**{**base, **changes})
+
+
+def _cost(prof: CostProfile, n: int = 4, s: int = 1024) -> AnalyticCost:
+    hw = Hardware(name="toy", peak_flops=1e10, hbm_bytes=1e9, intra_node_bw=2e9, inter_node_bw=1e9,
+                  p2p_latency_s=5e-4, profile=prof)
+    wl = Workload(model=TINY, parallel=ParallelConfig(pp=2, slices=n), seq_len=s, global_batch=2)
+    return AnalyticCost(wl, hw, [1 / n] * n)
+
+
+def test_profiled_cost_composes_the_fitted_terms() -> None:
+    """Each fitted term enters exactly as documented: per layer, per slice, κ, per-action overhead."""
+    q, l, s, n = TINY.q_dim, 4, 1024, 4
+    t = s // n
+    attn = AttentionTime(fixed_s=1e-3, prefix_s=2e-10, diagonal_s=1e-10, masked_diagonal_s=3e-10)
+    cost = _cost(_toy_profile(attn_fwd=attn, compose_fwd=1.5, action_fwd_s=0.01))
+    for j in range(n):
+        diag = (1e-10 if j == 0 else 3e-10) * 2 * q * t * t
+        want = 0.01 + 1.5 * l * (1e-3 + 2e-10 * 4 * q * t * (j * t) + diag)
+        assert cost.compute_time(Kind.F, 0, j) == pytest.approx(want)
+        assert cost.compute_time(Kind.B, 0, j) == 0.0
+    # Linear layers: the fallback fit by FLOPs (no per-shape fits here): 2·T·(h·(q + 2kv) + q·h + 3·h·f).
+    lin = _cost(_toy_profile(gemm_fwd=LinearTime(fixed_s=0.0, per_item_s=1e-9)))
+    h, kv, f = TINY.hidden, TINY.kv_dim, TINY.ffn
+    flops = 2 * t * (h * (q + 2 * kv) + q * h + 3 * h * f)
+    assert lin.compute_time(Kind.F, 0, 0) == pytest.approx(l * flops * 1e-9)
+    head = 2 * t * h * TINY.vocab_size * 1e-9  # the last stage also runs the output layer
+    assert lin.compute_time(Kind.F, 1, 0) == pytest.approx(l * flops * 1e-9 + head)
+    # p2p: latency + fp32 bytes of (T, h) over the link.
+    assert cost.transfer_time(Kind.SEND_F, 0, 0) == pytest.approx(5e-4 + t * h * 4 / 2e9)
+
+
+def test_presets_ignore_profile_machinery() -> None:
+    """Without a profile AnalyticCost is the FLOP/efficiency model of the presets, bf16 p2p."""
+    from slimpipe.sim.cost import ATTN_BWD_FACTOR, layer_flops
+
+    hw = load_hardware("h800")
+    assert hw.profile is None
+    model = load_model("llama-7b")
+    wl = Workload(model=model, parallel=ParallelConfig(pp=4, slices=1), seq_len=8192, global_batch=8)
+    cost = AnalyticCost(wl, hw, [1.0])
+    fl, gemm, attn = layer_flops(model, 8192, 0), 989e12 * 0.75, 989e12 * 0.6
+    assert cost.compute_time(Kind.F, 1, 0) == pytest.approx(8 * (fl.linear / gemm + fl.attention / attn))
+    assert cost.compute_time(Kind.B, 1, 0) == pytest.approx(
+        8 * (2 * fl.linear / gemm + ATTN_BWD_FACTOR * fl.attention / attn))
+    assert cost.transfer_time(Kind.SEND_F, 0, 0) == pytest.approx(10e-6 + 8192 * 4096 * 2 / 160e9)
+
+
+def test_load_profile_errors(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_profile(str(tmp_path / "none.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"peak_flops": 1.0}))
+    with pytest.raises(ConfigError, match="not a slimpipe profile"):
+        load_profile(str(bad))
+    bad.write_text(json.dumps({"format": "slimpipe-profile/1", "hardware": {}, "profile": {}}))
+    with pytest.raises(ConfigError, match="not a valid slimpipe profile"):
+        load_hardware(str(bad))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny kernels: one intra-op thread is faster and steadier on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("name", "n", "v"), [("1f1b", 1, 1), ("slimpipe", 4, 2), ("interleaved-1f1b", 1, 2),
+                                              ("seq1f1b", 4, 1), ("slimpipe", 2, 1)])
+def test_activation_walk_matches_the_runtime(quick_profile, one_thread, name, n, v) -> None:
+    """The runtime-format activation prediction equals the runtime's own accounting (LocalPipelineRuntime)."""
+    import torch
+
+    from slimpipe.runtime import LocalPipelineRuntime
+
+    hw = load_profile(str(quick_profile[0]))
+    model, s = TINY.replace(num_layers=4), 96
+    case = validate_sim.Case(schedule=name, seq_len=s, microbatches=3, slices=n, vpp=v)
+    pred = validate_sim.predict(case, model, hw)
+    rt = LocalPipelineRuntime(model, pred["schedule"])
+    res = rt.forward_backward(torch.randint(0, 256, (3, s + 1), generator=torch.Generator().manual_seed(0)))
+    for got, want in zip(pred["act"], res.peak_activation_bytes):
+        assert got == pytest.approx(want, rel=0.01)
+
+
+@pytest.mark.timeout(90)
+def test_validate_core_runs_on_two_ranks(quick_profile) -> None:
+    hw = load_profile(str(quick_profile[0]))
+    t0 = time.perf_counter()
+    rows = validate_sim.validate(validate_sim.QUICK_CASES, TINY.replace(num_layers=4), hw, steps=1)
+    assert time.perf_counter() - t0 < 30
+    assert [r["case"] for r in rows] == ["1f1b", "slimpipe n=4"]
+    for r in rows:
+        assert r["measured_step_s"] > 0 and math.isfinite(r["step_ratio"]) and 0 <= r["measured_bubble"] < 1
+        assert all(abs(x - 1) < 0.01 for x in r["act_ratio"]), r["act_ratio"]
+    assert rows[1]["measured_act_vs_1f1b"] < 1  # slicing cuts rank 0's activation peak
+    assert "| 128 | 2 | slimpipe n=4 |" in validate_sim.markdown(rows)
