@@ -58,16 +58,54 @@ def sliced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor
     return torch.cat([o.detach() for o in outs], 1)
 
 
-def _time(fn, device: torch.device, repeat: int) -> float:
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def _time(fn, device: torch.device, repeat: int, clock: str = "wall") -> float:
+    """Median seconds of fn(). ``process`` (CPU time of this process) resists other load on a shared
+    machine when torch runs one thread; it is meaningless on CUDA."""
+    now = CLOCKS[clock]
     fn()  # warm-up (kernel selection, mask table)
     _sync(device)
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     return statistics.median(times)
+
+
+def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, repeat: int) -> None:
+    """Which fused kernels accept the last slice's lower-right call, and what each way of making it costs."""
+    from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    s, t = q.size(1), q.size(1) // n
+    qt = q[:, s - t:].transpose(1, 2).detach().requires_grad_()
+    kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (k, v))
+    gqa = qt.size(1) != kt.size(1)
+    params = SDPAParams(qt, kt, vt, None, 0.0, False, gqa)
+    print(f"last slice q {tuple(qt.shape)}, k {tuple(kt.shape)}, enable_gqa={gqa}: "
+          f"flash {can_use_flash_attention(params, True)}, efficient {can_use_efficient_attention(params, True)}")
+    rep = qt.size(1) // kt.size(1)
+    ways = {
+        "causal_lower_right": lambda: scaled_dot_product_attention(
+            qt, kt, vt, attn_mask=causal_lower_right(t, s), enable_gqa=gqa),
+        "causal_lower_right, heads expanded": lambda: scaled_dot_product_attention(
+            qt, kt.repeat_interleave(rep, 1), vt.repeat_interleave(rep, 1), attn_mask=causal_lower_right(t, s)),
+        "no mask (flash, reference cost)": lambda: scaled_dot_product_attention(qt, kt, vt, enable_gqa=gqa),
+    }
+    for name, fn in ways.items():
+        def step(fn=fn):
+            fn().backward(torch.ones_like(qt))
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                              SDPBackend.MATH]):
+                print(f"  {name}: {_time(step, q.device, repeat) * 1e3:.2f} ms fwd+bwd")
+        except RuntimeError as exc:
+            print(f"  {name}: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--mask-mode", default="auto",
                     help="auto | table | bias (see slimpipe.runtime.attention)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="process: CPU time, for CPU runs with OMP_NUM_THREADS=1 on a busy machine")
+    ap.add_argument("--explain", action="store_true",
+                    help="CUDA: which fused kernels take the last slice's lower-right call, and their cost")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     g = torch.Generator(device=device).manual_seed(0)
@@ -91,20 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     k = torch.randn(shape_kv, generator=g, device=device, dtype=dtype)
     v = torch.randn(shape_kv, generator=g, device=device, dtype=dtype)
     dout = torch.randn(shape_q, generator=g, device=device, dtype=dtype)
+    if args.explain:
+        explain(q, k, v, max(args.slices), args.repeat)
     masks = MaskCache(args.mask_mode)
     ref = unsliced(q, k, v, dout)
-    base = _time(lambda: unsliced(q, k, v, dout), device, args.repeat)
+    base = _time(lambda: unsliced(q, k, v, dout), device, args.repeat, args.clock)
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"torch {torch.__version__}, threads {threads}, s={args.seq}, heads {args.heads}/{args.kv_heads}, "
-          f"head_dim {args.head_dim}, {args.dtype}, mask {args.mask_mode}; median of {args.repeat}\n")
+          f"head_dim {args.head_dim}, {args.dtype}, mask {args.mask_mode}; {args.clock} clock, median of "
+          f"{args.repeat}\n")
     print("| slices n | fwd+bwd ms | ÷ unsliced | max |out − unsliced| |")
     print("|---|---|---|---|")
     print(f"| unsliced | {base * 1e3:.1f} | 1.00 | 0 |")
     for n in args.slices:
         out = sliced(q, k, v, dout, n, masks)
         diff = float((out.float() - ref.float()).abs().max())
-        t = _time(lambda: sliced(q, k, v, dout, n, masks), device, args.repeat)
+        t = _time(lambda: sliced(q, k, v, dout, n, masks), device, args.repeat, args.clock)
         print(f"| {n} | {t * 1e3:.1f} | {t / base:.2f} | {diff:.2e} |")
     if device.type == "cuda":
         print(f"\npeak allocated {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")

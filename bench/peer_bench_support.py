@@ -20,9 +20,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from slimpipe.config import ConfigError, ModelConfig, load_model
+from slimpipe.trace import write_chrome_trace
 
-__all__ = ["BenchOptions", "Variant", "StepStats", "batch", "default_variants", "parse_model", "run_ranks", "summarise",
-           "table", "REFERENCE", "LOSS_RTOL"]
+__all__ = ["BenchOptions", "Variant", "StepStats", "batch", "default_variants", "parse_model", "run_ranks",
+           "summarise", "table", "options_dict", "write_traces", "REFERENCE", "LOSS_RTOL"]
 
 REFERENCE = "torch-1f1b"
 # fp32, identical weights and tokens: configurations differ only in summation order (slices, micro-batch
@@ -54,6 +55,8 @@ class BenchOptions:
     """AdamW learning rate (both sides)."""
     warmup: str = "auto"
     """slimpipe builders' warm-up (auto | single | double)."""
+    trace_dir: str = ""
+    """Write each configuration's last timed step as a Chrome trace here (empty: none)."""
     timeout_s: float = 900.0
     """Process-group timeout."""
 
@@ -62,7 +65,9 @@ class BenchOptions:
             if getattr(self, f) < 1:
                 raise ConfigError(f"--{f.replace('_', '-')}={getattr(self, f)} must be ≥ 1")
         if self.seq_len < max(self.slices, default=1):
-            raise ConfigError(f"--seq-len={self.seq_len} is shorter than n={max(self.slices)} slices: raise it")
+            raise ConfigError(
+                f"--seq-len={self.seq_len} is shorter than n={max(self.slices)} slices: raise it or lower "
+                "--slices")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -97,6 +102,8 @@ class StepStats:
     """Pipeline rank 0's peak activation bytes (slimpipe: saved + K/V + dK/dV; torch: saved)."""
     peak_saved: int
     """Pipeline rank 0's peak saved-for-backward bytes alone."""
+    events: tuple[tuple[int, str, float, float], ...] = ()
+    """This rank's (rank, action, start_s, end_s): slimpipe's executed actions, torch's compute calls."""
 
 
 def default_variants(opts: BenchOptions) -> list[Variant]:
@@ -113,7 +120,8 @@ def default_variants(opts: BenchOptions) -> list[Variant]:
     if opts.only:
         unknown = sorted(set(opts.only) - {v.name for v in out})
         if unknown:
-            raise ConfigError(f"--only {','.join(unknown)}: unknown; choose from {', '.join(v.name for v in out)}")
+            names = ", ".join(v.name for v in out)
+            raise ConfigError(f"--only {','.join(unknown)}: unknown configuration; choose from {names}")
         out = [v for v in out if v.name in opts.only]
     return out
 
@@ -153,8 +161,8 @@ def _child(rank: int, world: int, tmp: str, timeout_s: float, body: Callable, ar
 def run_ranks(body: Callable, world: int, *args: object, timeout_s: float) -> list[object]:
     """body(rank, world, *args) on ``world`` forked gloo ranks; each rank's return value, by rank."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_child, args=(world, tmp, timeout_s, body, args), nprocs=world, start_method="fork",
-                           join=True)
+        mp.start_processes(_child, args=(world, tmp, timeout_s, body, args), nprocs=world,
+                           start_method="fork", join=True)
         out = []
         for r in range(world):
             with open(os.path.join(tmp, f"rank{r}.pkl"), "rb") as fh:
@@ -166,27 +174,29 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def _row(v: Variant, per_rank: list, opts: BenchOptions) -> dict:
+    recs = [pr["records"][v.name] for pr in per_rank]  # per rank: [(wall_s, cpu_s, StepStats)]
+    walls = [max(r[i][0] for r in recs) for i in range(len(recs[0]))]  # a step ends with its slowest rank
+    warm = per_rank[0]["warm"][v.name][2]
+    fwd = [_median([s.fwd_s for _, _, s in r]) for r in recs]
+    bwd = [_median([s.bwd_s for _, _, s in r]) for r in recs]
+    busy = [f + b for f, b in zip(fwd, bwd)]
+    step = _median(walls)
+    return {
+        "name": v.name, "impl": v.impl, "schedule": v.schedule, "n": v.n, "v": v.v,
+        "warmup": opts.warmup if v.impl == "slimpipe" else "torch",
+        "step_s": step, "step_min_s": min(walls), "step_s_all": walls,
+        "fwd_s": fwd, "bwd_s": bwd, "busy_s": busy, "cpu_s": [_median([c for _, c, _ in r]) for r in recs],
+        "idle": 1.0 - sum(busy) / (len(busy) * step),
+        "recv_wait_s": [_median([s.recv_wait_s for _, _, s in r]) for r in recs],
+        "rank0_peak_activation_bytes": warm.peak_activation, "rank0_peak_saved_bytes": warm.peak_saved,
+        "first_loss": warm.loss, "first_step_s": max(pr["warm"][v.name][0] for pr in per_rank),
+    }
+
+
 def summarise(variants: list[Variant], per_rank: list, opts: BenchOptions) -> list[dict]:
-    """One row per configuration: medians over timed steps (slowest rank per step) and ratios."""
-    rows = []
-    for v in variants:
-        recs = [pr["records"][v.name] for pr in per_rank]  # per rank: [(wall_s, cpu_s, StepStats)]
-        walls = [max(r[i][0] for r in recs) for i in range(len(recs[0]))]
-        warm = per_rank[0]["warm"][v.name][2]
-        fwd = [_median([s.fwd_s for _, _, s in r]) for r in recs]
-        bwd = [_median([s.bwd_s for _, _, s in r]) for r in recs]
-        busy = [f + b for f, b in zip(fwd, bwd)]
-        step = _median(walls)
-        rows.append({
-            "name": v.name, "impl": v.impl, "schedule": v.schedule, "n": v.n, "v": v.v,
-            "warmup": opts.warmup if v.impl == "slimpipe" else "torch",
-            "step_s": step, "step_min_s": min(walls), "step_s_all": walls, "fwd_s": fwd, "bwd_s": bwd, "busy_s": busy,
-            "cpu_s": [_median([c for _, c, _ in r]) for r in recs],
-            "idle": 1.0 - sum(busy) / (len(busy) * step),
-            "recv_wait_s": [_median([s.recv_wait_s for _, _, s in r]) for r in recs],
-            "rank0_peak_activation_bytes": warm.peak_activation, "rank0_peak_saved_bytes": warm.peak_saved,
-            "first_loss": warm.loss, "first_step_s": max(pr["warm"][v.name][0] for pr in per_rank),
-        })
+    """One row per configuration: medians over timed steps and ratios to torch's 1F1B."""
+    rows = [_row(v, per_rank, opts) for v in variants]
     ref = next((r for r in rows if r["name"] == REFERENCE), rows[0])
     for r in rows:
         r["reference"] = ref["name"]
@@ -198,34 +208,47 @@ def summarise(variants: list[Variant], per_rank: list, opts: BenchOptions) -> li
     return rows
 
 
+def _pair(xs: list[float]) -> str:
+    return "/".join("–" if x != x else f"{x:.2f}" for x in xs)  # x != x: nan (not measured)
+
+
 def table(result: dict) -> str:
-    """Markdown table of a compare() result."""
-    o = result["options"]
-    head = (f"model {result['model']['name']} (L={result['model']['num_layers']}, h={result['model']['hidden']}), "
-            f"s={o['seq_len']}, m={o['microbatches']}, p=2, slimpipe warm-up {o['warmup']}; {o['reps']} rounds × "
-            f"{o['steps']} step(s); "
-            f"{result['machine']}; load {result['load_before'][0]:.1f} → {result['load_after'][0]:.1f}; "
-            f"run {result['wall_s']:.0f} s")
+    """Markdown table of a compare() result, headed by what was run where."""
+    o, mdl = result["options"], result["model"]
     ref = result["rows"][0]["reference"]
-    lines = [head, "",
-             f"| configuration | step s median (min) | × {ref} median (min) | fwd s r0/r1 | bwd s r0/r1 | CPU s r0/r1 | idle "
-             f"| recv wait s r0/r1 | rank-0 peak act MiB | × {ref} | first loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def pair(xs: list[float]) -> str:
-        return "/".join("–" if x != x else f"{x:.2f}" for x in xs)
-
+    lines = [
+        f"model {mdl['name']} (L={mdl['num_layers']}, h={mdl['hidden']}), s={o['seq_len']}, "
+        f"m={o['microbatches']}, p=2, slimpipe warm-up {o['warmup']}; {o['reps']} rounds × {o['steps']} "
+        f"step(s); {result['machine']}; load {result['load_before'][0]:.1f} → {result['load_after'][0]:.1f}; "
+        f"run {result['wall_s']:.0f} s",
+        "",
+        f"| configuration | step s median (min) | × {ref} median (min) | fwd s r0/r1 | bwd s r0/r1 "
+        f"| CPU s r0/r1 | idle | recv wait s r0/r1 | rank-0 peak act MiB | × {ref} | first loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['name']} | {r['step_s']:.2f} ({r['step_min_s']:.2f}) | {r['step_ratio']:.2f} ({r['step_min_ratio']:.2f}) | {pair(r['fwd_s'])} | {pair(r['bwd_s'])} | "
-            f"{pair(r['cpu_s'])} | {r['idle']:.0%} | {pair(r['recv_wait_s'])} | "
-            f"{r['rank0_peak_activation_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f} | {r['first_loss']:.6f}"
-            f"{'' if r['loss_ok'] else ' MISMATCH'} |")
+            f"| {r['name']} | {r['step_s']:.2f} ({r['step_min_s']:.2f}) | {r['step_ratio']:.2f} "
+            f"({r['step_min_ratio']:.2f}) | {_pair(r['fwd_s'])} | {_pair(r['bwd_s'])} | {_pair(r['cpu_s'])} "
+            "| "
+            f"{r['idle']:.0%} | {_pair(r['recv_wait_s'])} | {r['rank0_peak_activation_bytes'] / 2**20:.1f} | "
+            f"{r['memory_ratio']:.2f} | {r['first_loss']:.6f}{'' if r['loss_ok'] else ' MISMATCH'} |")
     return "\n".join(lines)
 
 
+def write_traces(variants: list[Variant], per_rank: list, out_dir: str) -> list[str]:
+    """``<out_dir>/<configuration>.json``: the last timed step of both ranks (open in ui.perfetto.dev)."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for v in variants:
+        events = [(rank, name, start, end, None) for pr in per_rank for rank, name, start, end in
+                  pr["records"][v.name][-1][2].events]
+        path = os.path.join(out_dir, f"{v.name}.json")
+        write_chrome_trace(events, path)
+        paths.append(path)
+    return paths
+
+
 def options_dict(opts: BenchOptions) -> dict:
+    """The options as plain JSON values."""
     return dataclasses.asdict(opts)
-
-
-__all__ += ["options_dict"]

@@ -123,6 +123,7 @@ def predict(case: Case, model: ModelConfig, hw: Hardware) -> dict:
     ev = evaluate(wl, case.schedule, hardware=hw)
     assert hw.profile is not None and hw.profile.footprint is not None, "the profile has no activation footprint"
     return {"schedule": ev.schedule, "step_s": ev.report.pipeline_time_s, "bubble": ev.report.bubble_ratio,
+            "busy_s": list(ev.timeline.busy),
             "act": predict_activation(ev.schedule, model, case.seq_len, hw.profile.footprint),
             "published_act": [mb.activations + mb.kv_grad for mb in ev.memory]}
 
@@ -134,6 +135,7 @@ def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedu
 
     state = ParallelState.create(pp=world, timeout_s=600.0)
     rts = [PipelineRuntime(model, s, state, seed=0, optim=OptimConfig(lr=1e-4)) for s in schedules]
+    cpu_busy = [_count_cpu_busy(rt.executor) for rt in rts]
     gen = torch.Generator().manual_seed(1)
     data = [torch.randint(0, model.vocab_size, (c.microbatches, c.seq_len + 1), generator=gen) for c in cases]
     rec: list[list] = [[] for _ in cases]
@@ -142,19 +144,36 @@ def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedu
         order = order[rep % len(order):] + order[: rep % len(order)]
         for i in order:
             dist.barrier()  # both ranks start the step together, as the simulator's clocks do
+            cpu_busy[i][0] = 0.0
             res = rts[i].train_step(data[i])
             if rep:
-                rec[i].append(res)
-    return [{"step_s": [r.step_time_s for r in rs], "bubble": [r.bubble_ratio for r in rs],
-             "busy_s": [r.busy_s for r in rs], "act": rs[0].peak_activation_bytes, "loss": rs[0].loss}
-            for rs in rec]
+                rec[i].append((res, cpu_busy[i][0]))
+    return [{"step_s": [r.step_time_s for r, _ in rs], "bubble": [r.bubble_ratio for r, _ in rs],
+             "busy_s": [r.busy_s[rank] for r, _ in rs], "cpu_busy_s": [c for _, c in rs],
+             "act": rs[0][0].peak_activation_bytes, "loss": rs[0][0].loss} for rs in rec]
+
+
+def _count_cpu_busy(ex) -> list[float]:
+    """Accumulate this rank's F/B thread CPU time (load-independent, unlike the trace's wall times)."""
+    acc = [0.0]
+
+    def run(idx, action, orig=ex._execute):
+        t0 = time.thread_time()
+        orig(idx, action)
+        if action.kind in (Kind.F, Kind.B):
+            acc[0] += time.thread_time() - t0
+    ex._execute = run  # instance attribute: wraps this executor only
+    return acc
 
 
 def measure(cases: list[Case], model: ModelConfig, schedules: list[Schedule], steps: int) -> list[dict]:
     """Median figures per case from two single-threaded gloo ranks."""
-    out = fork_gloo(_rank_body, 2, model, schedules, cases, steps, timeout_s=1800.0)[0]
-    return [{"step_s": statistics.median(r["step_s"]), "step_s_all": r["step_s"],
-             "bubble": statistics.median(r["bubble"]), "act": r["act"], "loss": r["loss"]} for r in out]
+    ranks = fork_gloo(_rank_body, 2, model, schedules, cases, steps, timeout_s=1800.0)
+    med = statistics.median
+    return [{"step_s": med(r0["step_s"]), "step_s_all": r0["step_s"], "bubble": med(r0["bubble"]),
+             "busy_s": [med(r0["busy_s"]), med(r1["busy_s"])],
+             "cpu_busy_s": [med(r0["cpu_busy_s"]), med(r1["cpu_busy_s"])], "act": r0["act"], "loss": r0["loss"]}
+            for r0, r1 in zip(*ranks)]
 
 
 def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int = 3) -> list[dict]:
@@ -169,6 +188,8 @@ def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int 
             "case": c.label, "schedule": c.schedule, "seq_len": c.seq_len, "m": c.microbatches, "n": c.slices,
             "v": c.vpp, "measured_step_s": m["step_s"], "step_s_all": m["step_s_all"], "predicted_step_s": p["step_s"],
             "step_ratio": p["step_s"] / m["step_s"], "measured_bubble": m["bubble"], "predicted_bubble": p["bubble"],
+            "measured_busy_s": m["busy_s"], "measured_cpu_busy_s": m["cpu_busy_s"], "predicted_busy_s": p["busy_s"],
+            "cpu_busy_ratio": [pb / mb for pb, mb in zip(p["busy_s"], m["cpu_busy_s"])],
             "measured_act": m["act"], "predicted_act": p["act"],
             "act_ratio": [pa / ma for pa, ma in zip(p["act"], m["act"])],
             "measured_act_vs_1f1b": m["act"][0] / meas[j]["act"][0],
@@ -180,8 +201,8 @@ def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int 
 # ---- reporting -----------------------------------------------------------------------------------------
 def markdown(rows: list[dict]) -> str:
     head = ("| s | m | schedule | step meas s | step pred s | pred/meas | bubble meas | bubble pred "
-            "| r0 act meas MiB | r0 pred/meas | r1 pred/meas | r0 act ÷ 1f1b meas | published ÷ 1f1b |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "| busy pred/meas CPU r0, r1 | r0 act meas MiB | act pred/meas r0, r1 | r0 act ÷ 1f1b meas "
+            "| published ÷ 1f1b |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         ok = "" if 0.9 <= r["step_ratio"] <= 1.1 else " ✗"
@@ -189,7 +210,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['seq_len']} | {r['m']} | {r['case']} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | "
             f"{r['step_ratio']:.3f}{ok} | {r['measured_bubble']:.1%} | {r['predicted_bubble']:.1%} | "
-            f"{r['measured_act'][0] / 2**20:.1f} | {r['act_ratio'][0]:.4f}{aok} | {r['act_ratio'][1]:.4f} | "
+            f"{r['cpu_busy_ratio'][0]:.2f}, {r['cpu_busy_ratio'][1]:.2f} | "
+            f"{r['measured_act'][0] / 2**20:.1f} | {r['act_ratio'][0]:.4f}, {r['act_ratio'][1]:.4f}{aok} | "
             f"{r['measured_act_vs_1f1b']:.3f} | {r['published_act_vs_1f1b']:.3f} |")
     return "\n".join(lines)
 

@@ -37,12 +37,15 @@ from torch.distributed.pipelining import (
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peer_bench_support import (  # noqa: E402  (sibling module of this script)
-    BenchOptions, StepStats, Variant, batch, default_variants, options_dict, parse_model, run_ranks, summarise, table,
+    BenchOptions, StepStats, Variant, batch, default_variants, options_dict, parse_model, run_ranks,
+    summarise, table, write_traces,
 )
 
 from slimpipe.config import ConfigError, ModelConfig  # noqa: E402
 from slimpipe.models.base import PlainContext  # noqa: E402
-from slimpipe.runtime import OptimConfig, ParallelState, PipelineRuntime, build_reference, stages_of_rank  # noqa: E402
+from slimpipe.runtime import (  # noqa: E402
+    OptimConfig, ParallelState, PipelineRuntime, build_reference, stages_of_rank,
+)
 from slimpipe.runtime.memory import MemoryTracker  # noqa: E402
 from slimpipe.runtime.optim import build_optimizer, clip_coefficient, scale_grads, squared_norm  # noqa: E402
 from slimpipe.schedule.actions import Kind, parse_action  # noqa: E402
@@ -80,36 +83,40 @@ class _StageModule(nn.Module):
 
 
 class _TrackedStage(PipelineStage):
-    """PipelineStage that attributes saved tensors to (stage, micro-batch) units and times compute.
+    """PipelineStage that attributes saved tensors to (stage, micro-batch) units and logs its compute.
 
     A unit's saved tensors count from its forward until its (full or weight) backward ran — the same
-    accounting as slimpipe's executor; peaks are sampled after every forward and backward."""
+    accounting as slimpipe's executor; peaks are sampled after every forward and backward. ``log`` gets
+    one (rank, action, start_s, end_s) per call, named like slimpipe's actions (``0F1``, ``2B0``; a split
+    backward logs ``I`` and ``W``)."""
 
-    def __init__(self, *args, tracker: MemoryTracker, busy: list[float], **kw) -> None:
+    def __init__(self, *args, tracker: MemoryTracker, log: list, rank: int, **kw) -> None:
         super().__init__(*args, **kw)
-        self._tracker, self._busy = tracker, busy  # busy = [forward seconds, backward seconds]
+        self._tracker, self._log, self._rank = tracker, log, rank
+
+    def _timed(self, kind: str, mb: int, fn, *args):
+        t0 = time.time()
+        out = fn(*args)
+        self._log.append((self._rank, f"{self.stage_index}{kind}{mb}", t0, time.time()))
+        return out
 
     def forward_one_chunk(self, fwd_chunk_id, args, kwargs=None, save_forward_output=True):
-        t0 = time.perf_counter()
         with self._tracker.saving((self.stage_index, fwd_chunk_id, 0)):
-            out = super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
-        self._busy[0] += time.perf_counter() - t0
+            out = self._timed("F", fwd_chunk_id, super().forward_one_chunk, fwd_chunk_id, args, kwargs,
+                              save_forward_output)
         self._tracker.sample(0, 0)
         return out
 
     def backward_one_chunk(self, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
-        t0 = time.perf_counter()
-        out = super().backward_one_chunk(bwd_chunk_id, loss, full_backward, last_backward)
-        self._busy[1] += time.perf_counter() - t0
+        out = self._timed("B" if full_backward else "I", bwd_chunk_id, super().backward_one_chunk, bwd_chunk_id,
+                          loss, full_backward, last_backward)
         if full_backward:  # a split backward keeps what W needs until backward_weight_one_chunk
             self._tracker.release((self.stage_index, bwd_chunk_id, 0))
         self._tracker.sample(0, 0)
         return out
 
     def backward_weight_one_chunk(self, bwd_chunk_id, last_backward=False):
-        t0 = time.perf_counter()
-        out = super().backward_weight_one_chunk(bwd_chunk_id, last_backward)
-        self._busy[1] += time.perf_counter() - t0
+        out = self._timed("W", bwd_chunk_id, super().backward_weight_one_chunk, bwd_chunk_id, last_backward)
         self._tracker.release((self.stage_index, bwd_chunk_id, 0))
         self._tracker.sample(0, 0)
         return out
@@ -129,15 +136,15 @@ class TorchRunner:
         self._param_ptrs = {q.untyped_storage().data_ptr() for q in self.params}
         self._ids_ptr = 0
         self.tracker = MemoryTracker(lambda ptr: ptr in self._param_ptrs or ptr == self._ids_ptr)
-        self._busy = [0.0, 0.0]
+        self._log: list[tuple[int, str, float, float]] = []
         stages = [
-            _TrackedStage(mod, st.stage, p * variant.v, torch.device("cpu"), tracker=self.tracker,
-                          busy=self._busy)
+            _TrackedStage(mod, st.stage, p * variant.v, torch.device("cpu"), tracker=self.tracker, log=self._log,
+                          rank=rank)
             for mod, st in zip(self.modules, infos)
         ]
         self.has_first, self.has_last = infos[0].first, any(st.last for st in infos)
         cls = TORCH_SCHEDULES[variant.schedule]
-        # Loss = Σ CE / (m·s) per micro-batch, grads unscaled: sums to the global-batch mean like slimpipe's.
+        # Loss = Σ CE / (m·s) per micro-batch, grads unscaled: adds up to the global-batch mean, as slimpipe.
         self.schedule = cls(stages[0] if variant.v == 1 else stages, opts.microbatches, loss_fn=self._loss,
                             scale_grads=False)
         self.optim = OptimConfig(lr=opts.lr)
@@ -154,7 +161,7 @@ class TorchRunner:
         self._normaliser = float(labels.numel())
         self._ids_ptr = tokens.untyped_storage().data_ptr()
         self.tracker.reset()
-        self._busy[:] = [0.0, 0.0]
+        self._log.clear()
         for q in self.params:
             q.grad = None
         losses: list[torch.Tensor] = []
@@ -162,15 +169,19 @@ class TorchRunner:
             self.schedule.step(ids, target=labels if self.has_last else None, losses=losses)
         else:
             self.schedule.step(target=labels if self.has_last else None, losses=losses)
-        loss = torch.stack([x.detach() for x in losses]).sum().double() if losses else torch.zeros((), dtype=torch.float64)
+        loss = torch.zeros((), dtype=torch.float64)
+        for x in losses:  # only the last stage's rank holds losses
+            loss += x.detach().double()
         dist.all_reduce(loss)
         sq = squared_norm(self.params, torch.device("cpu"))
         dist.all_reduce(sq)
         scale_grads(self.params, clip_coefficient(float(sq) ** 0.5, self.optim.clip))
         self.optimizer.step()
         pk = self.tracker.peaks()
-        return StepStats(loss=float(loss), fwd_s=self._busy[0], bwd_s=self._busy[1], recv_wait_s=float("nan"),
-                         peak_activation=pk.saved, peak_saved=pk.saved)
+        fwd = sum(e - s for _, name, s, e in self._log if "F" in name)
+        return StepStats(loss=float(loss), fwd_s=fwd, bwd_s=sum(e - s for *_, s, e in self._log) - fwd,
+                         recv_wait_s=float("nan"), peak_activation=pk.saved, peak_saved=pk.saved,
+                         events=tuple(self._log))
 
 
 class SlimpipeRunner:
@@ -191,7 +202,8 @@ class SlimpipeRunner:
         return StepStats(loss=res.loss, fwd_s=by_kind.get(Kind.F, 0.0),
                          bwd_s=by_kind.get(Kind.B, 0.0) + by_kind.get(Kind.W, 0.0),
                          recv_wait_s=by_kind.get(Kind.RECV_F, 0.0) + by_kind.get(Kind.RECV_B, 0.0),
-                         peak_activation=res.peak_activation_bytes[0], peak_saved=res.peak_saved_bytes[0])
+                         peak_activation=res.peak_activation_bytes[0], peak_saved=res.peak_saved_bytes[0],
+                         events=tuple((e.rank, e.action, e.start_s, e.end_s) for e in res.trace))
 
 
 def _make_runner(variant: Variant, cfg: ModelConfig, opts: BenchOptions, state: ParallelState):
@@ -237,6 +249,8 @@ def compare(opts: BenchOptions) -> dict:
     t0 = time.time()
     per_rank = run_ranks(_rank_body, 2, cfg, opts, variants, timeout_s=opts.timeout_s)
     rows = summarise(variants, per_rank, opts)
+    if opts.trace_dir:
+        write_traces(variants, per_rank, opts.trace_dir)
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores, CPU, gloo, torch "
         f"{torch.__version__}", "load_before": load_before, "load_after": os.getloadavg(),
@@ -248,19 +262,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     ap.add_argument("--microbatches", type=int, default=2, help="m: sequences per step (default 2)")
-    ap.add_argument("--model", default="tiny", help="preset, JSON file, or preset:field=val,... (default tiny)")
-    ap.add_argument("--steps", type=int, default=1, help="timed steps per configuration per round (default 1)")
+    ap.add_argument("--model", default="tiny", help="preset, JSON or preset:field=val,... (default tiny)")
+    ap.add_argument("--steps", type=int, default=1, help="timed steps per configuration and round (1)")
     ap.add_argument("--reps", type=int, default=3, help="round-robin rounds (default 3)")
     ap.add_argument("--slices", default="2,4,8", help="slimpipe n values (default 2,4,8)")
     ap.add_argument("--only", default="", help="comma-separated configuration names to keep (default all)")
     ap.add_argument("--warmup", default="auto", choices=("auto", "single", "double"),
                     help="slimpipe builders' warm-up (default auto: single for 1f1b, double otherwise)")
     ap.add_argument("--json", default="", help="write the result here")
+    ap.add_argument("--trace-dir", default="", help="write each configuration's last step as a Chrome trace here")
     a = ap.parse_args(argv)
     try:
         opts = BenchOptions(seq_len=a.seq_len, microbatches=a.microbatches, model=a.model, steps=a.steps,
                             reps=a.reps, slices=tuple(int(x) for x in a.slices.split(",") if x),
-                            only=tuple(x for x in a.only.split(",") if x), warmup=a.warmup)
+                            only=tuple(x for x in a.only.split(",") if x), warmup=a.warmup,
+                            trace_dir=a.trace_dir)
         result = compare(opts)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,8 +2,9 @@
 # Every GPU check of slimpipe in one run (≤ 6 min on one H200); results under $OUT (default ./gpu_out).
 #
 #   a. calibrate       slimpipe calibrate --device cuda (llama-1b shapes, bf16) -> profile.json
-#   b. attention       sliced (n slices, K/V prefix window, causal_lower_right) vs unsliced causal attention
-#                      at 64K and 128K tokens, bf16, forward and forward+backward -> attention.jsonl
+#   b. attention       sliced (n slices through the runtime's K/V store, causal_lower_right) vs unsliced
+#                      causal attention at 64K (llama-1b heads) and 128K tokens, bf16, forward+backward,
+#                      with bench/attention_bench.py -> attention.log, attention_128k.log
 #   c. memory          LocalPipelineRuntime, llama-1b, 4 stages, bf16, slimpipe and 1f1b at long context:
 #                      per-stage peak memory (runtime accounting; CUDA allocator deltas attributed per stage)
 #                      vs the simulator (runtime-format walk with the calibrated footprint; published
@@ -23,7 +24,10 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
 DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+if [ "${1:-}" = "--dry-run" ]; then
+  DRY=1
+  export OMP_NUM_THREADS=1  # tiny CPU kernels: one thread is faster and steadier on a shared machine
+fi
 export OUT DRY
 : > "$OUT/summary.txt"
 
@@ -45,72 +49,29 @@ part() {  # part NAME LIMIT_S CMD...: run, log, record exit code and seconds, ne
 if [ "$DRY" = 1 ]; then
   part calibrate 60 $PY -m slimpipe calibrate --device cpu --quick --threads 1 -o "$OUT/profile.json"
 else
-  part calibrate 110 $PY -m slimpipe calibrate --device cuda -o "$OUT/profile.json"
+  part calibrate 100 $PY -m slimpipe calibrate --device cuda -o "$OUT/profile.json"
 fi
 
-# ---- b: sliced vs unsliced causal attention -------------------------------------------------------------
-part attention 70 $PY - <<'EOF'
-import json, os, time, traceback
-import torch
-from slimpipe.runtime.attention import MaskCache, window_attention
-
-dry = os.environ["DRY"] == "1"
-dev, dt = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
-shapes = [(32, 8, 64), (16, 16, 128)]            # llama-1b GQA heads; an MHA head_dim-128 layout
-lengths = [512] if dry else [65536, 131072]
-slices = [1, 4] if dry else [1, 4, 16, 64]
-masks = MaskCache("auto")                         # CUDA: causal_lower_right, as the runtime uses it
-sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-
-def run(q, k, v, n, s, backward):
-    t = s // n
-    outs = [window_attention(q[:, j * t:(j + 1) * t], k[:, :(j + 1) * t], v[:, :(j + 1) * t], j * t, masks, s)
-            for j in range(n)]                    # slice j sees the K/V prefix of slices 0..j
-    if backward:
-        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-
-def timed(fn, reps=3):
-    fn(); sync(); ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter(); fn(); sync(); ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
-
-with open(os.path.join(os.environ["OUT"], "attention.jsonl"), "w") as fh:
-    for h, hkv, d in shapes:
-        for s in lengths:
-            for n in slices:
-                row = {"heads": h, "kv_heads": hkv, "head_dim": d, "tokens": s, "slices": n, "dtype": str(dt)}
-                try:
-                    q = torch.randn(1, s, h, d, device=dev, dtype=dt, requires_grad=True)
-                    k = torch.randn(1, s, hkv, d, device=dev, dtype=dt, requires_grad=True)
-                    v = torch.randn(1, s, hkv, d, device=dev, dtype=dt, requires_grad=True)
-                    if dev == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    fwd = timed(lambda: run(q, k, v, n, s, False))
-                    both = timed(lambda: run(q, k, v, n, s, True))
-                    flops = 4 * h * d * s * s / 2         # causal forward FLOPs; backward counted as 2.5x
-                    row.update(fwd_s=fwd, fwd_bwd_s=both, fwd_tflops=flops / fwd / 1e12,
-                               fwd_bwd_tflops=3.5 * flops / both / 1e12,
-                               max_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None)
-                except Exception as exc:  # e.g. OOM if a backend without a fused kernel is chosen
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:400]
-                    traceback.print_exc()
-                finally:
-                    q = k = v = None
-                    if dev == "cuda":
-                        torch.cuda.empty_cache()
-                print(json.dumps(row), flush=True)
-                fh.write(json.dumps(row) + "\n"); fh.flush()
-EOF
+# ---- b: sliced vs unsliced causal attention (bench/attention_bench.py: through the runtime's K/V store) ----
+if [ "$DRY" = 1 ]; then
+  part attention 40 $PY bench/attention_bench.py --device cpu --seq 512 --slices 1 4 --repeat 2
+else
+  # llama-1b heads (GQA 32/8, head_dim 64) at 64K; --explain says which fused kernels take the lower-right
+  # mask with GQA and what expanding the K/V heads would cost instead.
+  part attention 45 $PY bench/attention_bench.py --device cuda --dtype bfloat16 --seq 65536 --heads 32 \
+    --kv-heads 8 --head-dim 64 --slices 1 4 16 64 --repeat 3 --explain
+  part attention_128k 35 $PY bench/attention_bench.py --device cuda --dtype bfloat16 --seq 131072 --heads 16 \
+    --kv-heads 16 --head-dim 128 --slices 1 8 32 --repeat 2
+fi
 
 # ---- c: per-stage memory of llama-1b on 4 stages vs the simulator -----------------------------------------
-part memory 140 $PY - <<'EOF'
+part memory 130 $PY - <<'EOF'
 import json, os, sys, time, traceback
 import torch
 sys.path.insert(0, "bench")
 from validate_sim import predict_activation
+from slimpipe.calibrate import benchmark_runtime  # random weights drawn on the device: seconds, not minutes
 from slimpipe.config import ParallelConfig, load_model
-from slimpipe.runtime import LocalPipelineRuntime
 from slimpipe.schedule.builders import build
 from slimpipe.sim.hardware import load_profile
 from slimpipe.sim.memory import memory_model
@@ -118,36 +79,53 @@ from slimpipe.sim.workload import Workload
 
 dry, out = os.environ["DRY"] == "1", os.environ["OUT"]
 dev, dt = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
-cfg = load_model("tiny" if dry else "llama-1b")
+base_cfg = load_model("tiny" if dry else "llama-1b")
 p = 4
-runs = ([("slimpipe", 256, 4, 2), ("1f1b", 256, 1, 2)] if dry else
-        [("slimpipe", 65536, 16, 2), ("slimpipe", 32768, 8, 2), ("1f1b", 32768, 1, 2), ("1f1b", 16384, 1, 4)])
+# (schedule, s, n, m, layers): all 4 stages share one GPU, so a run must fit the SUM of the stages; the
+# 64K rows use 8 of llama-1b's 16 layers (2 per stage). Runs predicted not to fit are skipped, not tried.
+runs = ([("slimpipe", 256, 8, 2, 8), ("1f1b", 256, 1, 2, 8)] if dry else
+        [("slimpipe", 32768, 8, 2, 16), ("1f1b", 16384, 1, 4, 16), ("slimpipe", 65536, 16, 2, 8),
+         ("1f1b", 32768, 1, 4, 8), ("1f1b", 32768, 1, 2, 16), ("slimpipe", 65536, 16, 2, 16)])
 try:
     fp = load_profile(os.path.join(out, "profile.json")).profile.footprint
     source = "profile.json"
 except Exception:  # part a failed: measure the footprint here
     from slimpipe.calibrate import Progress, _measure_footprint
-    fp, source = _measure_footprint(cfg, 256 if dry else 2048, torch.device(dev), dt, Progress(1)), "measured here"
+    fp = _measure_footprint(base_cfg, 256 if dry else 2048, torch.device(dev), dt, Progress(1))
+    source = "measured here"
 total = torch.cuda.get_device_properties(0).total_memory if dev == "cuda" else 0
 
+if dev == "cuda":
+    def mem_start(rt):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    def mem_end(rt):
+        return torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+else:  # dry run: the runtime's own byte counts stand in for the allocator (same bookkeeping code path)
+    def mem_start(rt):
+        return sum(ex.tracker.current + sum(ex.store.nbytes()) for ex in rt.executors if ex.store)
+    def mem_end(rt):
+        now = mem_start(rt)
+        return now, now
+
 def attribute(rt, live, peak):
-    """Per-stage CUDA allocator deltas: each action's allocations are charged to the rank that ran it."""
+    """Per-stage allocator deltas: each action's allocations are charged to the rank that ran it."""
     for r, ex in enumerate(rt.executors):
         orig = ex._execute
         def run(idx, action, r=r, orig=orig):
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            before = mem_start(rt)
             orig(idx, action)
-            top, after = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+            top, after = mem_end(rt)
             peak[r] = max(peak[r], live[r] + top - before)
             live[r] += after - before
             peak["process"] = max(peak["process"], top)
         ex._execute = run
 
 with open(os.path.join(out, "memory.jsonl"), "w") as fh:
-    for name, s, n, m in runs:
+    for name, s, n, m, layers in runs:
+        cfg = base_cfg.replace(num_layers=layers)
         row = {"schedule": name, "seq_len": s, "slices": n, "microbatches": m, "pp": p, "model": cfg.name,
-               "footprint_source": source}
+               "layers": layers, "footprint_source": source}
         try:
             sched = build(name, p=p, m=m, n=n)
             walk = predict_activation(sched, cfg, s, fp)
@@ -158,18 +136,18 @@ with open(os.path.join(out, "memory.jsonl"), "w") as fh:
             if dev == "cuda" and sum(walk) + logits + 4 * cfg.num_params() > 0.9 * total:
                 row["skipped"] = f"predicted {(sum(walk) + logits) / 2**30:.0f} GiB of activations for all 4 stages on one GPU"
                 raise RuntimeError(row["skipped"])
-            rt = LocalPipelineRuntime(cfg, sched, dtype=dt, device=dev)
+            rt = benchmark_runtime(cfg, sched, dt, torch.device(dev))
             toks = torch.randint(0, cfg.vocab_size, (m, s + 1))
             live, peak = [0] * p, {r: 0 for r in range(p)} | {"process": 0}
-            if dev == "cuda":
-                torch.cuda.synchronize(); base = torch.cuda.memory_allocated()
-                attribute(rt, live, peak)
+            base = torch.cuda.memory_allocated() if dev == "cuda" else 0
+            attribute(rt, live, peak)
             t0 = time.perf_counter()
             res = rt.forward_backward(toks)
             if dev == "cuda":
                 torch.cuda.synchronize()
-                row.update(cuda_stage_peak_gib=[peak[r] / 2**30 for r in range(p)],
-                           cuda_process_peak_gib=peak["process"] / 2**30, weights_gib=base / 2**30)
+            row.update(alloc_stage_peak_gib=[peak[r] / 2**30 for r in range(p)],
+                       alloc_process_peak_gib=peak["process"] / 2**30, weights_gib=base / 2**30,
+                       alloc_source="torch.cuda allocator" if dev == "cuda" else "runtime byte counts (dry run)")
             row.update(step_s=time.perf_counter() - t0, loss=res.loss,
                        runtime_activation_gib=[x / 2**30 for x in res.peak_activation_bytes],
                        runtime_saved_gib=[x / 2**30 for x in res.peak_saved_bytes],
@@ -202,6 +180,7 @@ toks = torch.randint(0, cfg.vocab_size, (2, 129), generator=torch.Generator().ma
 ref = build_reference(cfg, seed=0, dtype=torch.float64, device=dev)
 ref_loss = reference_loss(ref, toks.to(dev))
 ref_loss.backward()
+ref_loss = ref_loss.item()
 want = {n: q.grad for n, q in ref.named_parameters()}
 with open(os.path.join(os.environ["OUT"], "gradients.jsonl"), "w") as fh:
     for name, n, v in [("1f1b", 1, 1), ("slimpipe", 4, 1), ("slimpipe", 4, 2), ("interleaved-1f1b", 1, 2),
@@ -211,7 +190,7 @@ with open(os.path.join(os.environ["OUT"], "gradients.jsonl"), "w") as fh:
             rt = LocalPipelineRuntime(cfg, build(name, p=2, m=2, n=n, v=v), dtype=torch.float64, device=dev)
             res = rt.forward_backward(toks, reduce_grads=True)
             err = max(float((q.grad - want[k]).abs().max() / want[k].abs().max()) for k, q in rt.named_parameters())
-            row.update(loss_rel_diff=abs(res.loss - float(ref_loss)) / abs(float(ref_loss)), max_grad_rel_err=err,
+            row.update(loss_rel_diff=abs(res.loss - ref_loss) / abs(ref_loss), max_grad_rel_err=err,
                        ok=err < 1e-9)
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"[:400]

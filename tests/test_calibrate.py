@@ -27,19 +27,27 @@ import validate_sim  # noqa: E402  (bench script, importable for its core functi
 TINY = load_model("tiny")
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
 @pytest.fixture(scope="module")
 def quick_profile(tmp_path_factory) -> tuple[Path, float]:
-    """A --quick CPU profile written by the CLI, and the seconds it took."""
+    """A --quick CPU profile written by the CLI, and the CPU seconds it took (this process + its children:
+    wall time on a shared machine depends on everyone else's load)."""
     path = tmp_path_factory.mktemp("calibrate") / "cpu.json"
-    t0 = time.perf_counter()
+    t0 = _cpu_seconds()
     assert main(["calibrate", "--quick", "--threads", "1", "-o", str(path)]) == 0
-    return path, time.perf_counter() - t0
+    return path, _cpu_seconds() - t0
 
 
 @pytest.mark.timeout(120)
 def test_quick_profile_is_valid_and_fast(quick_profile) -> None:
     path, seconds = quick_profile
-    assert seconds < 20, f"calibrate --quick took {seconds:.1f} s"
+    assert seconds < 20, f"calibrate --quick took {seconds:.1f} CPU seconds"
     doc = json.loads(path.read_text())
     assert doc["format"] == "slimpipe-profile/1" and doc["meta"]["quick"]
     hw = load_profile(str(path))
@@ -52,7 +60,7 @@ def test_quick_profile_is_valid_and_fast(quick_profile) -> None:
     assert len(prof.gemms) == 5 and all(g.fwd.per_item_s > 0 for g in prof.gemms)
     assert prof.attn_fwd.prefix_s + prof.attn_fwd.masked_diagonal_s > 0
     assert 1e-6 < prof.p2p_latency_s < 0.05 and prof.p2p_bandwidth > 1e7
-    assert hw.intra_node_bw == prof.p2p_bandwidth  # CPU: the measured gloo link is the cluster link
+    assert hw.intra_node_bw == pytest.approx(prof.p2p_bandwidth)  # CPU: the measured gloo link is the cluster link
     fp = prof.footprint
     assert fp is not None and fp.kv_per_layer == 2 * TINY.kv_dim * 4
     # fp32 activations of one tiny layer are several KiB per token; the loss stage keeps logits (V=256 floats).
@@ -185,9 +193,9 @@ def test_activation_walk_matches_the_runtime(quick_profile, one_thread, name, n,
 @pytest.mark.timeout(90)
 def test_validate_core_runs_on_two_ranks(quick_profile) -> None:
     hw = load_profile(str(quick_profile[0]))
-    t0 = time.perf_counter()
+    t0 = _cpu_seconds()
     rows = validate_sim.validate(validate_sim.QUICK_CASES, TINY.replace(num_layers=4), hw, steps=1)
-    assert time.perf_counter() - t0 < 30
+    assert _cpu_seconds() - t0 < 30
     assert [r["case"] for r in rows] == ["1f1b", "slimpipe n=4"]
     for r in rows:
         assert r["measured_step_s"] > 0 and math.isfinite(r["step_ratio"]) and 0 <= r["measured_bubble"] < 1

@@ -1,4 +1,4 @@
-"""`slimpipe plan` and slimpipe.planner: ranked feasible plans, the closed forms it prunes with, and errors."""
+"""`slimpipe plan` and slimpipe.planner: ranked feasible plans, the closed forms it prunes with, errors."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ import pytest
 
 from slimpipe.cli import main
 from slimpipe.config import ConfigError, ParallelConfig, load_model
-from slimpipe.planner import (
-    PlanRequest, _bounded, _weighted_inflight, closed_form_inflight, plan, precheck_memory, step_time_bound,
-)
+from slimpipe.planner import PlanRequest, _bounded, plan, step_time_bound
 from slimpipe.schedule.builders import build
 from slimpipe.sim import Workload, evaluate, load_hardware, peak_inflight
 from slimpipe.sim.cost import seq1f1b_partition
+from slimpipe.sim.evaluate import closed_form_inflight, precheck_memory, weighted_inflight
 
 REPO = Path(__file__).resolve().parents[1]
 H800 = load_hardware("h800")
@@ -141,9 +140,9 @@ def test_weighted_inflight_matches_built_seq1f1b() -> None:
                     ref = build("seq1f1b", p=p, m=m, n=n, slice_weights=weights)
                 except ConfigError:
                     with pytest.raises(ConfigError):
-                        _weighted_inflight("seq1f1b", p, m, n, 1, weights)
+                        weighted_inflight("seq1f1b", p, m, n, 1, weights)
                     continue
-                peaks, w, g = _weighted_inflight("seq1f1b", p, m, n, 1, weights)
+                peaks, w, g = weighted_inflight("seq1f1b", p, m, n, 1, weights)
                 assert peaks == pytest.approx(peak_inflight(ref)) and (w, g) == (ref.meta["w"], ref.meta["g"])
 
 
@@ -172,8 +171,8 @@ def test_precheck_equals_simulated_memory_and_bound_is_below_the_simulation(case
 
 def test_search_finds_the_exhaustive_best() -> None:
     req = PlanRequest(model=load_model("llama-7b"), seq_len=16384, gpus=4, hardware=H800,
-                      global_batch_tokens=8 * 16384, top=3, schedules=("1f1b", "interleaved-1f1b", "slimpipe"),
-                      vocab_parallel=(True,), offload=(0.0,))
+                      global_batch_tokens=8 * 16384, top=3, vocab_parallel=(True,), offload=(0.0,),
+                      schedules=("1f1b", "interleaved-1f1b", "slimpipe"))
     res = plan(req)
     every = sorted(evaluate(c.workload, c.schedule, hardware=H800).report.tokens_per_s
                    for c in _bounded(req, Counter(), [0.0]))

@@ -44,7 +44,8 @@ from slimpipe.sim.hardware import (
 )
 from slimpipe.sim.workload import Workload
 
-__all__ = ["CalibrateOptions", "calibrate", "fork_gloo", "unit_consistency", "Progress", "GRIDS"]
+__all__ = ["CalibrateOptions", "calibrate", "fork_gloo", "unit_consistency", "benchmark_runtime", "Progress",
+           "GRIDS"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -61,25 +62,33 @@ class CalibrateOptions:
     """Fewer, smaller shapes and repetitions (tests; ~10 s)."""
     links: str = "auto"
     """CUDA: preset whose NVLink/NIC figures the profile keeps (auto: matched from the device name)."""
+    concurrency: int = 1
+    """CPU: measure while this many single-threaded processes run the same measurements at once (what each
+    pipeline rank sees when all ranks compute; cores, caches and memory bandwidth are shared)."""
 
 
-# Per device (and --quick): linear-layer token counts, attention (T, P) grid, elementwise/loss token counts,
-# repetitions, p2p sizes, runtime runs (schedule, s, n; the first one tiny: the per-action overhead), and
-# the tokens of the activation-footprint run.
+# Per device (and --quick): linear-layer token counts, attention (T, P) grid, elementwise and embedding/loss
+# token counts, repetitions, p2p sizes, runtime runs (schedule, s, n; the first one tiny: the per-action
+# overhead), layers of the model in those runs (0: all), and the tokens of the activation-footprint run.
 GRIDS: dict[str, dict[str, object]] = {
-    "cpu": dict(gemm=(64, 256, 1024), elem=(128, 512, 2048), reps=3, p2p=(1 << 10, 1 << 16, 1 << 20, 1 << 23),
+    "cpu": dict(gemm=(64, 256, 1024), elem=(128, 512, 2048), ends=(128, 512, 2048), reps=5, unit_layers=0,
+                p2p=(1 << 10, 1 << 16, 1 << 20, 1 << 23),
                 attn=((64, 0), (64, 448), (64, 960), (256, 0), (256, 256), (256, 768), (256, 1792), (512, 0),
                       (512, 1536), (1024, 0), (1024, 1024)),
                 units=(("slimpipe", 32, 4), ("slimpipe", 1024, 4), ("1f1b", 512, 1)), foot_tokens=128),
-    "cpu-quick": dict(gemm=(64, 256), elem=(64, 256), reps=2, p2p=(1 << 10, 1 << 20),
+    "cpu-quick": dict(gemm=(64, 256), elem=(64, 256), ends=(64, 256), reps=2, unit_layers=0, p2p=(1 << 10, 1 << 20),
                       attn=((64, 0), (64, 192), (128, 0), (128, 384)),
                       units=(("slimpipe", 32, 2), ("slimpipe", 256, 2)),
                       foot_tokens=64),
-    "cuda": dict(gemm=(1024, 4096, 16384), elem=(4096, 16384, 65536), reps=5, p2p=(1 << 20, 1 << 26, 1 << 28),
+    # CUDA: a vocabulary of 128K makes the loss inputs 12 B × T × V; runtime runs use 4 of the layers (the
+    # per-layer work is the same; building and initialising a 16-layer model would cost seconds each).
+    "cuda": dict(gemm=(1024, 4096, 16384), elem=(4096, 16384, 65536), ends=(1024, 4096, 8192), reps=5,
+                 unit_layers=4, p2p=(1 << 20, 1 << 26, 1 << 28),
                  attn=((2048, 0), (2048, 6144), (2048, 30720), (8192, 0), (8192, 8192), (8192, 24576),
                        (16384, 0), (16384, 16384)),
-                 units=(("slimpipe", 64, 2), ("slimpipe", 16384, 4), ("1f1b", 8192, 1)), foot_tokens=2048),
-    "cuda-quick": dict(gemm=(1024, 4096), elem=(4096, 16384), reps=3, p2p=(1 << 20, 1 << 26),
+                 units=(("slimpipe", 64, 2), ("slimpipe", 16384, 4)), foot_tokens=2048),
+    "cuda-quick": dict(gemm=(1024, 4096), elem=(4096, 16384), ends=(1024, 4096), reps=3, unit_layers=4,
+                       p2p=(1 << 20, 1 << 26),
                        attn=((2048, 0), (2048, 6144), (4096, 0), (4096, 4096)),
                        units=(("slimpipe", 64, 2), ("slimpipe", 8192, 2)),
                        foot_tokens=1024),
@@ -89,7 +98,8 @@ GRIDS: dict[str, dict[str, object]] = {
 class Progress:
     """A one-line progress bar on stderr (one line per update when stderr is not a terminal)."""
 
-    def __init__(self, total: int, stream=sys.stderr) -> None:
+    def __init__(self, total: int, stream=None) -> None:
+        stream = sys.stderr if stream is None else stream
         self.total, self.done, self.stream = total, 0, stream
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self.t0 = time.perf_counter()
@@ -103,35 +113,49 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        if self.tty:
+        if self.tty and self.done:
             self.stream.write("\n")
             self.stream.flush()
 
 
 # ---- timing and fitting ---------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Ctx:
+    """Where and how one measurement process times things."""
+
+    dev: torch.device
+    """Device measured."""
+    dt: torch.dtype
+    """float32 (CPU) or bfloat16 (CUDA)."""
+    reps: int
+    """Timed repetitions per point (median), after one warm-up."""
+    clock: Callable[[], float]
+    """time.thread_time for single-threaded CPU runs (other processes' load does not count), else wall."""
+    bar: Progress
+    """Progress bar (a silent one in extra concurrent processes)."""
+
+    def sync(self) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
 
 
-def _time_fwd_bwd(make: Callable[[], tuple], forward: Callable, reps: int,
-                  device: torch.device) -> tuple[float, float]:
+def _time_fwd_bwd(make: Callable[[], tuple], forward: Callable, ctx: _Ctx) -> tuple[float, float]:
     """Median (forward, backward) seconds; fresh leaf inputs each repetition, one warm-up first."""
     fwd, bwd = [], []
-    for r in range(reps + 1):
+    for r in range(ctx.reps + 1):
         inputs = make()
-        _sync(device)
-        t0 = time.perf_counter()
+        ctx.sync()
+        t0 = ctx.clock()
         outs = forward(*inputs)
-        _sync(device)
-        t1 = time.perf_counter()
+        ctx.sync()
+        t1 = ctx.clock()
         outs = outs if isinstance(outs, tuple) else (outs,)
         grads = [torch.ones_like(o) if o.dim() == 0 else torch.randn_like(o) for o in outs]
-        _sync(device)
-        t2 = time.perf_counter()
+        ctx.sync()
+        t2 = ctx.clock()
         torch.autograd.backward(outs, grads)
-        _sync(device)
-        t3 = time.perf_counter()
+        ctx.sync()
+        t3 = ctx.clock()
         if r:
             fwd.append(t1 - t0)
             bwd.append(t3 - t2)
@@ -167,43 +191,43 @@ def _gemm_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     return list(dict.fromkeys([(h, q), (h, kv), (q, h), (h, f), (f, h), (h, cfg.vocab_size)]))
 
 
-def _measure_gemms(cfg, tokens, reps, dev, dt, bar) -> list[dict]:
+def _measure_gemms(cfg: ModelConfig, tokens: Sequence[int], ctx: _Ctx) -> list[dict]:
     out = []
     for fin, fout in _gemm_shapes(cfg):
-        w = torch.randn(fout, fin, device=dev, dtype=dt) * fin ** -0.5
+        w = torch.randn(fout, fin, device=ctx.dev, dtype=ctx.dt) * fin ** -0.5
         pts = []
         for t in tokens:
             def make(t=t):
-                return (torch.randn(1, t, fin, device=dev, dtype=dt, requires_grad=True),
+                return (torch.randn(1, t, fin, device=ctx.dev, dtype=ctx.dt, requires_grad=True),
                         w.detach().requires_grad_())
-            f, b = _time_fwd_bwd(make, nn.functional.linear, reps, dev)
+            f, b = _time_fwd_bwd(make, nn.functional.linear, ctx)
             pts.append({"tokens": t, "fwd_s": f, "bwd_s": b})
         out.append({"in_features": fin, "out_features": fout, "points": pts})
-        bar.step(f"linear {fin}x{fout}")
+        ctx.bar.step(f"linear {fin}x{fout}")
     return out
 
 
-def _measure_attention(cfg, grid, reps, dev, dt, bar) -> list[dict]:
+def _measure_attention(cfg: ModelConfig, grid: Sequence[tuple[int, int]], ctx: _Ctx) -> list[dict]:
+    """The runtime's kernel path: q of the slice against the K/V window [0, P + T), lower-right causal."""
     from slimpipe.runtime.attention import MaskCache, window_attention
 
-    masks = MaskCache("auto")
-    h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    masks, seq = MaskCache("auto"), max(t + p for t, p in grid)  # one mask table, as in a real step
     out = []
     for t, p in grid:
         def make(t=t, p=p):
-            return (torch.randn(1, t, h, d, device=dev, dtype=dt, requires_grad=True),
-                    torch.randn(1, p + t, hkv, d, device=dev, dtype=dt, requires_grad=True),
-                    torch.randn(1, p + t, hkv, d, device=dev, dtype=dt, requires_grad=True))
-        f, b = _time_fwd_bwd(make, lambda q, k, v, p=p: window_attention(q, k, v, p, masks, max(x + y for x, y in grid)),
-                             reps, dev)
+            def r(n, heads):
+                return torch.randn(1, n, heads, cfg.head_dim, device=ctx.dev, dtype=ctx.dt, requires_grad=True)
+            return r(t, cfg.num_heads), r(p + t, cfg.num_kv_heads), r(p + t, cfg.num_kv_heads)
+        f, b = _time_fwd_bwd(make, lambda q, k, v, p=p: window_attention(q, k, v, p, masks, seq), ctx)
         out.append({"tokens": t, "prefix": p, "fwd_s": f, "bwd_s": b})
-        bar.step(f"attention T={t} P={p}")
+        ctx.bar.step(f"attention T={t} P={p}")
     return out
 
 
-def _measure_elementwise(cfg, tokens, reps, dev, dt, bar) -> list[dict]:
+def _measure_elementwise(cfg: ModelConfig, tokens: Sequence[int], ctx: _Ctx) -> list[dict]:
     from slimpipe.models.llama import RMSNorm, apply_rope, rope_tables
 
+    dev, dt = ctx.dev, ctx.dt
     n1, n2 = RMSNorm(cfg.hidden, cfg.norm_eps).to(dev, dt), RMSNorm(cfg.hidden, cfg.norm_eps).to(dev, dt)
     out = []
     for t in tokens:
@@ -219,21 +243,22 @@ def _measure_elementwise(cfg, tokens, reps, dev, dt, bar) -> list[dict]:
             x2 = x + attn_out  # (1, t, h): the residual adds, norms, RoPE and gate of one block
             return (n1(x), apply_rope(q, cos, sin), apply_rope(k, cos, sin), n2(x2),
                     nn.functional.silu(a) * b, x2 + mlp_out)
-        f, b = _time_fwd_bwd(make, block_rest, reps, dev)
+        f, b = _time_fwd_bwd(make, block_rest, ctx)
         out.append({"tokens": t, "fwd_s": f, "bwd_s": b})
-    bar.step("elementwise")
+    ctx.bar.step("elementwise")
     return out
 
 
-def _measure_ends(cfg, tokens, reps, dev, dt, bar) -> tuple[list[dict], list[dict]]:
+def _measure_ends(cfg: ModelConfig, tokens: Sequence[int], ctx: _Ctx) -> tuple[list[dict], list[dict]]:
     from slimpipe.models.llama import RMSNorm
 
+    dev, dt = ctx.dev, ctx.dt
     emb = nn.Embedding(cfg.vocab_size, cfg.hidden).to(dev, dt)
     norm = RMSNorm(cfg.hidden, cfg.norm_eps).to(dev, dt)
     embed, loss = [], []
     for t in tokens:
         ids = torch.randint(0, cfg.vocab_size, (1, t), device=dev)
-        f, b = _time_fwd_bwd(lambda: (), lambda: emb(ids), reps, dev)
+        f, b = _time_fwd_bwd(lambda: (), lambda: emb(ids), ctx)
         embed.append({"tokens": t, "fwd_s": f, "bwd_s": b})
         labels = torch.randint(0, cfg.vocab_size, (t,), device=dev)
 
@@ -243,9 +268,9 @@ def _measure_ends(cfg, tokens, reps, dev, dt, bar) -> tuple[list[dict], list[dic
 
         def norm_and_ce(x, logits, labels=labels):  # the head GEMM between them is timed as a linear layer
             return norm(x), nn.functional.cross_entropy(logits.float().flatten(0, 1), labels, reduction="sum")
-        f, b = _time_fwd_bwd(make, norm_and_ce, reps, dev)
+        f, b = _time_fwd_bwd(make, norm_and_ce, ctx)
         loss.append({"tokens": t, "fwd_s": f, "bwd_s": b})
-    bar.step("embedding and loss")
+    ctx.bar.step("embedding and loss")
     return embed, loss
 
 
@@ -296,6 +321,7 @@ def _ping_pong(rank: int, world: int, sizes: Sequence[int]) -> list[dict]:
 
 
 def _measure_p2p(dev: torch.device, sizes: Sequence[int], reps: int) -> list[dict]:
+    """Wall time (a transfer is waiting, not computing)."""
     if dev.type == "cpu":
         return fork_gloo(_ping_pong, 2, sizes, timeout_s=120.0)[0]  # type: ignore[return-value]
     out = []  # one GPU: a device-to-device copy stands in for the NVLink/NCCL p2p it cannot run
@@ -305,64 +331,95 @@ def _measure_p2p(dev: torch.device, sizes: Sequence[int], reps: int) -> list[dic
         b.copy_(a)
         times = []
         for _ in range(reps):
-            _sync(dev)
+            torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
             b.copy_(a)
-            _sync(dev)
+            torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - t0)
         out.append({"bytes": size, "one_way_s": statistics.median(times)})
     return out
 
 
 # ---- the runtime: whole units and saved bytes -------------------------------------------------------------
-def _measure_units(cfg, runs, reps, dev, dt, bar) -> list[dict]:
+def benchmark_runtime(cfg: ModelConfig, sched, dt: torch.dtype, dev: torch.device):
+    """LocalPipelineRuntime with random weights drawn on the device: timing and memory do not depend on
+    the values, and the runtime's reproducible per-name CPU initialisation costs seconds per 1B parameters."""
+    import slimpipe.runtime.stage as stage
     from slimpipe.runtime import LocalPipelineRuntime
+
+    keep = stage.init_parameters
+    stage.init_parameters = lambda *args, **kw: None
+    try:
+        rt = LocalPipelineRuntime(cfg, sched, dtype=dt, device=dev)
+    finally:
+        stage.init_parameters = keep
+    with torch.no_grad():
+        for model in rt.models:
+            for name, param in model.named_parameters():
+                param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, 0.02)
+    return rt
+
+
+def _timed_actions(rt, ctx: _Ctx) -> dict[str, list[float]]:
+    """Time every action of a LocalPipelineRuntime with ctx.clock (its trace holds wall times only)."""
+    times: dict[str, list[float]] = {}
+    for ex in rt.executors:
+        def run(idx, action, orig=ex._execute):
+            t0 = ctx.clock()
+            orig(idx, action)
+            times.setdefault(str(action), []).append(ctx.clock() - t0)
+        ex._execute = run  # an instance attribute: only this runtime's executors are timed
+    return times
+
+
+def _measure_units(cfg: ModelConfig, runs: Sequence[tuple[str, int, int]], ctx: _Ctx) -> list[dict]:
     from slimpipe.schedule.builders import build
 
     out = []
     for name, s, n in runs:
-        rt = LocalPipelineRuntime(cfg, build(name, p=2, m=2, n=n), dtype=dt, device=dev)
+        rt = benchmark_runtime(cfg, build(name, p=2, m=2, n=n), ctx.dt, ctx.dev)
         tokens = torch.randint(0, cfg.vocab_size, (2, s + 1), generator=torch.Generator().manual_seed(0))
-        times: dict[tuple[int, int, Kind], list[float]] = {}
+        rt.forward_backward(tokens)  # warm-up (allocator, mask table)
+        rt.zero_grad()
+        times = _timed_actions(rt, ctx)
         steps = []
-        for r in range(max(2, reps - 1) + 1):
-            _sync(dev)
-            t0 = time.perf_counter()
-            res = rt.forward_backward(tokens)
-            _sync(dev)
+        for _ in range(max(2, ctx.reps - 1)):
+            ctx.sync()
+            t0 = ctx.clock()
+            rt.forward_backward(tokens)
+            ctx.sync()
+            steps.append(ctx.clock() - t0)
             rt.zero_grad()
-            if not r:
-                continue  # warm-up (allocator, mask table)
-            steps.append(time.perf_counter() - t0)
-            for ev in res.trace:
-                a = parse_action(ev.action)
-                if a.kind in (Kind.F, Kind.B):
-                    times.setdefault((a.stage, a.seq_slice, a.kind), []).append(ev.end_s - ev.start_s)
-        units = [{"stage": st, "slice": j, "fwd_s": statistics.median(times[(st, j, Kind.F)]),
-                  "bwd_s": statistics.median(times[(st, j, Kind.B)])} for st in range(2) for j in range(n)]
-        # On CUDA the trace times the asynchronous launches only: fit on whole (synchronised) steps there.
+        per: dict[tuple[int, int, Kind], list[float]] = {}
+        for action, ts in times.items():
+            a = parse_action(action)
+            if a.kind in (Kind.F, Kind.B):
+                per.setdefault((a.stage, a.seq_slice, a.kind), []).extend(ts)
+        units = [{"stage": st, "slice": j, "fwd_s": statistics.median(per[(st, j, Kind.F)]),
+                  "bwd_s": statistics.median(per[(st, j, Kind.B)])} for st in range(2) for j in range(n)]
+        # On CUDA an action's host time is its asynchronous launches only: fit on whole (synchronised) steps.
         out.append({"schedule": name, "seq_len": s, "slices": n, "pp": 2, "microbatches": 2,
-                    "step_s": statistics.median(steps), "per_action": dev.type == "cpu", "units": units})
-        bar.step(f"runtime {name} s={s} n={n}")
+                    "layers": cfg.num_layers, "step_s": statistics.median(steps),
+                    "per_action": ctx.dev.type == "cpu", "units": units})
+        ctx.bar.step(f"runtime {name} s={s} n={n}")
     return out
 
 
-def _measure_footprint(cfg, tokens, dev, dt, bar) -> ActivationFootprint:
+def _measure_footprint(cfg: ModelConfig, tokens: int, ctx: _Ctx) -> ActivationFootprint:
     """Saved bytes of one unit per stage kind, from the runtime's own accounting (1 and 2 layers/stage)."""
-    from slimpipe.runtime import LocalPipelineRuntime
     from slimpipe.schedule.builders import build
 
     sched = build("1f1b", p=3, m=1)  # rank 0 first, rank 1 middle, rank 2 last stage; one unit each
     ids = torch.randint(0, cfg.vocab_size, (1, tokens + 1), generator=torch.Generator().manual_seed(0))
     saved = {}
     for per in (1, 2):
-        rt = LocalPipelineRuntime(cfg.replace(num_layers=3 * per), sched, dtype=dt, device=dev)
+        rt = benchmark_runtime(cfg.replace(num_layers=3 * per), sched, ctx.dt, ctx.dev)
         saved[per] = rt.forward_backward(ids).peak_saved_bytes
     per_layer = statistics.mean(saved[2][r] - saved[1][r] for r in range(3)) / tokens
     extra = [saved[1][r] / tokens - per_layer for r in range(3)]
-    bar.step("activation footprint")
+    ctx.bar.step("activation footprint")
     return ActivationFootprint(per_layer=per_layer, first_stage=extra[0], middle_stage=extra[1],
-                               last_stage=extra[2], kv_per_layer=2 * cfg.kv_dim * _itemsize(dt))
+                               last_stage=extra[2], kv_per_layer=2 * cfg.kv_dim * _itemsize(ctx.dt))
 
 
 def _itemsize(dt: torch.dtype) -> int:
@@ -403,6 +460,7 @@ def _fit_kernels(cfg: ModelConfig, m: dict) -> dict[str, object]:
 
 
 def _unit_cost(cfg: ModelConfig, run: dict, hw: Hardware) -> AnalyticCost:
+    cfg = cfg.replace(num_layers=run.get("layers", cfg.num_layers))
     wl = Workload(model=cfg, parallel=ParallelConfig(pp=run["pp"], slices=run["slices"]), seq_len=run["seq_len"],
                   global_batch=run["microbatches"])
     return AnalyticCost(wl, hw, [1 / run["slices"]] * run["slices"])
@@ -411,9 +469,9 @@ def _unit_cost(cfg: ModelConfig, run: dict, hw: Hardware) -> AnalyticCost:
 def _fit_composition(cfg: ModelConfig, runs: list[dict], hw: Hardware) -> tuple[float, float, float, float]:
     """(κ_fwd, κ_bwd, action_fwd_s, action_bwd_s): measured runtime unit = action + κ · Σ kernels.
 
-    Two stages, because one joint fit trades κ against the overhead on a noisy machine: the overhead is
-    what the runtime adds to the kernels at a tiny slice (the first run, a few tokens per slice), κ is the
-    median ratio of the rest over the kernel sum on the other runs.
+    Not one joint least-squares fit, which trades κ against the overhead on a noisy machine: the overhead
+    is the median of (unit − κ·kernels) over the tiny units (the first run, a few tokens per slice), κ the
+    median of (unit − overhead) / kernels over the other runs; the two are alternated a few times.
     """
     pts: list[tuple[bool, float, float, float, float]] = []  # (tiny run, pred F, meas F, pred B, meas B)
     step_meas = step_pred = 0.0
@@ -430,8 +488,11 @@ def _fit_composition(cfg: ModelConfig, runs: list[dict], hw: Hardware) -> tuple[
         return k, k, 0.0, 0.0
     out = []
     for pi, mi in ((1, 2), (3, 4)):
-        over = max(0.0, statistics.median(p[mi] - p[pi] for p in pts if p[0]))
-        out.append((statistics.median((p[mi] - over) / p[pi] for p in pts if not p[0]), over))
+        k, over = 1.0, 0.0
+        for _ in range(5):  # alternate: o from the tiny units given κ, κ from the others given o
+            over = max(0.0, statistics.median(p[mi] - k * p[pi] for p in pts if p[0]))
+            k = statistics.median((p[mi] - over) / p[pi] for p in pts if not p[0])
+        out.append((k, over))
     return out[0][0], out[1][0], out[0][1], out[1][1]
 
 
@@ -457,6 +518,42 @@ def unit_consistency(hw: Hardware, doc: dict) -> list[dict]:
 
 
 # ---- the whole run ----------------------------------------------------------------------------------------
+def _measure_compute(rank: int, cfg: ModelConfig, grid: dict, dev: torch.device, bar: Progress,
+                     threads: int) -> tuple[dict, ActivationFootprint]:
+    """Everything but p2p; with several concurrent processes only rank 0 drives the progress bar."""
+    if threads:
+        torch.set_num_threads(threads)
+    single = dev.type == "cpu" and torch.get_num_threads() == 1
+    ctx = _Ctx(dev=dev, dt=torch.float32 if dev.type == "cpu" else torch.bfloat16, reps=int(grid["reps"]),
+               clock=time.thread_time if single else time.perf_counter,
+               bar=bar if rank == 0 else Progress(1 << 30, stream=open(os.devnull, "w")))
+    torch.manual_seed(0)
+    m: dict[str, object] = {"clock": "thread CPU time" if single else "wall"}
+    m["gemm"] = _measure_gemms(cfg, grid["gemm"], ctx)
+    m["attention"] = _measure_attention(cfg, grid["attn"], ctx)
+    m["elementwise"] = _measure_elementwise(cfg, grid["elem"], ctx)
+    m["embed"], m["loss"] = _measure_ends(cfg, grid["ends"], ctx)
+    layers = int(grid["unit_layers"]) or cfg.num_layers
+    m["units"] = _measure_units(cfg.replace(num_layers=layers), grid["units"], ctx)
+    return m, _measure_footprint(cfg, int(grid["foot_tokens"]), ctx)
+
+
+def _fork_child(rank: int, tmp: str, fn: Callable, args: tuple) -> None:
+    with open(os.path.join(tmp, f"out{rank}.pkl"), "wb") as fh:
+        pickle.dump(fn(rank, *args), fh)
+
+
+def _fork_all(fn: Callable, n: int, *args: object) -> list:
+    """``fn(rank, *args)`` in n forked processes at once; their results by rank."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_fork_child, args=(tmp, fn, args), nprocs=n, start_method="fork", join=True)
+        out = []
+        for r in range(n):
+            with open(os.path.join(tmp, f"out{r}.pkl"), "rb") as fh:
+                out.append(pickle.load(fh))
+        return out
+
+
 def _hardware_fields(cfg: ModelConfig, m: dict, dev: torch.device, links: str) -> dict[str, object]:
     """Measured peak and efficiencies; links measured (CPU) or from a preset (CUDA, see the docstring)."""
     layer_shapes = set(_gemm_shapes(cfg)[:-1])  # without the head
@@ -498,6 +595,8 @@ def calibrate(opts: CalibrateOptions, *, progress: Progress | None = None) -> di
     """Measure everything and return the profile document (load it with ``load_hardware``/``load_profile``)."""
     if opts.device not in ("cpu", "cuda"):
         raise ConfigError(f"--device {opts.device!r} is unknown: use cpu or cuda")
+    if opts.concurrency > 1 and opts.device != "cpu":
+        raise ConfigError("--concurrency applies to --device cpu only: use --concurrency 1 on cuda")
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible here; use --device cpu")
     dev = torch.device(opts.device)
@@ -512,19 +611,17 @@ def calibrate(opts: CalibrateOptions, *, progress: Progress | None = None) -> di
     try:
         m: dict[str, object] = {"p2p": _measure_p2p(dev, grid["p2p"], reps)}  # type: ignore[arg-type]
         bar.step("p2p")  # first: forked children start before this process has run parallel kernels
-        torch.manual_seed(0)
-        m["gemm"] = _measure_gemms(cfg, grid["gemm"], reps, dev, dt, bar)
-        m["attention"] = _measure_attention(cfg, grid["attn"], reps, dev, dt, bar)
-        m["elementwise"] = _measure_elementwise(cfg, grid["elem"], reps, dev, dt, bar)
-        m["embed"], m["loss"] = _measure_ends(cfg, grid["elem"], reps, dev, dt, bar)
-        m["units"] = _measure_units(cfg, grid["units"], reps, dev, dt, bar)
-        footprint = _measure_footprint(cfg, int(grid["foot_tokens"]), dev, dt, bar)  # type: ignore[call-overload]
+        if opts.concurrency > 1:
+            m_rest, footprint = _fork_all(_measure_compute, opts.concurrency, cfg, grid, dev, bar, opts.threads or 1)[0]
+        else:
+            m_rest, footprint = _measure_compute(0, cfg, grid, dev, bar, 0)
+        m.update(m_rest)
     finally:
         torch.set_num_threads(threads_before)
         bar.close()
     p2p = _line([(p["bytes"], p["one_way_s"]) for p in m["p2p"]])  # type: ignore[union-attr]
     prof = dict(device=dev.type, dtype=str(dt).removeprefix("torch."), dtype_bytes=_itemsize(dt),
-                threads=opts.threads or threads_before, model=cfg.name, **_fit_kernels(cfg, m),
+                threads=opts.threads or (1 if opts.concurrency > 1 else threads_before), model=cfg.name, **_fit_kernels(cfg, m),
                 compose_fwd=1.0, compose_bwd=1.0, action_fwd_s=0.0, action_bwd_s=0.0, p2p_latency_s=p2p.fixed_s,
                 p2p_bandwidth=1.0 / max(p2p.per_item_s, 1e-15), footprint=footprint)
     fields = _hardware_fields(cfg, m, dev, opts.links)
@@ -541,6 +638,7 @@ def calibrate(opts: CalibrateOptions, *, progress: Progress | None = None) -> di
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": opts.device,
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{os.cpu_count()}-core CPU",
             "torch": torch.__version__, "quick": opts.quick, "elapsed_s": time.perf_counter() - t0,
+            "concurrency": opts.concurrency, "clock": m["clock"],
             "load_before": load0, "load_after": os.getloadavg(), "model_config": cfg.to_dict(),
             "p2p_note": ("gloo between two forked processes" if dev.type == "cpu" else
                          "device-to-device copy on one GPU (stand-in: one GPU cannot run a 2-rank NCCL "

@@ -8,9 +8,9 @@ Imports no torch. Letters follow the SlimPipe reference (§1). Three passes keep
    schedules and a multiple of p up to 8p for sliced ones, s/n divisible by t (and by 2c·t with CP).
 2. **Closed-form memory pre-check** (no schedule built): every builder runs the same warm-up rule, so rank
    r's peak in-flight units is min(m·n·v, f₀ + 1 + w·(p−1−r)) with f₀ the forward position of the first
-   backward's unit (`closed_form_inflight`, tested against the built schedules); the published memory
-   model (slimpipe.sim.memory) turns that into per-GPU bytes. Per layout only the cheapest recompute mode
-   (none → partial+fc1 → full) with the smallest offload α that fits is kept: offload costs no time in the
+   backward's unit (`slimpipe.sim.evaluate.precheck_memory`, equal to the built schedules' by test); the
+   published memory model (slimpipe.sim.memory) turns that into per-GPU bytes. Per layout only the
+   cheapest recompute mode (none → partial+fc1 → full) with the smallest offload α that fits is kept: offload costs no time in the
    cost model and recomputation only adds time, so the others are dominated.
 3. **Bound, then simulate.** A lower bound on the step time from the cost model (`step_time_bound`): the
    last rank cannot start before slice 0 has crossed stages 0…p−2, works its whole busy time, and its last
@@ -24,7 +24,6 @@ Attention context exchange (§8) is not modelled by the simulator yet: every pla
 
 from __future__ import annotations
 
-import functools
 import heapq
 import time
 from collections import Counter
@@ -32,17 +31,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from slimpipe.config import ConfigError, ModelConfig, ParallelConfig
-from slimpipe.schedule.actions import Kind, Schedule
-from slimpipe.schedule.builders import group_size, warmup_factor
+from slimpipe.schedule.actions import VOCAB_KINDS, Kind
 from slimpipe.sim.cost import AnalyticCost
-from slimpipe.sim.evaluate import evaluate, schedule_slice_weights
+from slimpipe.sim.evaluate import builder_warmup, evaluate, precheck_memory, schedule_slice_weights
 from slimpipe.sim.hardware import Hardware
-from slimpipe.sim.memory import GIB, MemoryBreakdown, memory_model, peak_inflight
+from slimpipe.sim.memory import GIB
 from slimpipe.sim.workload import Workload
 
 __all__ = [
     "SCHEDULES", "RECOMPUTE_LADDER", "OFFLOAD_LADDER", "HOST_LINK_BW", "PlanRequest", "Plan", "PlanResult",
-    "plan", "closed_form_inflight", "precheck_memory", "step_time_bound",
+    "plan", "step_time_bound",
 ]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "seq1f1b", "slimpipe")
@@ -75,7 +73,7 @@ class PlanRequest:
     """T: tokens per optimizer step (4 Mi as in the paper); B = T/s."""
     top: int = 10
     """K: plans to return."""
-    max_simulations: int = 32
+    max_simulations: int = 48
     """Cap on full simulations; beyond it the remaining candidates are reported as not simulated."""
     recompute: tuple[str, ...] = RECOMPUTE_LADDER
     """Recompute modes to try, in order of increasing time cost."""
@@ -185,6 +183,8 @@ class PlanResult:
     """Full simulations run."""
     not_simulated: int
     """Candidates never simulated (their estimate could not enter the top K, or max_simulations)."""
+    capped: bool
+    """True when max_simulations, not the estimates, ended the search."""
     best_unsimulated_tps: float | None
     """Upper bound (from the step-time bound) on the tokens/s of any candidate left unsimulated."""
     smallest_rejected_peak_gib: float | None
@@ -240,99 +240,24 @@ def _shapes(name: str, req: PlanRequest, t: int, c: int, p: int) -> Iterator[tup
             yield n, v
 
 
-def _warmup(name: str, p: int, m: int, n: int, v: int) -> tuple[int | None, int]:
-    """(w, g) as the named builder chooses them with ``warmup="auto"``; w None for GPipe. Raises
-    ConfigError where the builder would ((m−1)·n·v < w·(p−1)). Uses the builders' own helpers; the grid
-    test in tests/test_planner.py keeps this mapping equal to `build`."""
-    from slimpipe.schedule import builders
-
-    g = group_size(p, n, v)
-    if name == "gpipe":
-        return None, g
-    if name in INTERLEAVED:  # slimpipe and interleaved-1f1b: double warm-up unless a group is partial
-        w = builders._interleaved_warmup(name, "auto", p, m, n, v)
-    else:  # 1f1b: Megatron's single; seq1f1b: its own rule, also single
-        w = 1 if name == "seq1f1b" else warmup_factor("auto", v, n)
-    if name != "1f1b":  # 1F1B caps its warm-up at m instead (GPipe's order when m < p)
-        builders._check_warmup_fits(name, p, m, n, v, w)
-    return w, g
-
-
-def closed_form_inflight(name: str, p: int, m: int, n: int, v: int) -> tuple[list[float], int | None, int]:
-    """(peak in-flight units per rank, w, g) of the named builder's schedule, without building it.
-
-    Equal slices only (seq1f1b's unequal segments weight units differently: build those). The first
-    backward is B(stage (v−1)·p + r, micro-batch 0, the last slice of its group); its forward sits in the
-    forward order at f₀ = group offset + (v−1)·|group| + its index, and the loop runs forwards until
-    f₀ + 1 + w·(p−1−r) are in flight.
-    """
-    w, g = _warmup(name, p, m, n, v)
-    total = m * n * v
-    if w is None:
-        return [float(total)] * p, None, g
-    if g <= n:  # cycles of one micro-batch: its last cycle is backwarded first
-        first = (n // g - 1) * g * v + (v - 1) * g + g - 1
-    else:  # groups of g/n whole micro-batches: group 0 first, micro-batch 0's last slice
-        size = min(g, m * n)
-        first = (v - 1) * size + n - 1
-    return [float(min(total, first + 1 + w * (p - 1 - r))) for r in range(p)], w, g
-
-
-def precheck_memory(workload: Workload, name: str) -> list[MemoryBreakdown]:
-    """Per-rank memory of ``workload`` under the named schedule, from the closed-form in-flight counts.
-
-    Equals ``evaluate(...).memory`` (tested); seq1f1b with unequal segments builds its compute-only
-    schedule (v = 1, cheap) because its units carry different weights.
-    """
-    par = workload.parallel
-    p, m, n, v = par.pp, workload.microbatches, par.slices, par.vpp
-    weights = schedule_slice_weights(workload, name)
-    peaks, w, g = (closed_form_inflight(name, p, m, n, v) if weights is None
-                   else _weighted_inflight(name, p, m, n, v, weights))
-    # memory_model reads only the shape (p, v, n, slice lengths, g, name) when the in-flight counts are given.
-    shape = Schedule(name=name, num_ranks=p, virtual_stages=v, num_microbatches=m, num_slices=n,
-                     ranks=tuple(() for _ in range(p)), slice_weights=weights, meta={"w": w, "g": g})
-    return memory_model(workload, shape, inflight=peaks)
-
-
-def _weighted_inflight(name: str, p: int, m: int, n: int, v: int,
-                    weights: tuple[float, ...]) -> tuple[list[float], int | None, int]:
-    """Weighted in-flight peaks of a v = 1 schedule with unequal slices (Seq1F1B's segments): the
-    builders' loop replayed on weights only (forward order (micro-batch, slice); backward order
-    micro-batch ascending, slice descending; target f₀ + 1 + w·(p−1−r) with f₀ = n − 1)."""
-    w, g = _warmup(name, p, m, n, v)
-    assert v == 1, "unequal slices are seq1f1b's, which is non-interleaved"
-    total, unit = m * n, [n * x for x in weights]
-    peaks = []
-    for r in range(p):
-        target = total if w is None else min(total, n + w * (p - 1 - r))
-        fi = bi = count = 0
-        cur = best = 0.0
-        while fi < total or bi < total:
-            if fi < total and count < target:
-                cur += unit[fi % n]
-                best = max(best, cur)
-                fi, count = fi + 1, count + 1
-            if bi < total and (fi == total or count >= target):
-                cur -= unit[n - 1 - bi % n]
-                bi, count = bi + 1, count - 1
-        peaks.append(best)
-    return peaks, w, g
-
-
 def step_time_bound(workload: Workload, name: str, hardware: Hardware) -> tuple[float, float]:
     """(lower bound on the simulated step time, busy seconds of the last rank), from the cost model.
 
     Valid for every builder: each rank's first compute is F(stage r, micro-batch 0, slice 0) and its last
     is B(stage r, micro-batch m−1, slice 0), both at virtual stage 0 (see slimpipe.schedule.builders).
+    With the vocabulary in PP every rank also takes part in one embedding, head and embedding-gradient
+    collective per (micro-batch, slice) (sim/vocab.py); their compute counts as busy time, their
+    communication is left out (it may overlap other ranks' work), which keeps the bound a bound.
     """
     par = workload.parallel
     p, v, m = par.pp, par.vpp, workload.microbatches
     fractions = schedule_slice_weights(workload, name) or tuple(1 / par.slices for _ in range(par.slices))
     cost = AnalyticCost(workload, hardware, fractions)
     ct, xt, r = cost.compute_time, cost.transfer_time, p - 1
-    busy = m * sum(ct(Kind.F, k * p + r, j) + ct(Kind.B, k * p + r, j)
-                   for k in range(v) for j in range(len(fractions)))
+    slices = range(len(fractions))
+    busy = m * sum(ct(Kind.F, k * p + r, j) + ct(Kind.B, k * p + r, j) for k in range(v) for j in slices)
+    if workload.vocab_parallel and hasattr(cost, "vocab_time"):
+        busy += m * sum(cost.vocab_time(k, j)[0] for k in VOCAB_KINDS for j in slices)
     head = sum(ct(Kind.F, s, 0) + xt(Kind.SEND_F, s, 0) for s in range(r))
     tail = sum(ct(Kind.B, s, 0) + xt(Kind.SEND_B, s + 1, 0) for s in range(r))
     return head + busy + tail + cost.step_overhead(), busy
@@ -386,7 +311,7 @@ def _candidates(req: PlanRequest, stats: Counter, low: list) -> Iterator[tuple[s
         for name in req.schedules:
             for n, v in _shapes(name, req, t, c, p):
                 try:
-                    _warmup(name, p, m, n, v)
+                    builder_warmup(name, p, m, n, v)
                 except ConfigError:
                     stats["warm-up"] += 1
                     continue
@@ -430,12 +355,15 @@ def peak_unit_bytes(wl: Workload) -> float:
     return unit_bytes(wl, activation_bytes_per_token(wl)[0], 1 / wl.parallel.slices)
 
 
-def _search(req: PlanRequest, cands: list[_Candidate], stats: Counter) -> tuple[list[Plan], int, list[int]]:
-    """Best-first simulation: (top plans, simulations run, indices of candidates left unsimulated).
+def _search(req: PlanRequest, cands: list[_Candidate],
+            stats: Counter) -> tuple[list[Plan], int, list[int], bool]:
+    """Best-first simulation: (top plans, simulations run, candidates left unsimulated, whether
+    max_simulations stopped it).
 
     A candidate's estimate is its bound divided by the smallest simulated/bound ratio seen so far for the
-    same shape (name, p, m, n, v, vocabulary placement): that ratio is mostly the slice imbalance the bound
-    cannot see, and it barely depends on t, c, recompute or α (within 0.2 % on Llama-70B at 512K). Stops when the best remaining estimate
+    same shape (name, p, m, n, v, vocabulary placement), or, before that shape was simulated, for the same
+    shape with any m: that ratio is mostly the slice imbalance the bound cannot see, and it barely depends
+    on t, c, recompute or α (within 0.2 % on Llama-70B at 512K). Stops when the best remaining estimate
     cannot enter the top K, or after max_simulations.
     """
     tokens = req.global_batch * req.seq_len
@@ -443,15 +371,20 @@ def _search(req: PlanRequest, cands: list[_Candidate], stats: Counter) -> tuple[
     queue = [(-tokens / c.bound_s, i) for i, c in enumerate(cands)]
     heapq.heapify(queue)
     best: list[tuple[float, int, Plan]] = []  # min-heap of the K best (tokens/s, tiebreak, plan)
-    simulated = 0
+    simulated, capped = 0, False
     while queue:
         neg, i = queue[0]
         cand = cands[i]
-        est = tokens / cand.bound_s / gaps.get(cand.shape, 1.0)
+        shape = cand.shape
+        coarse = shape[:2] + shape[3:]  # without m: a smaller m only adds fill time, which the bound has
+        est = tokens / cand.bound_s / gaps.get(shape, gaps.get(coarse, 1.0))
         if est < -neg * (1 - 1e-9):  # the shape's ratio became known: re-queue with the estimate
             heapq.heapreplace(queue, (-est, i))
             continue
-        if (len(best) >= req.top and est <= best[0][0]) or simulated >= req.max_simulations:
+        if len(best) >= req.top and est <= best[0][0]:
+            break
+        if simulated >= req.max_simulations:
+            capped = True
             break
         heapq.heappop(queue)
         simulated += 1
@@ -464,14 +397,16 @@ def _search(req: PlanRequest, cands: list[_Candidate], stats: Counter) -> tuple[
         if found.headroom_gib < 0:  # the pre-check and the built schedule disagree: trust the latter
             stats["memory"] += 1
             continue
-        gaps[cand.shape] = min(gaps.get(cand.shape, float("inf")), ev.report.step_time_s / cand.bound_s)
+        ratio = ev.report.step_time_s / cand.bound_s
+        for key in (shape, coarse):
+            gaps[key] = min(gaps.get(key, float("inf")), ratio)
         item = (found.tokens_per_s, -i, found)
         if len(best) < req.top:
             heapq.heappush(best, item)
         elif item > best[0]:
             heapq.heapreplace(best, item)
     plans = sorted((x[2] for x in best), key=lambda p: (-p.tokens_per_s, p.peak_memory_gib))
-    return plans, simulated, [i for _, i in queue]
+    return plans, simulated, [i for _, i in queue], capped
 
 
 def plan(req: PlanRequest) -> PlanResult:
@@ -480,12 +415,12 @@ def plan(req: PlanRequest) -> PlanResult:
     stats: Counter = Counter()
     low = [float("inf")]
     cands = _bounded(req, stats, low)
-    plans, simulated, left = _search(req, cands, stats)
+    plans, simulated, left, capped = _search(req, cands, stats)
     tokens = req.global_batch * req.seq_len
     layouts = stats.pop("layouts", 0)
     return PlanResult(
         plans=tuple(plans), layouts=layouts, rejected=dict(stats), candidates=len(cands), simulated=simulated,
-        not_simulated=len(left),
+        not_simulated=len(left), capped=capped,
         best_unsimulated_tps=max((tokens / cands[i].bound_s for i in left), default=None),
         smallest_rejected_peak_gib=None if low[0] == float("inf") else low[0] / GIB,
         wall_s=time.perf_counter() - t0,

@@ -85,6 +85,7 @@ def _check(name: str, p: int, n: int, m: int, v: int, dp: int, *, tied: bool = F
     assert names == set(ref), f"parameters missing from the pipeline: {set(ref) - names}"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_grid_dp1(name: str) -> None:
@@ -94,6 +95,7 @@ def test_grid_dp1(name: str) -> None:
         _check(*case, dp=1)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_grid_dp2(name: str) -> None:

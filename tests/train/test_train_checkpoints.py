@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from slimpipe.train.checkpoint import resolve_checkpoint
-from train_helpers import losses, read_log, run_training
+from slimpipe.train import TrainConfig, train
+from train_helpers import TINY, losses, read_log, run_training
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
 
@@ -22,8 +23,18 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return run_training(tmp_path_factory.mktemp("straight"), steps=4, **LAYOUT)
 
 
-def test_resume_is_bitwise(straight: list[dict], tmp_path: Path) -> None:
-    run_training(tmp_path, steps=2, checkpoint_every=2, **LAYOUT)
+def _crash_at_step_3(out: Path, monkeypatch: pytest.MonkeyPatch, **layout: object) -> None:
+    """A 4-step run with a checkpoint at step 2 whose rank 1 dies at step 3 (SLIMPIPE_FAULT_* test hook)."""
+    monkeypatch.setenv("SLIMPIPE_FAULT_RANK", "1")
+    monkeypatch.setenv("SLIMPIPE_FAULT_STEP", "3")
+    cfg = TrainConfig(**{**TINY, "out_dir": str(out), "steps": 4, "checkpoint_every": 2, "timeout": 10.0, **layout})
+    assert train(cfg) == 1
+    monkeypatch.delenv("SLIMPIPE_FAULT_RANK")
+    assert not (out / "metrics.jsonl").exists() and (out / "metrics.jsonl.partial").exists()
+
+
+def test_resume_is_bitwise(straight: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _crash_at_step_3(tmp_path, monkeypatch, **LAYOUT)
     ck = tmp_path / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step_000002"
     state = json.loads((ck / "step_000002" / "trainer_state.json").read_text())
@@ -35,16 +46,15 @@ def test_resume_is_bitwise(straight: list[dict], tmp_path: Path) -> None:
     assert [r["step"] for r in recs] == [1, 2, 3, 4], "the resumed log carries the first two records over"
     assert losses(recs) == losses(straight), "resume must continue the loss curve bitwise on CPU"
     assert [r["grad_norm"] for r in recs] == [r["grad_norm"] for r in straight]
-    assert (ck / "latest").read_text().strip() == "step_000004"
     assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_000002", "step_000004"], "torn save cleaned"
     assert resolve_checkpoint("latest", str(ck)) == ck / "step_000004"
 
 
-def test_reshard_pp4_to_pp2(straight: list[dict], tmp_path: Path) -> None:
-    run_training(tmp_path / "pp4", steps=2, checkpoint_every=2, pp=4, slices=4, schedule="slimpipe")
+def test_reshard_pp4_to_pp2(straight: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _crash_at_step_3(tmp_path / "pp4", monkeypatch, pp=4, slices=4, schedule="slimpipe")
     recs = run_training(tmp_path / "pp2", steps=4, resume=str(tmp_path / "pp4" / "checkpoints"), **LAYOUT)
     assert [r["step"] for r in recs] == [3, 4]
-    # other layout before the save: equal up to fp32 summation order (see test_train_layouts)
+    # another layout before the save: equal up to fp32 summation order (see test_train_layouts)
     assert losses(recs) == pytest.approx(losses(straight)[2:], rel=1e-6, abs=0)
 
 

@@ -56,7 +56,7 @@ def _checkpoint(tmp: Path, *, model: str = "tiny", seed: int = 0, step: int = 2)
     (["--pp", "3"], ["num_layers=8", "pp·vpp"]),                       # layers do not split
     (["--pp", "2", "--dp", "2", "--global-batch", "3"], ["--global-batch=3", "multiple of 2"]),
     (["--slices", "3"], ["--seq-len=64", "--slices=3"]),
-    (["--pp", "4", "--slices", "1", "--schedule", "1f1b", "--global-batch", "1"], ["micro-batches"]),
+    (["--pp", "4", "--slices", "1", "--global-batch", "1"], ["micro-batches", "m=1"]),
     (["--model", "nope"], ["--model 'nope' is unknown"]),
     (["--schedule", "zb-v"], ["--schedule 'zb-v' is unknown"]),
     (["--nproc", "3"], ["--nproc=3", "pp·dp"]),

@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU intra-op threads while measuring (default: torch's); use 1 to match "
                              "single-threaded pipeline ranks")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="cpu: measure in this many single-threaded processes at once, as the ranks of "
+                             "a CPU pipeline share the machine (default 1)")
     parser.add_argument("--quick", action="store_true", help="fewer, smaller shapes (~10 s; for tests)")
     parser.add_argument("--links", default="auto",
                         help="cuda: preset whose NVLink/NIC figures the profile keeps (default: from the "
@@ -36,14 +39,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads < 0:
         raise ConfigError(f"--threads={args.threads} must be ≥ 0 (0 keeps torch's default)")
+    if args.concurrency < 1:
+        raise ConfigError(f"--concurrency={args.concurrency} must be ≥ 1")
     model = load_model(args.model or ("tiny" if args.device == "cpu" else "llama-1b"))
     doc = calibrate(CalibrateOptions(device=args.device, model=model, threads=args.threads, quick=args.quick,
-                                     links=args.links))
+                                     links=args.links, concurrency=args.concurrency))
     with open(args.output, "w") as fh:
         json.dump(doc, fh, indent=1)
     hw, prof, meta, cons = doc["hardware"], doc["profile"], doc["meta"], doc["consistency"]
     sys.stdout.write(
-        f"wrote {args.output} ({meta['device_name']}, {prof['dtype']}, threads {prof['threads']}, model "
+        f"wrote {args.output} ({meta['device_name']}, {prof['dtype']}, threads {prof['threads']}, "
+        f"{meta['concurrency']} concurrent, model "
         f"{prof['model']}) in {meta['elapsed_s']:.1f} s; load {meta['load_before'][0]:.2f}\n"
         f"peak {hw['peak_flops'] / 1e9:.1f} GFLOP/s (best linear layer), gemm efficiency "
         f"{hw['gemm_efficiency']:.2f}, attention efficiency {hw['attention_efficiency']:.2f}\n"

@@ -31,12 +31,14 @@ def parse_count(flag: str, text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from slimpipe.planner import SCHEDULES
 
-    parser.add_argument("--model", default="llama-70b", help="preset or ModelConfig .json (default llama-70b)")
+    parser.add_argument("--model", default="llama-70b",
+                        help="preset or ModelConfig .json (default llama-70b)")
     parser.add_argument("--seq-len", required=True, help="s: tokens per sequence (512K = 524288)")
     parser.add_argument("--gpus", required=True, help="G: GPUs to lay out (t·c·p·d)")
     hw = parser.add_mutually_exclusive_group()
     hw.add_argument("--gpu", default="h800", help="hardware preset (h100, h800, h200, a100) or .json")
-    hw.add_argument("--profile", metavar="FILE", help="measured profile from `slimpipe calibrate` (replaces --gpu)")
+    hw.add_argument("--profile", metavar="FILE",
+                    help="measured profile from `slimpipe calibrate` (replaces --gpu)")
     parser.add_argument("--schedule", default="all", choices=("all", *SCHEDULES),
                         help="schedule family to search (default all)")
     parser.add_argument("--global-batch-tokens", default=str(4 << 20),
@@ -48,8 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-parallel", default="auto", choices=("auto", "on", "off"),
                         help="vocabulary layers sharded over t·p (on), on the end stages (off), or both")
     parser.add_argument("--top", type=int, default=10, help="plans to print (default 10)")
-    parser.add_argument("--max-simulations", type=int, default=32,
-                        help="cap on full simulations (default 32); the rest are ranked by estimate only")
+    parser.add_argument("--max-simulations", type=int, default=48,
+                        help="cap on full simulations (default 48); the output says how much faster "
+                             "any unsimulated candidate could be at most")
     parser.add_argument("--json", action="store_true", help="print a JSON list of plans instead of a table")
 
 
@@ -99,7 +102,8 @@ def _infeasible(req, result):  # -> ConfigError
     rej = result.rejected
     if result.layouts == 0 and not rej.get("warm-up"):
         return ConfigError(
-            f"{where}: no layout G = t·c·p·d with t ≤ 8 dividing the heads ({mod.num_heads}/{mod.num_kv_heads}), "
+            f"{where}: no layout G = t·c·p·d with t ≤ 8 dividing the heads "
+            f"({mod.num_heads}/{mod.num_kv_heads}), "
             f"p dividing L={mod.num_layers}, c a power of two, d dividing B, s divisible by the slices: "
             "change --gpus (e.g. a power of two) or --seq-len"
         )
@@ -124,17 +128,21 @@ def _table(args: argparse.Namespace, req, result) -> str:
         f"({hw.hbm_bytes / 2**30:.1f} GiB)  schedules: {args.schedule}",
         f"searched {result.layouts} layouts; rejected "
         + (", ".join(f"{k} {v}" for k, v in sorted(result.rejected.items())) or "none")
-        + f"; {result.candidates} fit; simulated {result.simulated} best-first in {result.wall_s:.1f} s",
+        + f"; {result.candidates} candidates fit (cheapest recompute/offload per layout); simulated "
+        f"{result.simulated} best-first in {result.wall_s:.1f} s",
     ]
     if result.not_simulated:
         gain = result.headroom_unsimulated
-        lines.append(f"{result.not_simulated} candidates not simulated (estimate below the top {req.top}): "
+        why = (f"--max-simulations {req.max_simulations} reached" if result.capped
+               else f"estimate below the top {req.top}")
+        lines.append(f"{result.not_simulated} candidates not simulated ({why}): "
                      + ("by the step-time bound none can beat #1" if gain <= 0 else
                         f"by the step-time bound none is more than {100 * gain:.1f} % faster than #1"))
     lines += ["MFU = (6N + 12·L·H·Q·T)·tokens/s / (GPUs·peak); MFUc halves the attention term (causal). "
               "Attention context exchange: not modelled (off).", ""]
-    head = (f"{'#':>2} {'schedule':<16} {'t':>2} {'c':>3} {'p':>3} {'d':>3} {'e':>2} {'n':>4} {'v':>3} {'m':>4} "
-            f"{'recompute':<11} {'α':>4} {'vocab':<5} {'tokens/s':>10} {'MFU%':>5} {'MFUc%':>5} {'bubble%':>7} "
+    head = (f"{'#':>2} {'schedule':<16} {'t':>2} {'c':>3} {'p':>3} {'d':>3} {'e':>2} {'n':>4} {'v':>3} "
+            f"{'m':>4} {'recompute':<11} {'α':>4} {'vocab':<5} {'tokens/s':>10} {'MFU%':>5} {'MFUc%':>5} "
+            f"{'bubble%':>7} "
             f"{'peak GiB':>8} {'headroom':>8}")
     lines.append(head)
     for i, p in enumerate(result.plans, 1):

@@ -69,6 +69,9 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                    help="measured profile from `slimpipe calibrate` (replaces --gpu)")
     g.add_argument("--cost", default="analytic", choices=COSTS,
                    help="analytic (FLOPs/bandwidth) or uniform (F=1, B=2, free communication)")
+    g.add_argument("--attn-balance", type=int, default=0, metavar="N",
+                   help="attention context exchange: at most N prefix slices per exchange (0 = off; "
+                        "docs/exchange.md)")
 
 
 def evaluate_from_args(args: argparse.Namespace):  # -> slimpipe.sim.evaluate.Evaluation
@@ -92,7 +95,7 @@ def evaluate_from_args(args: argparse.Namespace):  # -> slimpipe.sim.evaluate.Ev
                   recompute=args.recompute, offload=args.offload, vocab_parallel=args.vocab_parallel)
     hardware = load_profile(args.profile) if args.profile else load_hardware(args.gpu)
     return evaluate(wl, args.schedule, hardware=hardware, cost=args.cost, warmup=args.warmup,
-                    equal_slices=args.equal_slices)
+                    equal_slices=args.equal_slices, attn_balance=args.attn_balance)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +124,17 @@ def _config_dict(args: argparse.Namespace, ev) -> dict[str, object]:
         "schedule": sched.name, "warmup_w": sched.meta.get("w"), "group_g": sched.meta.get("g"),
         "slice_weights": sched.slice_weights, "recompute": wl.recompute, "offload": wl.offload,
         "vocab_parallel": wl.vocab_parallel, "cost": ev.cost.name, "gpu": _hardware_label(args),
+        "attn_balance": args.attn_balance, **_exchange(args, ev),
     }
+
+
+def _exchange(args: argparse.Namespace, ev) -> dict[str, object]:
+    """Attention-exchange figures (sim/exchange.py) when --attn-balance is on."""
+    if not args.attn_balance:
+        return {}
+    from slimpipe.sim.exchange import exchange_summary
+
+    return exchange_summary(ev.schedule, ev.cost)
 
 
 def _hardware_label(args: argparse.Namespace) -> str:
@@ -140,7 +153,8 @@ def _table(args: argparse.Namespace, ev, elapsed: float) -> str:
         f"{rep.gpus} GPUs",
         f"schedule {sched.name} (w={sched.meta.get('w')}, g={sched.meta.get('g')})  "
         f"recompute {wl.recompute}  "
-        f"offload {wl.offload}  vocab-parallel {'on' if wl.vocab_parallel else 'off'}  cost {ev.cost.name}"
+        f"offload {wl.offload}  vocab-parallel {'on' if wl.vocab_parallel else 'off'}  "
+        f"attn-balance {args.attn_balance or 'off'}  cost {ev.cost.name}"
         + (f" on {_hardware_label(args)}" if ev.cost.name == "analytic" else ""),
         "",
         f"step time     {rep.step_time_s:.6g}{unit}  "
@@ -151,6 +165,12 @@ def _table(args: argparse.Namespace, ev, elapsed: float) -> str:
     if rep.mfu is not None:
         lines.append(f"MFU           {100 * rep.mfu:.1f} % (6N+12·L·H·Q·T)   {100 * rep.mfu_causal:.1f} % "
                      "(causal, 6N+6·L·H·Q·T)")
+    x = _exchange(args, ev)
+    if x:
+        lines.append(f"exchange      {x['exchanges_f']} F + {x['exchanges_b']} B pairs, attention moved "
+                     f"{x['moved_attention_s']:.4g} s, {x['exchange_bytes'] / 2**30:.3g} GiB/GPU of a stage; "
+                     "concurrent attention max/min F {:.2f}→{:.2f}, B {:.2f}→{:.2f}".format(
+                         *x["attn_ratio_f"], *x["attn_ratio_b"]))
     cols = ("peak", "params_grads", "optimizer", "activations", "output", "recomputed", "kv_cache", "kv_grad",
             "offloaded")
     heads = ("peak", "param+grad", "optimizer", "activation", "output", "recomputed", "kv_cache", "kv_grad",

@@ -22,13 +22,15 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.profiler import record_function
 
-from slimpipe.schedule.actions import Action, Kind, Schedule
+from slimpipe.schedule.actions import VOCAB_KINDS, Action, Kind, Schedule
 from slimpipe.schedule.format import to_grid
 from slimpipe.runtime.attention import MaskCache
+from slimpipe.runtime.exchange import RankExchange
 from slimpipe.runtime.kv import KVStore
 from slimpipe.runtime.memory import MemoryTracker
 from slimpipe.runtime.p2p import Transport
 from slimpipe.runtime.result import PipelineError, TraceEvent
+from slimpipe.runtime.vocab import VocabRuntime
 from slimpipe.runtime.stage import RankModel, StageInfo, slice_bounds, stage_forward
 
 __all__ = ["RankExecutor", "COMPUTE"]
@@ -44,7 +46,8 @@ class RankExecutor:
 
     def __init__(self, *, rank: int, schedule: Schedule, model: RankModel, stages: list[StageInfo],
                  transport: Transport, hidden: int, device: torch.device, dtype: torch.dtype,
-                 masks: MaskCache | None = None) -> None:
+                 masks: MaskCache | None = None, exchange: RankExchange | None = None,
+                 vocab: VocabRuntime | None = None) -> None:
         self.rank, self.schedule, self.model = rank, schedule, model
         self.program = schedule.ranks[rank]
         self.stages = {st.stage: st for st in stages}
@@ -56,6 +59,12 @@ class RankExecutor:
             Kind.SEND_F: self._send_f, Kind.RECV_F: self._recv_f,
             Kind.SEND_B: self._send_b, Kind.RECV_B: self._recv_b,
         }
+        self.exchange = exchange  # attention context exchange (runtime/exchange.py): marker handlers + hooks
+        if exchange is not None:
+            self.handlers.update(exchange.handlers())  # type: ignore[arg-type]
+        self.vocab = vocab  # vocabulary parallelism (runtime/vocab.py): VE/VH/VB handlers
+        if vocab is not None:
+            self.handlers.update(vocab.bind(self))
         self._param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.tracker = MemoryTracker(self._excluded)
         self.store: KVStore | None = None
@@ -70,6 +79,8 @@ class RankExecutor:
         self.step, self.tokens, self.normaliser = step, tokens, float(normaliser)
         self.bounds = slice_bounds(tokens.size(1) - 1, self.schedule.slice_fractions())
         self.store = KVStore(self.bounds, self.masks)
+        if self.exchange is not None:
+            self.exchange.begin_step(self.bounds)
         self._token_ptr = tokens.untyped_storage().data_ptr()
         self._inputs: dict[Unit, torch.Tensor] = {}
         self._held: dict[Unit, tuple[torch.Tensor | None, torch.Tensor]] = {}
@@ -79,6 +90,8 @@ class RankExecutor:
         self.tracker.reset()
         self.trace, self.busy_s, self.executed = [], 0.0, 0
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        if self.vocab is not None:
+            self.vocab.begin_step()
 
     def run(self) -> Iterator[Action]:
         """Execute the program in order; yields the blocked action while a RECV cannot complete yet."""
@@ -87,10 +100,14 @@ class RankExecutor:
                     _channel(action), self._peer(action)):
                 yield action
             self._execute(idx, action)
+            while action.kind in VOCAB_KINDS and not self.vocab.complete(action):  # type: ignore[union-attr]
+                yield action  # in-process collectives: the other ranks have not posted theirs yet
 
     def end_step(self) -> None:
         """Check nothing is left over (K/V state, unconsumed tensors) and wait for outstanding sends."""
         try:
+            if self.vocab is not None:  # parked collectives first: they consume stashed gradients
+                self.vocab.end_step()
             assert self.store is not None
             self.store.check_drained()
             stash = {"inputs": self._inputs, "held": self._held, "to_send_f": self._to_send_f,
@@ -99,6 +116,8 @@ class RankExecutor:
             if left:
                 raise RuntimeError(f"tensors left over at the end of the step: {left}")
             self.transport.finish()
+            if self.exchange is not None:
+                self.exchange.end_step()
         except Exception as exc:
             raise self._error(len(self.program), None, exc) from exc
 
@@ -161,6 +180,8 @@ class RankExecutor:
         labels = self.tokens[mb : mb + 1, start + 1 : end + 1] if info.last else None
         assert self.store is not None
         slice_kv = self.store.begin_forward(a.stage, mb, j)
+        if self.exchange is not None:
+            self.exchange.on_forward(a, slice_kv)
         with self.tracker.saving(unit):
             out = stage_forward(self.model, info, inp, slice_kv, labels, self.normaliser)
         self._held[unit] = (leaf, out)
@@ -168,7 +189,9 @@ class RankExecutor:
             self.loss_sum += out.detach().double()
             return
         nxt = out.detach()
-        if self.schedule.rank_of(a.stage + 1) == self.rank:  # same-rank handoff (p = 1): no message
+        # Same-rank handoff (p = 1) needs no message; with vocab parallelism the last stage's output goes
+        # to VH through the pseudo-stage num_stages.
+        if a.stage == self.last_stage or self.schedule.rank_of(a.stage + 1) == self.rank:
             self._inputs[(a.stage + 1, mb, j)] = nxt.requires_grad_()
         else:
             self._to_send_f[unit] = nxt
@@ -179,6 +202,8 @@ class RankExecutor:
             raise RuntimeError(f"{a} has no forward state: F{unit} did not run on this rank")
         assert self.store is not None
         self.store.begin_backward(a.stage, a.microbatch, a.seq_slice)
+        if self.exchange is not None:
+            self.exchange.on_backward(a)
         leaf, out = self._held.pop(unit)
         if info.last:
             torch.autograd.backward(out)  # the slice's loss, already scaled by 1/normaliser
@@ -193,7 +218,7 @@ class RankExecutor:
         grad = leaf.grad
         if grad is None:
             raise RuntimeError(f"{a}: the stage input received no gradient")
-        if self.schedule.rank_of(a.stage - 1) == self.rank:
+        if a.stage == 0 or self.schedule.rank_of(a.stage - 1) == self.rank:  # stage 0: VB's pseudo-stage −1
             self._douts[(a.stage - 1, a.microbatch, a.seq_slice)] = grad
         else:
             self._to_send_b[unit] = grad

@@ -150,6 +150,8 @@ class SliceKV:
         self.store, self.entry, self.j = store, entry, j
         self.start, self.end = store.bounds[j], store.bounds[j + 1]
         self.shared: dict[str, object] = {}
+        # Attention-exchange hook (runtime/exchange.py) when this unit trades attention with a partner rank.
+        self.exchange: object | None = None
 
     def layer(self, layer_id: int) -> _LayerCtx:
         return _LayerCtx(self, layer_id)
@@ -174,6 +176,8 @@ class SliceKV:
             lk.prefix[self.j] = (kp, vp)
         k_win = KVWindow.apply(k, kp, lk.k, start, functools.partial(_handed, lk, "acc_k", start, self.end))
         v_win = KVWindow.apply(v, vp, lk.v, start, functools.partial(_handed, lk, "acc_v", start, self.end))
+        if self.exchange is not None:
+            return self.exchange.attend(layer_id, q, k_win, v_win)  # type: ignore[attr-defined]
         return window_attention(q, k_win, v_win, start, self.store.masks, seq)
 
 

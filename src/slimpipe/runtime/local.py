@@ -23,12 +23,16 @@ from torch import nn
 from slimpipe.config import ModelConfig
 from slimpipe.models.base import DecoderParts
 from slimpipe.runtime.attention import MaskCache
+from slimpipe.runtime.exchange import local_exchange, with_exchange
 from slimpipe.runtime.executor import RankExecutor
 from slimpipe.runtime.optim import OptimConfig, build_optimizer, clip_coefficient, scale_grads, squared_norm
 from slimpipe.runtime.p2p import LocalHub, LocalTransport
 from slimpipe.runtime.pipeline import check_tokens, executor_stats, prepare_schedule, reduce_step_stats
 from slimpipe.runtime.result import PipelineError, StepResult
 from slimpipe.runtime.stage import RankModel, as_parts, build_rank_model, stages_of_rank
+from slimpipe.runtime.vocab import vocab_runtime, vocab_stages, with_vocab
+from slimpipe.runtime.vocab_comm import LocalCollectiveHub, LocalCollectives
+from slimpipe.runtime.vocab_state import VocabLayout, full_model_state, load_model_state
 from slimpipe.schedule.actions import Schedule
 from slimpipe.schedule.format import to_grid
 
@@ -41,25 +45,36 @@ class LocalPipelineRuntime:
     def __init__(self, model: ModelConfig | DecoderParts, schedule: Schedule, *,
                  dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu",
                  optim: OptimConfig | None = None, check_schedule: bool = True,
-                 mask_mode: str = "auto") -> None:
+                 mask_mode: str = "auto", attn_balance: int = 0, vocab_parallel: bool = False) -> None:
         self.parts = as_parts(model)
+        self.vocab_parallel = vocab_parallel  # embedding/head sharded over all ranks (docs/vocab_parallel.md)
         self.device = torch.device(device)
         p = schedule.num_ranks
-        self.schedule = prepare_schedule(schedule, pp=p, num_layers=self.parts.num_layers,
-                                         check=check_schedule)
+        # attn_balance > 0: exchange markers; here owners compute the moved blocks (runtime/exchange.py).
+        self.schedule = prepare_schedule(with_vocab(with_exchange(schedule, attn_balance), vocab_parallel),
+                                         pp=p, num_layers=self.parts.num_layers, check=check_schedule)
+        vocab_hub = LocalCollectiveHub(p)  # in-process VE/VH/VB collectives (runtime/vocab_comm.py)
+        shards = []
         self.hub = LocalHub()
         masks = MaskCache(mask_mode)  # one table for the whole process
         self.models: list[RankModel] = []
         self.executors: list[RankExecutor] = []
         for r in range(p):
             stages = stages_of_rank(self.parts.num_layers, p, self.schedule.virtual_stages, r)
+            stages = vocab_stages(stages) if vocab_parallel else stages
             model = build_rank_model(self.parts, stages, seed=seed, device=self.device, dtype=dtype)
+            vocab = None if not vocab_parallel else vocab_runtime(
+                model, self.parts, rank=r, p=p, seed=seed, device=self.device, dtype=dtype,
+                driver=LocalCollectives(vocab_hub, r))
+            shards.append(None if vocab is None else vocab.shard)
             self.models.append(model)
             self.executors.append(RankExecutor(
                 rank=r, schedule=self.schedule, model=model, stages=stages,
                 transport=LocalTransport(self.hub, r), hidden=self.parts.hidden, device=self.device,
-                dtype=dtype, masks=masks,
+                dtype=dtype, masks=masks, exchange=local_exchange(self.schedule, r), vocab=vocab,
             ))
+        self.vocab_layout = None if not vocab_parallel else VocabLayout(
+            vocab=self.parts.vocab_size, members=tuple(zip(self.models, shards)), gather=list)
         self.optim_config = optim or OptimConfig()
         # Every rank's parameters, tied replicas included (they get identical grads, so stay identical).
         self.optimizer = build_optimizer(
@@ -68,7 +83,8 @@ class LocalPipelineRuntime:
 
     # ---- parameters ---------------------------------------------------------------------------------
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """(global name, Parameter) over all stages; a tied replica is listed once (rank 0's)."""
+        """(global name, Parameter) over all stages; a tied replica is listed once (rank 0's). With
+        vocab_parallel every rank holds an ``embed.weight`` shard: use rank_parameters or model_state_dict."""
         seen: set[str] = set()
         for model in self.models:
             for name, param in model.named_parameters():
@@ -80,9 +96,13 @@ class LocalPipelineRuntime:
         return self.models[rank].named_parameters()
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.vocab_layout is not None:  # shards joined into the full vocabulary tensors
+            return full_model_state(self.vocab_layout)
         return {n: p.detach() for n, p in self.named_parameters()}
 
     def load_model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if self.vocab_layout is not None:
+            return load_model_state(self.vocab_layout, state_dict)
         for model in self.models:
             model.load_state_dict({k: state_dict[k] for k in model.state_dict()})
 

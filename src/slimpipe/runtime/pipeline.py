@@ -19,12 +19,16 @@ import torch.distributed as dist
 from slimpipe.config import ConfigError, ModelConfig
 from slimpipe.models.base import DecoderParts
 from slimpipe.runtime.attention import MaskCache
+from slimpipe.runtime.exchange import dist_exchange, with_exchange
 from slimpipe.runtime.executor import RankExecutor
 from slimpipe.runtime.optim import OptimConfig, build_optimizer, clip_coefficient, scale_grads, squared_norm
 from slimpipe.runtime.p2p import DistTransport
 from slimpipe.runtime.parallel_state import ParallelState
 from slimpipe.runtime.result import StepResult
 from slimpipe.runtime.stage import RankModel, as_parts, build_rank_model, stages_of_rank
+from slimpipe.runtime.vocab import vocab_runtime, vocab_stages, with_vocab
+from slimpipe.runtime.vocab_comm import DistCollectives
+from slimpipe.runtime.vocab_state import VocabLayout, dist_gather, full_model_state, load_model_state
 from slimpipe.schedule.actions import Schedule
 from slimpipe.schedule.passes import lower
 from slimpipe.schedule.validate import validate
@@ -82,21 +86,33 @@ class PipelineRuntime:
 
     def __init__(self, model: ModelConfig | DecoderParts, schedule: Schedule, state: ParallelState, *,
                  dtype: torch.dtype = torch.float32, seed: int = 0, optim: OptimConfig | None = None,
-                 check_schedule: bool = True, mask_mode: str = "auto") -> None:
+                 check_schedule: bool = True, mask_mode: str = "auto", attn_balance: int = 0,
+                 vocab_parallel: bool = False) -> None:
         self.parts = as_parts(model)
         self.state = state
-        self.schedule = prepare_schedule(schedule, pp=state.pp, num_layers=self.parts.num_layers,
-                                         check=check_schedule)
+        self.vocab_parallel = vocab_parallel  # embedding/head sharded over all ranks (docs/vocab_parallel.md)
+        # attn_balance > 0: add attention-exchange markers (docs/exchange.md) before lowering/validation.
+        # vocab_parallel: lower and place the VE/VH/VB collectives (schedule/vocab.py) before validation.
+        self.schedule = prepare_schedule(with_vocab(with_exchange(schedule, attn_balance), vocab_parallel),
+                                         pp=state.pp, num_layers=self.parts.num_layers, check=check_schedule)
         p, v = self.schedule.num_ranks, self.schedule.virtual_stages
         self.stages = stages_of_rank(self.parts.num_layers, p, v, state.pp_rank)
+        if vocab_parallel:
+            self.stages = vocab_stages(self.stages)
         self.model: RankModel = build_rank_model(self.parts, self.stages, seed=seed, device=state.device,
                                                  dtype=dtype)
+        self.vocab = None if not vocab_parallel else vocab_runtime(
+            self.model, self.parts, rank=state.pp_rank, p=p, seed=seed, device=state.device, dtype=dtype,
+            driver=DistCollectives(state))
+        self.vocab_layout = None if self.vocab is None else VocabLayout(
+            vocab=self.parts.vocab_size, members=((self.model, self.vocab.shard),),
+            gather=dist_gather(state.pp_group, p))
         self.optim_config = optim or OptimConfig()
         self.optimizer = build_optimizer(self.model.named_parameters(), self.optim_config)
         self.executor = RankExecutor(
             rank=state.pp_rank, schedule=self.schedule, model=self.model, stages=self.stages,
             transport=DistTransport(state), hidden=self.parts.hidden, device=state.device, dtype=dtype,
-            masks=MaskCache(mask_mode),
+            masks=MaskCache(mask_mode), exchange=dist_exchange(self.schedule, state), vocab=self.vocab,
         )
         self.step = 0
 
@@ -106,9 +122,14 @@ class PipelineRuntime:
         return self.model.named_parameters()
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Global names; with vocab_parallel the vocabulary tensors are full (gathered: collective)."""
+        if self.vocab_layout is not None:
+            return full_model_state(self.vocab_layout)
         return self.model.state_dict()
 
     def load_model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if self.vocab_layout is not None:  # full vocabulary tensors in, this rank's rows kept
+            return load_model_state(self.vocab_layout, state_dict)
         self.model.load_state_dict(state_dict)
 
     def zero_grad(self) -> None:
@@ -165,7 +186,8 @@ class PipelineRuntime:
         for p in model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if st.embed_group is not None and model.tied and st.pp_rank in (0, st.pp - 1):
+        tied_ends = model.tied and not self.vocab_parallel  # vocab shards are disjoint: nothing to sum
+        if st.embed_group is not None and tied_ends and st.pp_rank in (0, st.pp - 1):
             dist.all_reduce(model.embed.weight.grad, group=st.embed_group)  # Megatron's embedding group
         if st.dp > 1:
             grads = [p.grad for p in model.parameters()]

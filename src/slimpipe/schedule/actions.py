@@ -12,7 +12,8 @@ String form: ``<stage><KIND><microbatch>.<slice>`` such as ``2F3.1`` (stage 2, f
 slice 1) — a superset of torch.distributed.pipelining's ``2F3``; the ``.slice`` part may be omitted when 0.
 Communication actions name the unit whose tensor moves: ``1SEND_F0.2`` sends the output of ``1F0.2``
 downstream; ``2RECV_F0.2`` receives the input of ``2F0.2``; ``2SEND_B0.2`` sends the input gradient of
-``2B0.2`` upstream; ``1RECV_B0.2`` receives the output gradient of ``1B0.2``.
+``2B0.2`` upstream; ``1RECV_B0.2`` receives the output gradient of ``1B0.2``. Vocabulary-parallel
+collectives (``VE0.2``, ``VH0.2``, ``VB0.2``: docs/vocab_parallel.md) run on every rank and name no stage.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 
-__all__ = ["Kind", "Action", "Schedule", "parse_action", "COMPUTE_KINDS", "COMM_KINDS"]
+__all__ = [
+    "Kind", "Action", "Schedule", "parse_action", "COMPUTE_KINDS", "COMM_KINDS", "VOCAB_KINDS", "NO_STAGE",
+    "EXCHANGE_KINDS",
+]
 
 
 class Kind(str, Enum):
@@ -34,6 +38,16 @@ class Kind(str, Enum):
     RECV_F = "RECV_F"  # Roughly: inp of F(stage, mb, slice) = recv(from=rank_of(stage - 1))
     SEND_B = "SEND_B"  # Roughly: isend(grad_in of B(stage, mb, slice), to=rank_of(stage - 1))
     RECV_B = "RECV_B"  # Roughly: dout of B(stage, mb, slice) = recv(from=rank_of(stage + 1))
+    # Vocabulary parallelism (schedule/vocab.py): lock-step collectives over all p ranks, no stage ("VH0.2").
+    VE = "VE"  # Roughly: inp of F(0, mb, slice) = reduce(Σ_r embed_shard_r[ids], to=rank 0)
+    VH = "VH"  # Roughly: y = bcast(norm(out of F(last))); loss, dy_r = ce_r(y @ W_r.T); dout = reduce(dy_r)
+    VB = "VB"  # Roughly: g = bcast(grad_in of B(0, mb, slice), from=rank 0); W_r.grad[ids in r] += g
+    # Attention context exchange (schedule/exchange.py): a marker right before its rank's own F (or B) that
+    # names the PARTNER's concurrent unit ("3XOWN_F1.4  0F1.7": rank 0's 0F1.7 hands attention to 3F1.4).
+    XOWN_F = "XOWN_F"  # Roughly: per layer of the next F: isend(q, kv[:vol]); out = lse_merge(local, recv())
+    XHELP_F = "XHELP_F"  # Roughly: per layer of the next F: q, kv = recv(); isend(attn(q, kv, no mask), lse)
+    XOWN_B = "XOWN_B"  # Roughly: per layer of the next B: isend(q, kv[:vol], out, lse, dout); dq, dkv += recv()
+    XHELP_B = "XHELP_B"  # Roughly: per layer of the next B: isend(attn_backward(recv())) = (dq, dk, dv)
 
     def __str__(self) -> str:  # "F", not "Kind.F"
         return self.value
@@ -41,10 +55,15 @@ class Kind(str, Enum):
 
 COMPUTE_KINDS = frozenset({Kind.F, Kind.B, Kind.W})
 COMM_KINDS = frozenset({Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B})
+VOCAB_KINDS = frozenset({Kind.VE, Kind.VH, Kind.VB})
+"""Collectives every rank runs, in one order: their Action has stage NO_STAGE and prints without it."""
+NO_STAGE = -1
+EXCHANGE_KINDS = frozenset({Kind.XOWN_F, Kind.XHELP_F, Kind.XOWN_B, Kind.XHELP_B})
+"""Attention-exchange markers: they name the partner's unit, so their stage lives on another rank."""
 
 # Longest kind names first so "SEND_F" is not read as "S" + ...
 _KIND_ALT = "|".join(sorted((k.value for k in Kind), key=len, reverse=True))
-_ACTION_RE = re.compile(rf"^(\d+)({_KIND_ALT})(\d+)(?:\.(\d+))?$")
+_ACTION_RE = re.compile(rf"^(\d+)?({_KIND_ALT})(\d+)(?:\.(\d+))?$")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -61,6 +80,8 @@ class Action:
     """Slice index in [0, n); 0 for unsliced schedules."""
 
     def __str__(self) -> str:
+        if self.kind in VOCAB_KINDS:  # collectives belong to no stage: "VH0.2"
+            return f"{self.kind.value}{self.microbatch}.{self.seq_slice}"
         return f"{self.stage}{self.kind.value}{self.microbatch}.{self.seq_slice}"
 
     @property
@@ -82,7 +103,12 @@ def parse_action(text: str) -> Action:
             f" with KIND one of {[k.value for k in Kind]}"
         )
     stage, kind, mb, sl = m.groups()
-    return Action(int(stage), Kind(kind), int(mb), int(sl or 0))
+    if (stage is None) != (Kind(kind) in VOCAB_KINDS):
+        raise ValueError(
+            f"cannot parse action {text!r}: vocabulary collectives ({sorted(k.value for k in VOCAB_KINDS)}) "
+            "are written without a stage ('VH0.2'), every other kind with one ('2F3.1')"
+        )
+    return Action(NO_STAGE if stage is None else int(stage), Kind(kind), int(mb), int(sl or 0))
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,10 @@ program of its rank, and the simulator and the deadlock check read the same prog
 RECV waits until its SEND ran (plus an optional latency), a compute action waits for its data (upstream
 activation or downstream gradient, the K/V carry of the neighbouring slice, its own forward). Each rank
 runs its program strictly in order, so a rank blocked on an action that never becomes ready is a
-deadlock, reported with the stuck actions marked. It is deliberately low-fidelity: durations per action
-and one latency for every message, no bandwidth, no contention (slimpipe.sim models those).
+deadlock, reported with the stuck actions marked. Vocabulary collectives (VE/VH/VB, schedule/vocab.py)
+complete when every rank has reached them, so a rank that never gets there is a deadlock too. It is
+deliberately low-fidelity: durations per action and one latency for every message, no bandwidth, no
+contention (slimpipe.sim models those).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from slimpipe.schedule.actions import Action, Kind, Schedule
+from slimpipe.schedule.actions import EXCHANGE_KINDS, VOCAB_KINDS, Action, Kind, Schedule
 from slimpipe.schedule.validate import ScheduleError
+from slimpipe.schedule.exchange import exchange_waits
+from slimpipe.schedule.vocab import has_vocab, vocab_deps, waits_for
 
 __all__ = ["lower", "dry_run", "DryRunResult", "uniform_duration", "peak_inflight", "inflight_curve"]
 
@@ -96,6 +100,8 @@ class DryRunResult:
 def _deps(a: Action, r: int, p: int, last: int, n: int) -> list[_Key]:
     """What action a (on rank r) waits for. A RECV's dependency is its SEND (latency applies)."""
     k, st, mb, j = a.kind, a.stage, a.microbatch, a.seq_slice
+    if k in VOCAB_KINDS:  # their data dependencies: vocab_deps
+        return []
     if k is Kind.F:
         d: list[_Key] = []
         if st > 0:  # the activation from the previous stage
@@ -118,6 +124,8 @@ def _deps(a: Action, r: int, p: int, last: int, n: int) -> list[_Key]:
         return [(Kind.B, st, mb, j)]
     if k is Kind.RECV_F:
         return [(Kind.SEND_F, st - 1, mb, j)]
+    if k in EXCHANGE_KINDS:  # markers take no time; the F/B after them waits for the partner's (exchange_waits)
+        return []
     return [(Kind.SEND_B, st + 1, mb, j)]  # RECV_B
 
 
@@ -126,7 +134,9 @@ def _deadlock(schedule: Schedule, cursor: list[int], blocked: dict[int, _Key], c
     lines = []
     for r, i in stuck:
         kind, st, mb, j = blocked[r]
-        lines.append(f"rank {r} step {i}: {schedule.ranks[r][i]} waits for {Action(st, kind, mb, j)}")
+        here = schedule.ranks[r][i]
+        what = "every rank to reach it" if here.kind in VOCAB_KINDS else Action(st, kind, mb, j)
+        lines.append(f"rank {r} step {i}: {here} waits for {what}")
     return ScheduleError(
         check,
         "deadlock in the dry run (SEND non-blocking, RECV waits for its SEND, compute waits for its "
@@ -147,6 +157,9 @@ def _dry_run(
     done: dict[_Key, float] = {}  # action key -> end time
     waiting: dict[_Key, list[int]] = {}  # action key -> ranks blocked on it
     blocked: dict[int, _Key] = {}
+    vocab = has_vocab(schedule)
+    arrived: dict[_Key, dict[int, float]] = {}  # collective -> {rank: arrival time}
+    waits = exchange_waits(schedule)  # (rank, step) of an exchanged F/B -> the partner's marker (rendezvous)
     ready = list(range(p))
     while ready:
         r = ready.pop()
@@ -155,7 +168,7 @@ def _dry_run(
             a = prog[i]
             t = t_rank
             hold = None
-            for d in _deps(a, r, p, last, n):
+            for d in _deps(a, r, p, last, n) + (vocab_deps(a, last) if vocab else []) + waits.get((r, i), []):
                 e = done.get(d)
                 if e is None:
                     hold = d
@@ -164,6 +177,24 @@ def _dry_run(
                     e += latency
                 if e > t:
                     t = e
+            if hold is None and a.kind in VOCAB_KINDS:  # a collective: done once every rank reached it
+                key = (a.kind, a.stage, a.microbatch, a.seq_slice)
+                here = arrived.setdefault(key, {})
+                here[r] = t
+                if key not in done and len(here) == p:
+                    done[key] = max(here.values()) + dur(a)
+                    ready.extend(waiting.pop(key, ()))
+                if not waits_for(a.kind, r, p):  # posts its part and moves on (vocab.waits_for)
+                    start[r][i] = end[r][i] = t_rank = t
+                    i += 1
+                    continue
+                if key not in done:
+                    hold = key
+                else:  # waiting for the others is idle time, not part of the action
+                    t_rank = done[key]
+                    start[r][i], end[r][i] = t_rank - dur(a), t_rank
+                    i += 1
+                    continue
             if hold is not None:
                 blocked[r] = hold
                 waiting.setdefault(hold, []).append(r)

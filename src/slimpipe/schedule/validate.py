@@ -18,6 +18,10 @@ Invariants (docs/design.md explains each):
   check_comm_matching       lowered schedules: each SEND has its RECV on the peer, on the right ranks and
                             sides of their compute; per (channel, src, dst) the sends and the receives list
                             the same units in the same order (NCCL matches p2p in issue order, ignoring tags).
+  check_vocab_collectives   schedules with vocabulary collectives (VE/VH/VB, schedule/vocab.py): each
+                            once per (mb, slice) on every rank, in one order everywhere, owner sides right.
+  check_exchange            schedules with attention-exchange markers (schedule/exchange.py): markers in
+                            pairs naming each other's unit, volume ≥ 1, one order per pair of ranks.
   check_pipeline_order      stage s+1's forward after stage s's, backward the other way: a cross-rank
                             property, checked by a dependency-driven dry run of the lowered programs.
 """
@@ -27,8 +31,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection
 
-from slimpipe.schedule.actions import Action, Kind, Schedule
+from slimpipe.schedule.actions import EXCHANGE_KINDS, VOCAB_KINDS, Action, Kind, Schedule
+from slimpipe.schedule.exchange import check_exchange
 from slimpipe.schedule.format import to_grid
+from slimpipe.schedule.vocab import check_vocab_collectives
 
 __all__ = [
     "ScheduleError",
@@ -41,6 +47,8 @@ __all__ = [
     "check_slice_order",
     "check_microbatch_backward_after_forwards",
     "check_comm_matching",
+    "check_vocab_collectives",
+    "check_exchange",
     "check_pipeline_order",
 ]
 
@@ -99,6 +107,10 @@ def check_stage_placement(schedule: Schedule) -> None:
     p, num_stages = schedule.num_ranks, schedule.num_stages
     for r, prog in enumerate(schedule.ranks):
         for i, a in enumerate(prog):
+            if a.kind in VOCAB_KINDS:  # collectives run on every rank (check_vocab_collectives)
+                continue
+            if a.kind in EXCHANGE_KINDS:  # exchange markers name the partner's unit (check_exchange)
+                continue
             if not 0 <= a.stage < num_stages:
                 raise ScheduleError(
                     "check_stage_placement",
@@ -236,7 +248,7 @@ def _check_comm_presence(schedule: Schedule) -> None:
         for i, a in enumerate(prog):
             if a.kind is Kind.F or a.kind is Kind.B:
                 comp[(a.kind, a.stage, a.microbatch, a.seq_slice)] = i
-            elif a.kind is not Kind.W:
+            elif a.kind is not Kind.W and a.kind not in VOCAB_KINDS and a.kind not in EXCHANGE_KINDS:
                 comm.append(i)
         seen: dict[tuple[Kind, int, int, int], int] = {}
         for i in comm:
@@ -336,6 +348,8 @@ CHECKS = (
     check_slice_order,
     check_microbatch_backward_after_forwards,
     check_comm_matching,
+    check_vocab_collectives,
+    check_exchange,
     check_pipeline_order,
 )
 """Every check, in the order validate runs them (cheap and local first, the dry run last)."""

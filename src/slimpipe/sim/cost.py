@@ -14,7 +14,8 @@ Backward = 2× forward for GEMMs and 2.5× for attention (flash attention recomp
 2); recomputation adds the recomputed forward work to B (partial+fc1: fc1; full: the whole layer).
 Per GPU the work is divided by t·c (TP shards weights, CP shards tokens with balanced zig-zag causal work).
 Communication is charged without overlap (a pessimistic, stated simplification): TP+SP 4 collectives per
-layer and direction, CP query-out all-gather/reduce-scatter, EP all-to-all, vocab-parallel collectives;
+layer and direction, CP query-out all-gather/reduce-scatter, EP all-to-all, vocab-parallel collectives
+(their own actions with ``vocab_time``, sim/vocab.py);
 DP gradient/parameter sync once per step. Attention context exchange (SlimPipe §8) is not modelled: the
 per-slice attention imbalance stays where the schedule puts it.
 
@@ -236,27 +237,21 @@ class AnalyticCost:
 
     # -- vocabulary layers ------------------------------------------------------------------------
     def _vocab_times(self, j: int) -> tuple[float, float]:
-        """(forward, backward) seconds of the output layer for slice j on the GPU(s) that run it."""
+        """(forward, backward) seconds of the output layer for slice j on the last stage (no vocab-parallel:
+        with it the work is in the VE/VH/VB collectives, ``vocab_time``)."""
         wl, hw, par = self.workload, self.hw, self.workload.parallel
         tok, h, vsz = self.tokens[j] * self.b, wl.model.hidden, wl.model.vocab_size
         gemm = hw.peak_flops * hw.gemm_efficiency
-        # With a profile the head's compute comes from _profiled_ends; only the collectives remain here.
+        # With a profile the head's compute comes from _profiled_ends.
         flops = 0.0 if hw.profile is not None else 2 * tok * h * vsz / (par.tp * par.cp)
-        if not wl.vocab_parallel:
-            return flops / gemm, 2 * flops / gemm
-        group = par.tp * par.pp  # scatter + all-gather of the last stage's hidden states over TP×PP
-        span = self._span_pp * par.pp
-        comm = 2 * _ring_time(tok / par.cp * h * 2, group, hw.link_bw(span), hw.p2p_latency_s)
-        return flops / par.pp / gemm + comm, 2 * flops / par.pp / gemm + comm
+        return flops / gemm, 2 * flops / gemm
 
-    def _embed_comm(self, j: int) -> float:
-        """Vocab-parallel embedding: all-reduce of the slice's hidden states over TP×PP (forward and back)."""
-        wl, hw, par = self.workload, self.hw, self.workload.parallel
-        if not wl.vocab_parallel:
-            return 0.0
-        group = par.tp * par.pp
-        return 2 * _ring_time(self.tokens[j] * self.b / par.cp * wl.model.hidden * 2, group,
-                              hw.link_bw(self._span_pp * par.pp), hw.p2p_latency_s)
+    def vocab_time(self, kind: Kind, seq_slice: int) -> tuple[float, float]:
+        """(per-rank compute, collective communication) seconds of a vocabulary collective on slice
+        ``seq_slice`` (sim/vocab.py)."""
+        from slimpipe.sim.vocab import analytic_vocab_time
+
+        return analytic_vocab_time(self, kind, seq_slice)
 
     # -- CostModel --------------------------------------------------------------------------------
     def _unit(self, stage: int, j: int) -> tuple[float, float]:
@@ -265,10 +260,10 @@ class AnalyticCost:
             wl, par = self.workload, self.workload.parallel
             lf, lb = self._layer_times(j)
             fwd, bwd = wl.layers_per_stage * lf, wl.layers_per_stage * lb
-            k = stage // par.pp
             last_stage = par.pp * par.vpp - 1
-            has_head = (wl.vocab_parallel and k == par.vpp - 1) or (not wl.vocab_parallel and stage == last_stage)
-            has_embed = (wl.vocab_parallel and k == 0) or stage == 0
+            # Vocab-parallel: the embedding and head run in the VE/VH/VB collectives (vocab_time).
+            has_head = not wl.vocab_parallel and stage == last_stage
+            has_embed = not wl.vocab_parallel and stage == 0
             prof = self.hw.profile
             if prof is not None:
                 ef, eb = self._profiled_ends(prof, j, head=has_head, embed=has_embed)
@@ -276,9 +271,6 @@ class AnalyticCost:
             if has_head:
                 vf, vb = self._vocab_times(j)
                 fwd, bwd = fwd + vf, bwd + vb
-            if wl.vocab_parallel and k == 0:
-                e = self._embed_comm(j)
-                fwd, bwd = fwd + e, bwd + e
             self._fwd[key], self._bwd[key] = fwd, bwd
         return self._fwd[key], self._bwd[key]
 

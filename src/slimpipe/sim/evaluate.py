@@ -10,12 +10,15 @@ from dataclasses import dataclass
 from slimpipe.schedule.actions import Schedule
 from slimpipe.sim.cost import AnalyticCost, CostModel, UniformCost, seq1f1b_partition
 from slimpipe.sim.hardware import Hardware
-from slimpipe.sim.memory import MemoryBreakdown, memory_model
+from slimpipe.sim.memory import MemoryBreakdown, memory_model, peak_inflight
 from slimpipe.sim.metrics import Report, summarize
 from slimpipe.sim.simulator import DeadlockError, Timeline, simulate
 from slimpipe.sim.workload import Workload
 
-__all__ = ["Evaluation", "evaluate", "schedule_slice_weights", "COSTS"]
+__all__ = [
+    "Evaluation", "evaluate", "schedule_slice_weights", "COSTS", "precheck_memory", "closed_form_inflight",
+    "weighted_inflight", "builder_warmup",
+]
 
 COSTS = ("analytic", "uniform")
 
@@ -55,8 +58,11 @@ def schedule_slice_weights(workload: Workload, schedule_name: str, *,
 
 
 def evaluate(workload: Workload, schedule_name: str, *, hardware: Hardware, cost: str = "analytic",
-             warmup: str = "auto", equal_slices: bool = False) -> Evaluation:
+             warmup: str = "auto", equal_slices: bool = False, attn_balance: int = 0) -> Evaluation:
     """Build the named schedule for ``workload``, lower it, simulate it and apply the memory model.
+
+    attn_balance > 0 adds the attention context exchange (schedule/exchange.py, at most that many slices
+    per exchange; sim/exchange.py models it).
 
     seq1f1b gets Seq1F1B's computation-balanced segments (seq1f1b_partition, boundaries rounded to t·2c
     tokens) unless ``equal_slices``.
@@ -74,6 +80,12 @@ def evaluate(workload: Workload, schedule_name: str, *, hardware: Hardware, cost
     sched = lower(built)
     model: CostModel = (UniformCost() if cost == "uniform"
                         else AnalyticCost(workload, hardware, sched.slice_fractions()))
+    if workload.vocab_parallel and cost == "analytic":  # uniform: the authors' convention, no vocab work
+        sched = _with_vocab_collectives(sched, model)
+    if attn_balance:  # after the collectives: pairs come from a dry run that includes them
+        from slimpipe.schedule.exchange import add_exchange
+
+        sched = add_exchange(sched, attn_balance)
     try:
         timeline = simulate(sched, model)
     except DeadlockError as exc:
@@ -88,3 +100,97 @@ def evaluate(workload: Workload, schedule_name: str, *, hardware: Hardware, cost
                        dp_sync_s=model.step_overhead())
     return Evaluation(workload=workload, schedule=sched, cost=model, timeline=timeline, memory=memory,
                       report=report)
+
+
+def _with_vocab_collectives(sched: Schedule, model: CostModel) -> Schedule:
+    """Place VE/VH/VB (schedule/vocab.py) along a timeline with the cost model's compute durations."""
+    from slimpipe.schedule.actions import COMPUTE_KINDS
+    from slimpipe.schedule.vocab import add_vocab_parallel
+
+    def duration(a) -> float:
+        return model.compute_time(a.kind, a.stage, a.seq_slice) if a.kind in COMPUTE_KINDS else 0.0
+
+    return add_vocab_parallel(sched, duration=duration)
+
+
+# -- Memory-only pre-check: what `evaluate(...).memory` would say, without building the schedule. -------
+# The planner prunes thousands of layouts with it before simulating a few dozen.
+
+def builder_warmup(name: str, p: int, m: int, n: int, v: int) -> tuple[int | None, int]:
+    """(w, g) as the named builder chooses them with ``warmup="auto"``; w None for GPipe. Raises
+    ConfigError where the builder would ((m−1)·n·v < w·(p−1)). Uses the builders' own helpers; the grid
+    test in tests/test_planner.py keeps this mapping equal to `build`."""
+    from slimpipe.schedule import builders
+
+    g = builders.group_size(p, n, v)
+    if name == "gpipe":
+        return None, g
+    if name in ("slimpipe", "interleaved-1f1b"):  # double warm-up unless a group is partial
+        w = builders._interleaved_warmup(name, "auto", p, m, n, v)
+    else:  # 1f1b: Megatron's single; seq1f1b: its own rule, also single
+        w = 1 if name == "seq1f1b" else builders.warmup_factor("auto", v, n)
+    if name != "1f1b":  # 1F1B caps its warm-up at m instead (GPipe's order when m < p)
+        builders._check_warmup_fits(name, p, m, n, v, w)
+    return w, g
+
+
+def closed_form_inflight(name: str, p: int, m: int, n: int, v: int) -> tuple[list[float], int | None, int]:
+    """(peak in-flight units per rank, w, g) of the named builder's schedule, without building it.
+
+    Equal slices only (seq1f1b's unequal segments weight units differently: build those). The first
+    backward is B(stage (v−1)·p + r, micro-batch 0, the last slice of its group); its forward sits in the
+    forward order at f₀ = group offset + (v−1)·|group| + its index, and the loop runs forwards until
+    f₀ + 1 + w·(p−1−r) are in flight.
+    """
+    w, g = builder_warmup(name, p, m, n, v)
+    total = m * n * v
+    if w is None:
+        return [float(total)] * p, None, g
+    if g <= n:  # cycles of one micro-batch: its last cycle is backwarded first
+        first = (n // g - 1) * g * v + (v - 1) * g + g - 1
+    else:  # groups of g/n whole micro-batches: group 0 first, micro-batch 0's last slice
+        size = min(g, m * n)
+        first = (v - 1) * size + n - 1
+    return [float(min(total, first + 1 + w * (p - 1 - r))) for r in range(p)], w, g
+
+
+def precheck_memory(workload: Workload, name: str) -> list[MemoryBreakdown]:
+    """Per-rank memory of ``workload`` under the named schedule, from the closed-form in-flight counts.
+
+    Equals ``evaluate(...).memory`` (tested); seq1f1b with unequal segments builds its compute-only
+    schedule (v = 1, cheap) because its units carry different weights.
+    """
+    par = workload.parallel
+    p, m, n, v = par.pp, workload.microbatches, par.slices, par.vpp
+    weights = schedule_slice_weights(workload, name)
+    peaks, w, g = (closed_form_inflight(name, p, m, n, v) if weights is None
+                   else weighted_inflight(name, p, m, n, v, weights))
+    # memory_model reads only the shape (p, v, n, slice lengths, g, name) when the in-flight counts are given.
+    shape = Schedule(name=name, num_ranks=p, virtual_stages=v, num_microbatches=m, num_slices=n,
+                     ranks=tuple(() for _ in range(p)), slice_weights=weights, meta={"w": w, "g": g})
+    return memory_model(workload, shape, inflight=peaks)
+
+
+def weighted_inflight(name: str, p: int, m: int, n: int, v: int,
+                      weights: tuple[float, ...]) -> tuple[list[float], int | None, int]:
+    """Weighted in-flight peaks of a v = 1 schedule with unequal slices (Seq1F1B's segments): the
+    builders' loop replayed on weights only (forward order (micro-batch, slice); backward order
+    micro-batch ascending, slice descending; target f₀ + 1 + w·(p−1−r) with f₀ = n − 1)."""
+    w, g = builder_warmup(name, p, m, n, v)
+    assert v == 1, "unequal slices are seq1f1b's, which is non-interleaved"
+    total, unit = m * n, [n * x for x in weights]
+    peaks = []
+    for r in range(p):
+        target = total if w is None else min(total, n + w * (p - 1 - r))
+        fi = bi = count = 0
+        cur = best = 0.0
+        while fi < total or bi < total:
+            if fi < total and count < target:
+                cur += unit[fi % n]
+                best = max(best, cur)
+                fi, count = fi + 1, count + 1
+            if bi < total and (fi == total or count >= target):
+                cur -= unit[n - 1 - bi % n]
+                bi, count = bi + 1, count - 1
+        peaks.append(best)
+    return peaks, w, g

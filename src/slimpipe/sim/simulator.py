@@ -5,7 +5,10 @@ cost model's duration; SEND_* is a non-blocking isend that takes no rank time an
 available to the receiver ``transfer_time`` later; RECV_* blocks until that tensor is available. Sends are
 matched to receives by the unit they carry (not by arrival order), links never contend, and nothing
 overlaps with compute on the same rank except the transfers themselves. If at some point no rank can
-progress, the stuck RECVs are reported as a deadlock.
+progress, the stuck RECVs are reported as a deadlock. Attention-exchange markers are rendezvous: the
+paired F (or B) units start together, with the moved attention and its transfers in their durations
+(sim/exchange.py). Vocabulary collectives (VE/VH/VB) complete when every rank reached them; the ranks that
+need the result wait for that (sim/vocab.py).
 
 Cost: one pass over the actions (a rank runs until it blocks; a send wakes the rank blocked on it), with
 durations tabulated once per (kind, stage, slice).
@@ -15,8 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimpipe.schedule.actions import Action, Kind, Schedule
+from slimpipe.schedule.actions import EXCHANGE_KINDS, VOCAB_KINDS, Action, Kind, Schedule
 from slimpipe.sim.cost import CostModel
+from slimpipe.schedule.exchange import has_exchange
+from slimpipe.sim.exchange import exchange_timing
+from slimpipe.schedule.vocab import has_vocab
+from slimpipe.sim.vocab import VocabClock
 
 __all__ = ["Timeline", "DeadlockError", "simulate"]
 
@@ -80,13 +87,34 @@ class _Run:
         self.starts = tuple([0.0] * len(prog) for prog in self.progs)
         self.ends = tuple([0.0] * len(prog) for prog in self.progs)
         self.ptr, self.clock, self.busy = [0] * p, [0.0] * p, [0.0] * p
+        # Attention context exchange (sim/exchange.py): exchanged units' durations, marker rendezvous.
+        xt = exchange_timing(schedule, cost) if has_exchange(schedule) else None
+        self.x_dur = xt.durations if xt else {}
+        self.x_partner = xt.partner if xt else {}
+        self.x_arrive: dict[tuple[int, int], float] = {}
+        self.x_wait: set[tuple[int, int]] = set()
+        # Vocabulary collectives (sim/vocab.py): every rank takes part, some wait for completion.
+        self.vclock = VocabClock(schedule, cost) if has_vocab(schedule) else None
+
+    def _meet(self, r: int, i: int, t: float, woken: list[int]) -> float | None:
+        """Rank r reached exchange marker i at t: the time both partners are there, or None (wait)."""
+        me, other = (r, i), self.x_partner[(r, i)]
+        here = self.x_arrive.setdefault(me, t)
+        there = self.x_arrive.get(other)
+        if there is None:
+            self.x_wait.add(me)
+            return None
+        if other in self.x_wait:
+            self.x_wait.discard(other)
+            woken.append(other[0])
+        return max(here, there)
 
     def advance(self, r: int) -> list[int]:
         """Run rank r until it blocks on a RECV or finishes; return the ranks its SENDs woke up."""
         # Hot loop: everything it touches is a local name.
         F, B, W, RECV_F, RECV_B = Kind.F, Kind.B, Kind.W, Kind.RECV_F, Kind.RECV_B
         SEND_F, SEND_B = Kind.SEND_F, Kind.SEND_B
-        dur, xfer, m, n = self.dur, self.xfer, self.m, self.n
+        dur, xfer, m, n, x_dur = self.dur, self.xfer, self.m, self.n, self.x_dur
         ready_f, ready_b, wait_f, wait_b = self.ready_f, self.ready_b, self.wait_f, self.wait_b
         prog, st, en = self.progs[r], self.starts[r], self.ends[r]
         i, t, b = self.ptr[r], self.clock[r], self.busy[r]
@@ -96,6 +124,8 @@ class _Run:
             k = a.kind
             if k is F or k is B or k is W:
                 d = dur[(k, a.stage, a.seq_slice)]
+                if x_dur:
+                    d = x_dur.get((r, i), d)
                 st[i] = t
                 t += d
                 b += d
@@ -117,6 +147,18 @@ class _Run:
                 ready[u] = arrive
                 if u in wait:
                     woken.append(wait.pop(u))
+            elif k in VOCAB_KINDS:  # lock-step collective over all ranks
+                got = self.vclock.reach(r, a, t, woken)  # type: ignore[union-attr]
+                if got is None:
+                    break
+                st[i], en[i], busy = got
+                t = en[i]
+                b += busy
+            elif k in EXCHANGE_KINDS:  # rendezvous: the F/B after it starts when both partners are here
+                met = self._meet(r, i, t, woken)
+                if met is None:
+                    break
+                st[i] = en[i] = t = met
             else:
                 raise ValueError(f"simulate: rank {r} step {i} has an action of unknown kind: {a}")
             i += 1
@@ -148,6 +190,10 @@ def _deadlock_message(schedule: Schedule, stuck: list[int], ptr: list[int]) -> s
             want = f"{a.stage - 1}SEND_F{a.microbatch}.{a.seq_slice} on rank {schedule.rank_of(a.stage - 1)}"
         elif a.kind is Kind.RECV_B:
             want = f"{a.stage + 1}SEND_B{a.microbatch}.{a.seq_slice} on rank {schedule.rank_of(a.stage + 1)}"
+        elif a.kind in EXCHANGE_KINDS:
+            want = f"its exchange partner's marker on rank {a.stage % schedule.num_ranks}"
+        elif a.kind in VOCAB_KINDS:
+            want = "every rank to reach it"
         else:
             want = "?"
         parts.append(f"rank {r} at step {ptr[r]} {a} waits for {want}")

@@ -80,6 +80,10 @@ def _optim_state(rt: Any, *, template: bool) -> dict[str, dict[str, Any]]:
     """AdamW state keyed by global parameter name; zeros of the right shape where none exists yet."""
     import torch
 
+    if getattr(rt, "vocab_layout", None) is not None:  # vocab shards saved as full tensors (collective)
+        from slimpipe.runtime.vocab_state import full_optim_state
+
+        return full_optim_state(rt.vocab_layout, rt.optimizer, template=template)
     opt = rt.optimizer
     on_device = bool(opt.defaults.get("fused") or opt.defaults.get("capturable"))
     out: dict[str, dict[str, Any]] = {}
@@ -169,8 +173,12 @@ def load_checkpoint(rt: Any, step_dir: Path) -> int:
     }
     dcp.load(sd, checkpoint_id=str(step_dir))
     rt.load_model_state_dict(sd["model"])
+    if getattr(rt, "vocab_layout", None) is not None:  # each rank keeps its rows of the full tensors
+        from slimpipe.runtime.vocab_state import load_optim_state
+
+        load_optim_state(rt.vocab_layout, rt.optimizer, sd["optim"])
     assigned: set[str] = set()
-    for name, param in _all_parameters(rt):
+    for name, param in [] if getattr(rt, "vocab_layout", None) is not None else _all_parameters(rt):
         st = sd["optim"][name]
         # a tied replica (local runtime) gets its own copy: aliasing would update one state twice
         rt.optimizer.state[param] = {k: v.clone() for k, v in st.items()} if name in assigned else st

@@ -53,6 +53,13 @@ class TrainConfig:
     """Schedule builder: gpipe, 1f1b, interleaved-1f1b, seq1f1b or slimpipe."""
     warmup: str = "auto"
     """Schedule warm-up: single (synchronous p2p), double (overlapped p2p) or auto."""
+    attn_balance: int = 0
+    """Attention context exchange: most K/V-prefix slices one rank hands to a concurrent partner per
+    exchange (0 = off; slimpipe schedule, equal slices; docs/exchange.md)."""
+    vocab_parallel: bool = False
+    """Shard the embedding and output layer over all pipeline ranks (VE/VH/VB collectives per slice,
+    docs/vocab_parallel.md): saves the end stages' vocabulary memory; pays off when V·h is large
+    against a stage's layers."""
     # --- optimisation ---------------------------------------------------------------------------
     steps: int = 12
     """Optimizer steps in the whole run (a resumed run continues up to this number)."""
@@ -110,7 +117,7 @@ class TrainConfig:
             val = getattr(self, f)
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ConfigError(f"--{_flag(f)}={val!r} must be a positive integer")
-        for f in ("nproc", "threads", "lr_warmup", "checkpoint_every", "keep_checkpoints", "seed"):
+        for f in ("nproc", "threads", "lr_warmup", "checkpoint_every", "keep_checkpoints", "seed", "attn_balance"):
             val = getattr(self, f)
             if not isinstance(val, int) or isinstance(val, bool) or val < 0:
                 raise ConfigError(f"--{_flag(f)}={val!r} must be a non-negative integer")
@@ -174,8 +181,10 @@ def load_config_file(path: str) -> dict[str, object]:
         raise ConfigError(f"--config {path}: no such file; give a .toml or .json file of TrainConfig keys")
     try:
         if p.suffix == ".toml":
-            import tomllib
-
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise ConfigError(f"--config {path}: TOML needs Python ≥ 3.11; give the same keys as JSON") from None
             data = tomllib.loads(p.read_text())
         else:
             data = json.loads(p.read_text())

@@ -86,15 +86,23 @@ class StepLogger:
         self.bar = progress and self.err.isatty()
         self.t0 = time.perf_counter()
         self.first_step = start_step + 1
+        self.records: list[dict[str, Any]] = []
         self.partial.parent.mkdir(parents=True, exist_ok=True)
+        carried = self._carried(start_step)
         self.file = self.partial.open("w")
-        if start_step and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                if line.strip() and json.loads(line)["step"] <= start_step:
-                    self.file.write(line + "\n")
+        self.file.writelines(carried)
         self.file.flush()
 
+    def _carried(self, start_step: int) -> list[str]:
+        """Records up to the resumed step from the earlier log (or the .partial a crashed run left)."""
+        source = self.path if self.path.is_file() else self.partial
+        if not start_step or not source.is_file():
+            return []
+        lines = [ln for ln in source.read_text().splitlines() if ln.strip()]
+        return [ln + "\n" for ln in lines if json.loads(ln)["step"] <= start_step]
+
     def log(self, rec: dict[str, Any]) -> None:
+        self.records.append({k: rec[k] for k in ("step", "loss", "step_time_s", "tokens_per_s")})
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
         step = rec["step"]
@@ -102,6 +110,16 @@ class StepLogger:
             self._clear_bar()
             print(format_step(rec, self.steps), file=self.out, flush=True)
         self._draw_bar(step)
+
+    def summary(self) -> str:
+        """One line on the whole run: loss first → last, mean step time and throughput."""
+        if not self.records:
+            return "no steps run"
+        first, last = self.records[0], self.records[-1]
+        mean_t = sum(r["step_time_s"] for r in self.records) / len(self.records)
+        mean_tps = sum(r["tokens_per_s"] for r in self.records) / len(self.records)
+        return (f"steps {first['step']}–{last['step']} in {_hms(time.perf_counter() - self.t0)}: loss "
+                f"{first['loss']:.4f} → {last['loss']:.4f}, mean step {mean_t:.2f} s, {mean_tps:,.0f} tokens/s")
 
     def print(self, text: str) -> None:
         self._clear_bar()

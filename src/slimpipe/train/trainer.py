@@ -51,8 +51,9 @@ def _device(cfg: Any, local_rank: int) -> torch.device:
 def run_rank(prep: Prepared, *, rank: int, world: int, local_rank: int, store: Any) -> int:
     """Join the process group, train, and return an exit code (errors are printed, never raised)."""
     device = _device(prep.cfg, local_rank)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
-                            world_size=world, timeout=timedelta(seconds=prep.cfg.timeout))
+    cuda = device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=prep.cfg.timeout), device_id=device if cuda else None)
     watchdog = None
     step = [0]
     try:
@@ -105,10 +106,13 @@ def _build_runtime(prep: Prepared, device: torch.device) -> tuple[Any, int]:
     optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip)
     dtype = _DTYPES[cfg.dtype]
     if cfg.local_pipeline:
-        rt = LocalPipelineRuntime(prep.model, prep.schedule, dtype=dtype, seed=cfg.seed, device=device, optim=optim)
+        rt = LocalPipelineRuntime(prep.model, prep.schedule, dtype=dtype, seed=cfg.seed, device=device, optim=optim,
+                                  attn_balance=cfg.attn_balance, vocab_parallel=cfg.vocab_parallel)
         return rt, 0
     state = ParallelState.create(pp=cfg.pp, dp=cfg.dp, timeout_s=cfg.timeout)
-    return PipelineRuntime(prep.model, prep.schedule, state, dtype=dtype, seed=cfg.seed, optim=optim), state.dp_rank
+    rt = PipelineRuntime(prep.model, prep.schedule, state, dtype=dtype, seed=cfg.seed, optim=optim,
+                         attn_balance=cfg.attn_balance, vocab_parallel=cfg.vocab_parallel)
+    return rt, state.dp_rank
 
 
 def _ckpt_meta(prep: Prepared) -> dict[str, Any]:
@@ -120,28 +124,58 @@ def _ckpt_meta(prep: Prepared) -> dict[str, Any]:
     }
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Meter:
+    """What turns a StepResult into a JSON record (rank 0 only)."""
+
+    tokens_per_step: int
+    world: int
+    peak: float
+    fpt: float
+    fpt_causal: float
+    t0: float
+
+    def record(self, step: int, lr: float, res: Any, wall_s: float) -> dict[str, Any]:
+        tps = self.tokens_per_step / wall_s
+        return {
+            "step": step, "loss": res.loss, "grad_norm": res.grad_norm, "lr": lr,
+            "tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world, "step_time_s": wall_s,
+            "schedule_time_s": res.step_time_s, "mfu": self.fpt * tps / (self.world * self.peak),
+            "mfu_causal": self.fpt_causal * tps / (self.world * self.peak), "bubble_ratio": res.bubble_ratio,
+            "peak_activation_bytes": [int(b) for b in res.peak_activation_bytes],
+            "peak_kv_bytes": [int(b) for b in res.peak_kv_bytes],
+            "max_allocated_bytes": res.cuda_max_allocated, "elapsed_s": time.perf_counter() - self.t0,
+        }
+
+
+def _open_outputs(prep: Prepared, world: int, device: torch.device, start: int) -> tuple[StepLogger, Path, _Meter]:
+    """Rank 0: measure the peak, open the log, write the partial config, print the header."""
+    cfg = prep.cfg
+    if cfg.peak_tflops:
+        peak, how = cfg.peak_tflops * 1e12, "--peak-tflops"
+    else:
+        peak, how = measure_peak_flops(_DTYPES[cfg.dtype], device)
+    fpt = flops_per_token(prep.model, cfg.seq_len)
+    meter = _Meter(cfg.global_batch * cfg.seq_len, world, peak, fpt,
+                   flops_per_token(prep.model, cfg.seq_len, causal=True), time.perf_counter())
+    logger = StepLogger(cfg.log_json, steps=cfg.steps, start_step=start, log_every=cfg.log_every,
+                        progress=cfg.progress)
+    config_partial = _write_config(prep, world, device, fpt, peak, how)
+    logger.print(_header(prep, world, device, start, peak, how))
+    return logger, config_partial, meter
+
+
 def _train(prep: Prepared, *, rank: int, world: int, device: torch.device, step: list[int]) -> None:
     cfg = prep.cfg
     torch.manual_seed(cfg.seed)
     rt, dp_rank = _build_runtime(prep, device)
     start = load_checkpoint(rt, prep.resume_dir) if prep.resume_dir is not None else 0
     m = cfg.microbatches
-    tokens_per_step = cfg.global_batch * cfg.seq_len
-    fpt = flops_per_token(prep.model, cfg.seq_len)
-    fpt_causal = flops_per_token(prep.model, cfg.seq_len, causal=True)
-    logger = None
     dist.barrier()  # the other ranks wait idle while rank 0 measures the matmul peak
-    if rank == 0:
-        peak, how = (cfg.peak_tflops * 1e12, "--peak-tflops") if cfg.peak_tflops else measure_peak_flops(
-            _DTYPES[cfg.dtype], device)
-        logger = StepLogger(cfg.log_json, steps=cfg.steps, start_step=start, log_every=cfg.log_every,
-                            progress=cfg.progress)
-        config_partial = _write_config(prep, world, device, fpt, peak, how)
-        logger.print(_header(prep, world, device, start, peak, how))
+    logger, config_partial, meter = _open_outputs(prep, world, device, start) if rank == 0 else (None, None, None)
     dist.barrier()
     try:
         res = None
-        t_run = time.perf_counter()
         for k in range(start + 1, cfg.steps + 1):
             step[0] = k
             fault_hook(rank, k)
@@ -150,19 +184,10 @@ def _train(prep: Prepared, *, rank: int, world: int, device: torch.device, step:
                 group["lr"] = lr
             batch = prep.data.batch(k, seed=cfg.seed, batch=cfg.global_batch, seq_len=cfg.seq_len)  # (B, s+1)
             mine = torch.from_numpy(batch[dp_rank * m : (dp_rank + 1) * m]).to(device)  # (m, s+1)
-            res = rt.train_step(mine)
+            t0 = time.perf_counter()
+            res = rt.train_step(mine)  # schedule, DP all-reduce, clip, AdamW; loss/stats gathered
             if logger is not None:
-                tps = tokens_per_step / res.step_time_s
-                logger.log({
-                    "step": k, "loss": res.loss, "grad_norm": res.grad_norm, "lr": lr,
-                    "tokens_per_s": tps, "tokens_per_s_per_device": tps / world,
-                    "step_time_s": res.step_time_s, "mfu": fpt * tps / (world * peak),
-                    "mfu_causal": fpt_causal * tps / (world * peak), "bubble_ratio": res.bubble_ratio,
-                    "peak_activation_bytes": [int(b) for b in res.peak_activation_bytes],
-                    "peak_kv_bytes": [int(b) for b in res.peak_kv_bytes],
-                    "max_allocated_bytes": res.cuda_max_allocated,
-                    "elapsed_s": time.perf_counter() - t_run,
-                })
+                logger.log(meter.record(k, lr, res, time.perf_counter() - t0))
             if cfg.checkpoint_every and (k % cfg.checkpoint_every == 0 or k == cfg.steps):
                 save_checkpoint(rt, cfg.checkpoint_dir, k, _ckpt_meta(prep), rank=rank, keep=cfg.keep_checkpoints)
         trace = _gather_trace(res, world) if cfg.trace and res is not None else None
@@ -240,4 +265,6 @@ def _publish(prep: Prepared, logger: StepLogger, config_partial: Path, trace: li
         os.replace(partial, cfg.trace)
     os.replace(config_partial, config_partial.with_name("config.json"))
     logger.finish()
-    logger.print(f"done: log {cfg.log_json}" + (f", trace {cfg.trace}" if cfg.trace else ""))
+    logger.print(f"done: {logger.summary()}")
+    logger.print(f"  log {cfg.log_json}, config {Path(cfg.out_dir) / 'config.json'}"
+                 + (f", trace {cfg.trace}" if cfg.trace else ""))

@@ -1,0 +1,301 @@
+"""The attention context exchange at run time: roles from the schedule's markers, per-layer hooks, and the
+exchange channel (docs/exchange.md; the pairing is slimpipe.schedule.exchange).
+
+For each exchanged unit a rank is the **owner** (the longer K/V prefix) or the **helper**, in the forward
+(``XOWN_F``/``XHELP_F`` before its F), the backward (``XOWN_B``/``XHELP_B`` before its B), or both. The F of
+a unit with a role installs a hook on its K/V slice context (``SliceKV.exchange``), so every layer's
+attention of that unit goes through :meth:`_UnitHooks.attend`:
+
+* owner (forward or backward): :class:`ExchangedAttention` — forward: isend q and the K/V of the earliest
+  ``volume`` slices to the partner, compute the rest locally, merge the returned (out, lse); backward:
+  isend dout, q, out, lse and those K/V, compute the local block's gradients, add the returned dq share
+  and place the returned dk, dv in the prefix rows.
+* forward helper: after its own layer-i attention, receive the owner's layer-i request, compute the block
+  without a mask, send (out, lse) back — inside its own F, so the work overlaps instead of serialising.
+* backward helper: an identity node on its attention output whose backward serves the owner's layer-i
+  request inside its own B (after the layer's MLP backward, before its own attention backward).
+
+Both ranks walk their layers in the same order and every request is answered before the next layer, so
+the exchange cannot deadlock once both units started; that both start is what the schedule's rendezvous
+check (dry run) proves. Messages travel on their own process group (``ParallelState.exchange_group``), in
+the order the validated schedule fixes for each pair of ranks, so nothing depends on tags.
+
+The local runtime runs ranks one action at a time, so the owner cannot wait inside a layer for a helper
+that is not running: there the owner computes the moved block itself (the same ``block_forward`` /
+``block_backward`` math) and helpers do nothing. Gradients are identical; only the distributed runtime
+moves the work.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from slimpipe.config import ConfigError
+from slimpipe.runtime.attention import window_attention
+from slimpipe.runtime.exchange_attention import (
+    ExchangedAttention, OwnerJob, ServeBackward, block_backward, block_forward, lse_dtype,
+)
+from slimpipe.schedule.actions import EXCHANGE_KINDS, Action, Kind, Schedule
+from slimpipe.schedule.exchange import EXCHANGE_META, add_exchange, exchanges, has_exchange
+
+__all__ = [
+    "Role", "RankExchange", "DistChannel", "rank_roles", "with_exchange", "dist_exchange", "local_exchange",
+]
+
+Unit = tuple[int, int, int]  # (stage, micro-batch, slice)
+_MARKER = {(Kind.F, True): Kind.XOWN_F, (Kind.F, False): Kind.XHELP_F,
+           (Kind.B, True): Kind.XOWN_B, (Kind.B, False): Kind.XHELP_B}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Role:
+    """This rank's part in one exchange."""
+
+    owner: bool
+    """True: this unit hands attention over; False: it computes the partner's."""
+    partner: int
+    """Pipeline rank of the partner."""
+    partner_unit: Action
+    """The partner's concurrent F or B."""
+    volume: int
+    """Slices of the owner's prefix (its earliest) whose attention moves."""
+
+    def marker(self) -> Action:
+        """The marker that must run before this rank's unit."""
+        p = self.partner_unit
+        return Action(p.stage, _MARKER[(p.kind, self.owner)], p.microbatch, p.seq_slice)
+
+
+def rank_roles(schedule: Schedule, rank: int) -> dict[tuple[Kind, Unit], Role]:
+    """(F or B, unit) -> Role for every exchanged unit of ``rank``."""
+    roles: dict[tuple[Kind, Unit], Role] = {}
+    for x in exchanges(schedule):
+        if x.owner_rank == rank:
+            roles[(x.owner.kind, x.owner.unit)] = Role(owner=True, partner=x.helper_rank,
+                                                       partner_unit=x.helper, volume=x.volume)
+        if x.helper_rank == rank:
+            roles[(x.helper.kind, x.helper.unit)] = Role(owner=False, partner=x.owner_rank,
+                                                         partner_unit=x.owner, volume=x.volume)
+    return roles
+
+
+def with_exchange(schedule: Schedule, attn_balance: int) -> Schedule:
+    """The schedule a runtime runs: markers added (add_exchange) when attn_balance > 0 and it has none.
+
+    A schedule that already carries markers is run as it is; a different nonzero attn_balance is an error.
+    """
+    if has_exchange(schedule):
+        given = int(schedule.meta.get(EXCHANGE_META, 0) or 0)
+        if attn_balance and attn_balance != given:
+            raise ConfigError(f"attn_balance={attn_balance} but the schedule already carries exchange markers "
+                              f"for attn_balance={given}: pass attn_balance=0 or the unmarked schedule")
+        return schedule
+    return add_exchange(schedule, attn_balance) if attn_balance else schedule
+
+
+class DistChannel:
+    """isend / blocking irecv on the exchange process group (one order per pair of ranks, no tags)."""
+
+    def __init__(self, group: object, global_rank: Callable[[int], int], device: torch.device) -> None:
+        self.group, self.global_rank, self.device = group, global_rank, device
+        self._pending: list[tuple[object, torch.Tensor]] = []
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        tensor = tensor.contiguous()  # gloo raises on strided tensors and the peer then hangs
+        work = dist.isend(tensor, dst=self.global_rank(dst), group=self.group)
+        self._pending.append((work, tensor))
+        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]  # type: ignore[attr-defined]
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.irecv(buf, src=self.global_rank(src), group=self.group).wait()
+        return buf
+
+    def finish(self) -> None:
+        for work, _ in self._pending:
+            work.wait()  # type: ignore[attr-defined]
+        self._pending.clear()
+
+
+def _flat(*tensors: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _split(flat: torch.Tensor, *shapes: torch.Size) -> list[torch.Tensor]:
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    return [part.view(s) for part, s in zip(flat.split(sizes), shapes)]
+
+
+class _Done:
+    """An already available reply (the local runtime computes the moved block in place)."""
+
+    def __init__(self, *values: torch.Tensor) -> None:
+        self.values = values
+
+    def wait(self) -> tuple[torch.Tensor, ...]:
+        return self.values
+
+
+class _Reply:
+    """A reply the partner will send: received (blocking) on wait(), the wait timed."""
+
+    def __init__(self, rx: RankExchange, src: int, shapes: list[tuple[torch.Size, torch.dtype]],
+                 split: list[torch.Size] | None = None) -> None:
+        self.rx, self.src, self.shapes, self.split = rx, src, shapes, split
+
+    def wait(self) -> tuple[torch.Tensor, ...]:
+        t0 = time.perf_counter()
+        assert self.rx.channel is not None
+        got = [self.rx.channel.recv(tuple(s), d, self.src) for s, d in self.shapes]
+        self.rx.wait_s += time.perf_counter() - t0
+        return tuple(_split(got[0], *self.split)) if self.split else tuple(got)
+
+
+class _Peer:
+    """Peer (exchange_attention) of an owner: over the channel, or computed in place (channel None)."""
+
+    def __init__(self, rx: RankExchange, partner: int) -> None:
+        self.rx, self.partner = rx, partner
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.rx.sent += 1
+        if self.rx.channel is None:
+            return _Done(*block_forward(q, k, v, None))
+        self.rx.channel.send(_flat(q, k, v), self.partner)
+        return _Reply(self.rx, self.partner, [(q.shape, q.dtype), (q.shape[:-1], lse_dtype(q.dtype))])
+
+    def backward(self, dout, q, out, lse, k, v):
+        self.rx.sent += 1
+        if self.rx.channel is None:
+            return _Done(*block_backward(dout, q, k, v, out, lse, None))
+        self.rx.channel.send(_flat(dout, q, out, k, v), self.partner)
+        self.rx.channel.send(lse, self.partner)
+        n = q.numel() + k.numel() + v.numel()
+        return _Reply(self.rx, self.partner, [(torch.Size([n]), q.dtype)], split=[q.shape, k.shape, v.shape])
+
+
+class RankExchange:
+    """One rank's exchange state: roles, marker handlers, hooks; ``channel`` None = local runtime."""
+
+    def __init__(self, schedule: Schedule, rank: int, channel: DistChannel | None) -> None:
+        self.rank, self.channel = rank, channel
+        self.roles = rank_roles(schedule, rank)
+        self.bounds: list[int] = []
+        self._armed: set[Action] = set()
+        self.wait_s = 0.0  # time blocked on the partner (owner: replies; helper: requests), per step
+        self.sent = self.served = 0  # blocks handed to partners / computed for partners, per step
+
+    def handlers(self) -> dict[Kind, object]:
+        return {k: self._arm for k in EXCHANGE_KINDS}
+
+    def begin_step(self, bounds: list[int]) -> None:
+        self.bounds, self.wait_s = bounds, 0.0
+        self.sent = self.served = 0
+        self._armed.clear()
+
+    def end_step(self) -> None:
+        if self._armed:
+            raise RuntimeError(f"exchange markers whose unit never ran: {sorted(map(str, self._armed))}")
+        if self.channel is not None:
+            self.channel.finish()
+
+    def _arm(self, a: Action) -> None:
+        self._armed.add(a)
+
+    def _consume(self, kind: Kind, a: Action) -> Role | None:
+        role = self.roles.get((kind, a.unit))
+        if role is not None:
+            marker = role.marker()
+            if marker not in self._armed:
+                raise RuntimeError(f"{a} is exchanged but its marker {marker} did not run before it")
+            self._armed.discard(marker)
+        return role
+
+    def on_forward(self, a: Action, slice_kv) -> None:
+        """Before F(a): install the per-layer hook if the unit has a forward or backward role."""
+        f_role = self._consume(Kind.F, a)
+        b_role = self.roles.get((Kind.B, a.unit))
+        if f_role is not None or b_role is not None:
+            slice_kv.exchange = _UnitHooks(self, slice_kv, f_role, b_role)
+
+    def on_backward(self, a: Action) -> None:
+        """Before B(a): its marker must have run (the work itself was wired by the F's hook)."""
+        self._consume(Kind.B, a)
+
+    # ---- helper side ---------------------------------------------------------------------------------
+    def _request_shapes(self, role: Role, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Size, torch.Size]:
+        """(owner's grouped q, moved K/V) shapes; layers share one attention layout (same model config)."""
+        b, _, heads, d = q.shape
+        hk, j = k.size(2), role.partner_unit.seq_slice
+        t_o = self.bounds[j + 1] - self.bounds[j]
+        return torch.Size([b, hk, heads // hk * t_o, d]), torch.Size([b, hk, self.bounds[role.volume], d])
+
+    def serve_forward(self, role: Role, q: torch.Tensor, k: torch.Tensor) -> None:
+        if self.channel is None:
+            return
+        qs, ks = self._request_shapes(role, q, k)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            msg = self.channel.recv((qs.numel() + 2 * ks.numel(),), q.dtype, role.partner)
+            self.wait_s += time.perf_counter() - t0
+            oq, ok, ov = _split(msg, qs, ks, ks)
+            out, lse = block_forward(oq, ok, ov, None)
+            self.served += 1
+            self.channel.send(out, role.partner)
+            self.channel.send(lse, role.partner)
+
+    def serve_backward(self, role: Role, qs: torch.Size, ks: torch.Size, dtype: torch.dtype) -> None:
+        assert self.channel is not None
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            msg = self.channel.recv((3 * qs.numel() + 2 * ks.numel(),), dtype, role.partner)
+            lse = self.channel.recv(tuple(qs[:-1]), lse_dtype(dtype), role.partner)
+            self.wait_s += time.perf_counter() - t0
+            dout, oq, out, ok, ov = _split(msg, qs, qs, qs, ks, ks)
+            self.served += 1
+            self.channel.send(_flat(*block_backward(dout, oq, ok, ov, out, lse, None)), role.partner)
+
+
+class _UnitHooks:
+    """SliceKV.exchange of one exchanged unit: every layer's attention goes through attend()."""
+
+    def __init__(self, rx: RankExchange, slice_kv, f_role: Role | None, b_role: Role | None) -> None:
+        self.rx, self.slice_kv, self.f_role, self.b_role = rx, slice_kv, f_role, b_role
+
+    def attend(self, layer_id: int, q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor) -> torch.Tensor:
+        rx, sk, fr, br = self.rx, self.slice_kv, self.f_role, self.b_role
+        fo = fr if fr is not None and fr.owner else None
+        bo = br if br is not None and br.owner else None
+        if fo is not None or bo is not None:
+            job = OwnerJob(start=sk.start, end=sk.end, fwd_tokens=rx.bounds[fo.volume] if fo else 0,
+                           bwd_tokens=rx.bounds[bo.volume] if bo else 0,
+                           fwd_peer=_Peer(rx, fo.partner) if fo else None,
+                           bwd_peer=_Peer(rx, bo.partner) if bo else None)
+            out = ExchangedAttention.apply(q, k_win, v_win, job)
+        else:
+            out = window_attention(q, k_win, v_win, sk.start, sk.store.masks, sk.store.bounds[-1])
+        if fr is not None and not fr.owner:
+            rx.serve_forward(fr, q, k_win)
+        if br is not None and not br.owner and rx.channel is not None:
+            qs, ks = rx._request_shapes(br, q, k_win)
+            out = ServeBackward.apply(out, functools.partial(rx.serve_backward, br, qs, ks, q.dtype))
+        return out
+
+
+def dist_exchange(schedule: Schedule, state) -> RankExchange | None:  # state: ParallelState
+    """This process's exchange over ``state.exchange_group``, or None when the schedule has no markers."""
+    if not has_exchange(schedule):
+        return None
+    return RankExchange(schedule, state.pp_rank, DistChannel(state.exchange_group, state.global_rank,
+                                                             state.device))
+
+
+def local_exchange(schedule: Schedule, rank: int) -> RankExchange | None:
+    """Rank ``rank`` of a LocalPipelineRuntime (owners compute moved blocks themselves), or None."""
+    return RankExchange(schedule, rank, None) if has_exchange(schedule) else None
