@@ -77,7 +77,8 @@ def _family(s: int, m: int) -> list[Case]:
 
 
 DEFAULT_CASES = _family(512, 4) + _family(2048, 2) + [
-    c for c in _family(4096, 2) if (c.schedule, c.slices, c.vpp) not in (("slimpipe", 2, 1), ("slimpipe", 4, 2))]
+    c for c in _family(4096, 2)
+    if (c.schedule, c.slices, c.vpp) not in (("slimpipe", 2, 1), ("slimpipe", 4, 2))]  # time budget
 QUICK_CASES = [Case(schedule="1f1b", seq_len=128, microbatches=2),
                Case(schedule="slimpipe", seq_len=128, microbatches=2, slices=4)]
 
@@ -101,7 +102,8 @@ def predict_activation(schedule: Schedule, model: ModelConfig, seq_len: int,
         for a in prog:
             if a.kind in (Kind.F, Kind.B):
                 t = bounds[a.seq_slice + 1] - bounds[a.seq_slice]
-                extra = fp.first_stage if a.stage == 0 else fp.last_stage if a.stage == last else fp.middle_stage
+                extra = (fp.first_stage if a.stage == 0 else fp.last_stage if a.stage == last
+                         else fp.middle_stage)
                 unit = t * (layers * fp.per_layer + extra)
                 if a.kind is Kind.F:
                     cur += unit + (kv_seq if a.seq_slice == 0 else 0.0)
@@ -117,11 +119,12 @@ def predict_activation(schedule: Schedule, model: ModelConfig, seq_len: int,
 
 
 def predict(case: Case, model: ModelConfig, hw: Hardware) -> dict:
-    """Simulated step time, bubble and activation peaks for one case (schedule built as evaluate builds it)."""
+    """Simulated step time, bubble, busy and activation peaks of one case (schedule from evaluate)."""
     wl = Workload(model=model, parallel=ParallelConfig(pp=2, vpp=case.vpp, slices=case.slices),
                   seq_len=case.seq_len, global_batch=case.microbatches)
     ev = evaluate(wl, case.schedule, hardware=hw)
-    assert hw.profile is not None and hw.profile.footprint is not None, "the profile has no activation footprint"
+    if hw.profile is None or hw.profile.footprint is None:
+        raise ConfigError("--profile: no activation footprint in it; recreate it with `slimpipe calibrate`")
     return {"schedule": ev.schedule, "step_s": ev.report.pipeline_time_s, "bubble": ev.report.bubble_ratio,
             "busy_s": list(ev.timeline.busy),
             "act": predict_activation(ev.schedule, model, case.seq_len, hw.profile.footprint),
@@ -172,7 +175,8 @@ def measure(cases: list[Case], model: ModelConfig, schedules: list[Schedule], st
     med = statistics.median
     return [{"step_s": med(r0["step_s"]), "step_s_all": r0["step_s"], "bubble": med(r0["bubble"]),
              "busy_s": [med(r0["busy_s"]), med(r1["busy_s"])],
-             "cpu_busy_s": [med(r0["cpu_busy_s"]), med(r1["cpu_busy_s"])], "act": r0["act"], "loss": r0["loss"]}
+             "cpu_busy_s": [med(r0["cpu_busy_s"]), med(r1["cpu_busy_s"])], "act": r0["act"],
+             "loss": r0["loss"]}
             for r0, r1 in zip(*ranks)]
 
 
@@ -186,9 +190,10 @@ def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int 
         j = ref.get(c.seq_len, i)
         rows.append({
             "case": c.label, "schedule": c.schedule, "seq_len": c.seq_len, "m": c.microbatches, "n": c.slices,
-            "v": c.vpp, "measured_step_s": m["step_s"], "step_s_all": m["step_s_all"], "predicted_step_s": p["step_s"],
-            "step_ratio": p["step_s"] / m["step_s"], "measured_bubble": m["bubble"], "predicted_bubble": p["bubble"],
-            "measured_busy_s": m["busy_s"], "measured_cpu_busy_s": m["cpu_busy_s"], "predicted_busy_s": p["busy_s"],
+            "v": c.vpp, "measured_step_s": m["step_s"], "step_s_all": m["step_s_all"],
+            "predicted_step_s": p["step_s"], "step_ratio": p["step_s"] / m["step_s"],
+            "measured_bubble": m["bubble"], "predicted_bubble": p["bubble"], "measured_busy_s": m["busy_s"],
+            "measured_cpu_busy_s": m["cpu_busy_s"], "predicted_busy_s": p["busy_s"],
             "cpu_busy_ratio": [pb / mb for pb, mb in zip(p["busy_s"], m["cpu_busy_s"])],
             "measured_act": m["act"], "predicted_act": p["act"],
             "act_ratio": [pa / ma for pa, ma in zip(p["act"], m["act"])],
@@ -208,7 +213,8 @@ def markdown(rows: list[dict]) -> str:
         ok = "" if 0.9 <= r["step_ratio"] <= 1.1 else " ✗"
         aok = "" if all(abs(x - 1) <= 0.05 for x in r["act_ratio"]) else " ✗"
         lines.append(
-            f"| {r['seq_len']} | {r['m']} | {r['case']} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | "
+            f"| {r['seq_len']} | {r['m']} | {r['case']} | {r['measured_step_s']:.3f} | "
+            f"{r['predicted_step_s']:.3f} | "
             f"{r['step_ratio']:.3f}{ok} | {r['measured_bubble']:.1%} | {r['predicted_bubble']:.1%} | "
             f"{r['cpu_busy_ratio'][0]:.2f}, {r['cpu_busy_ratio'][1]:.2f} | "
             f"{r['measured_act'][0] / 2**20:.1f} | {r['act_ratio'][0]:.4f}, {r['act_ratio'][1]:.4f}{aok} | "
@@ -233,15 +239,16 @@ def main(argv: list[str] | None = None) -> int:
             from slimpipe.calibrate import CalibrateOptions, calibrate
             from slimpipe.sim.hardware import profile_from_dict
 
-            hw = profile_from_dict(calibrate(CalibrateOptions(model=model, threads=1)), default_name="calibrated",
-                                   source="calibrate")
+            doc = calibrate(CalibrateOptions(model=model, threads=1, concurrency=2))
+            hw = profile_from_dict(doc, default_name="calibrated", source="calibrate")
         load0, t0 = os.getloadavg(), time.time()
         rows = validate(DEFAULT_CASES if a.cases == "default" else QUICK_CASES, model, hw, steps=a.steps)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()}-core CPU, gloo, torch "
-            f"{torch.__version__}", "load_before": load0, "load_after": os.getloadavg(), "wall_s": time.time() - t0,
+            f"{torch.__version__}", "load_before": load0, "load_after": os.getloadavg(),
+            "wall_s": time.time() - t0,
             "profile": a.profile or "calibrated in-process", "model": model.name, "steps": a.steps}
     table = markdown(rows)
     print(f"{meta['date']}  {meta['machine']}  load {load0[0]:.2f} → {meta['load_after'][0]:.2f}  "

@@ -60,16 +60,17 @@ def test_quick_profile_is_valid_and_fast(quick_profile) -> None:
     assert len(prof.gemms) == 5 and all(g.fwd.per_item_s > 0 for g in prof.gemms)
     assert prof.attn_fwd.prefix_s + prof.attn_fwd.masked_diagonal_s > 0
     assert 1e-6 < prof.p2p_latency_s < 0.05 and prof.p2p_bandwidth > 1e7
-    assert hw.intra_node_bw == pytest.approx(prof.p2p_bandwidth)  # CPU: the measured gloo link is the cluster link
+    assert hw.intra_node_bw == pytest.approx(prof.p2p_bandwidth)  # CPU: the measured gloo link
     fp = prof.footprint
     assert fp is not None and fp.kv_per_layer == 2 * TINY.kv_dim * 4
-    # fp32 activations of one tiny layer are several KiB per token; the loss stage keeps logits (V=256 floats).
+    # fp32 activations of a tiny layer: several KiB per token; the loss stage keeps logits (256 floats).
     assert 4096 < fp.per_layer < 32768 and fp.last_stage >= 4 * TINY.vocab_size
 
 
 def test_simulate_accepts_the_profile(quick_profile, capsys) -> None:
     path, _ = quick_profile
-    argv = ["simulate", "--model", "tiny", "--seq-len", "1024", "--global-batch", "2", "--pp", "2", "--slices", "4"]
+    argv = ["simulate", "--model", "tiny", "--seq-len", "1024", "--global-batch", "2", "--pp", "2",
+            "--slices", "4"]
     assert main([*argv, "--profile", str(path), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["config"]["gpu"] == f"profile {path}"
@@ -87,16 +88,18 @@ def test_profile_reproduces_its_own_unit_times(quick_profile) -> None:
     path, _ = quick_profile
     doc = json.loads(path.read_text())
     rows = unit_consistency(load_profile(str(path)), doc)
-    assert len(rows) == 8  # 2 stages × 2 slices × (F, B)
+    assert len(rows) == 16  # 2 runs (tiny, s=256) × 2 stages × 2 slices × (F, B)
     ratios = [r["ratio"] for r in rows]
     assert 0.9 <= statistics.median(ratios) <= 1.1, rows
-    assert all(0.6 <= x <= 1.6 for x in ratios), rows
+    # Medians of 4 samples on a shared 2-core machine: allow one straggler among the 16.
+    assert sum(0.7 <= x <= 1.4 for x in ratios) >= 15, rows
 
 
 def _toy_profile(**changes) -> CostProfile:
     zero = LinearTime(fixed_s=0.0, per_item_s=0.0)
     attn = AttentionTime(fixed_s=0.0, prefix_s=0.0, diagonal_s=0.0, masked_diagonal_s=0.0)
-    base = dict(device="cpu", dtype="float32", dtype_bytes=4, threads=1, model="tiny", model_width=1, gemms=(),
+    base = dict(device="cpu", dtype="float32", dtype_bytes=4, threads=1, model="tiny", model_width=1,
+                gemms=(),
                 gemm_fwd=zero, gemm_bwd=zero, attn_fwd=attn, attn_bwd=attn, elementwise_fwd=zero,
                 elementwise_bwd=zero, embed_fwd=zero, embed_bwd=zero, loss_fwd=zero, loss_bwd=zero,
                 compose_fwd=1.0, compose_bwd=1.0, action_fwd_s=0.0, action_bwd_s=0.0, p2p_latency_s=1e-4,
@@ -122,7 +125,7 @@ def test_profiled_cost_composes_the_fitted_terms() -> None:
         want = 0.01 + 1.5 * l * (1e-3 + 2e-10 * 4 * q * t * (j * t) + diag)
         assert cost.compute_time(Kind.F, 0, j) == pytest.approx(want)
         assert cost.compute_time(Kind.B, 0, j) == 0.0
-    # Linear layers: the fallback fit by FLOPs (no per-shape fits here): 2·T·(h·(q + 2kv) + q·h + 3·h·f).
+    # Linear layers, the all-shape fit by FLOPs (no per-shape fits here): 2·T·(h(q + 2kv) + qh + 3hf).
     lin = _cost(_toy_profile(gemm_fwd=LinearTime(fixed_s=0.0, per_item_s=1e-9)))
     h, kv, f = TINY.hidden, TINY.kv_dim, TINY.ffn
     flops = 2 * t * (h * (q + 2 * kv) + q * h + 3 * h * f)

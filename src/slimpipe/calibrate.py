@@ -76,7 +76,8 @@ GRIDS: dict[str, dict[str, object]] = {
                 attn=((64, 0), (64, 448), (64, 960), (256, 0), (256, 256), (256, 768), (256, 1792), (512, 0),
                       (512, 1536), (1024, 0), (1024, 1024)),
                 units=(("slimpipe", 32, 4), ("slimpipe", 1024, 4), ("1f1b", 512, 1)), foot_tokens=128),
-    "cpu-quick": dict(gemm=(64, 256), elem=(64, 256), ends=(64, 256), reps=2, unit_layers=0, p2p=(1 << 10, 1 << 20),
+    "cpu-quick": dict(gemm=(64, 256), elem=(64, 256), ends=(64, 256), reps=2, unit_layers=0,
+                      p2p=(1 << 10, 1 << 20),
                       attn=((64, 0), (64, 192), (128, 0), (128, 384)),
                       units=(("slimpipe", 32, 2), ("slimpipe", 256, 2)),
                       foot_tokens=64),
@@ -215,8 +216,9 @@ def _measure_attention(cfg: ModelConfig, grid: Sequence[tuple[int, int]], ctx: _
     out = []
     for t, p in grid:
         def make(t=t, p=p):
-            def r(n, heads):
-                return torch.randn(1, n, heads, cfg.head_dim, device=ctx.dev, dtype=ctx.dt, requires_grad=True)
+            def r(n, heads):  # (1, n, heads, head_dim)
+                return torch.randn(1, n, heads, cfg.head_dim, device=ctx.dev, dtype=ctx.dt,
+                                   requires_grad=True)
             return r(t, cfg.num_heads), r(p + t, cfg.num_kv_heads), r(p + t, cfg.num_kv_heads)
         f, b = _time_fwd_bwd(make, lambda q, k, v, p=p: window_attention(q, k, v, p, masks, seq), ctx)
         out.append({"tokens": t, "prefix": p, "fwd_s": f, "bwd_s": b})
@@ -236,8 +238,8 @@ def _measure_elementwise(cfg: ModelConfig, tokens: Sequence[int], ctx: _Ctx) -> 
         def make(t=t):
             def r(*shape):
                 return torch.randn(1, t, *shape, device=dev, dtype=dt, requires_grad=True)
-            return (r(cfg.hidden), r(cfg.num_heads, cfg.head_dim), r(cfg.num_kv_heads, cfg.head_dim), r(cfg.ffn),
-                    r(cfg.ffn), r(cfg.hidden), r(cfg.hidden))
+            return (r(cfg.hidden), r(cfg.num_heads, cfg.head_dim), r(cfg.num_kv_heads, cfg.head_dim),
+                    r(cfg.ffn), r(cfg.ffn), r(cfg.hidden), r(cfg.hidden))
 
         def block_rest(x, q, k, a, b, attn_out, mlp_out, cos=cos, sin=sin):
             x2 = x + attn_out  # (1, t, h): the residual adds, norms, RoPE and gate of one block
@@ -454,15 +456,17 @@ def _fit_kernels(cfg: ModelConfig, m: dict) -> dict[str, object]:
         attn_fwd=attn["fwd"], attn_bwd=attn["bwd"],
         elementwise_fwd=per_token(m["elementwise"], width, "fwd"),
         elementwise_bwd=per_token(m["elementwise"], width, "bwd"),
-        embed_fwd=per_token(m["embed"], cfg.hidden, "fwd"), embed_bwd=per_token(m["embed"], cfg.hidden, "bwd"),
-        loss_fwd=per_token(m["loss"], cfg.vocab_size, "fwd"), loss_bwd=per_token(m["loss"], cfg.vocab_size, "bwd"),
+        embed_fwd=per_token(m["embed"], cfg.hidden, "fwd"),
+        embed_bwd=per_token(m["embed"], cfg.hidden, "bwd"),
+        loss_fwd=per_token(m["loss"], cfg.vocab_size, "fwd"),
+        loss_bwd=per_token(m["loss"], cfg.vocab_size, "bwd"),
     )
 
 
 def _unit_cost(cfg: ModelConfig, run: dict, hw: Hardware) -> AnalyticCost:
     cfg = cfg.replace(num_layers=run.get("layers", cfg.num_layers))
-    wl = Workload(model=cfg, parallel=ParallelConfig(pp=run["pp"], slices=run["slices"]), seq_len=run["seq_len"],
-                  global_batch=run["microbatches"])
+    wl = Workload(model=cfg, parallel=ParallelConfig(pp=run["pp"], slices=run["slices"]),
+                  seq_len=run["seq_len"], global_batch=run["microbatches"])
     return AnalyticCost(wl, hw, [1 / run["slices"]] * run["slices"])
 
 
@@ -470,8 +474,8 @@ def _fit_composition(cfg: ModelConfig, runs: list[dict], hw: Hardware) -> tuple[
     """(κ_fwd, κ_bwd, action_fwd_s, action_bwd_s): measured runtime unit = action + κ · Σ kernels.
 
     Not one joint least-squares fit, which trades κ against the overhead on a noisy machine: the overhead
-    is the median of (unit − κ·kernels) over the tiny units (the first run, a few tokens per slice), κ the
-    median of (unit − overhead) / kernels over the other runs; the two are alternated a few times.
+    is the median of (unit − κ·kernels) over the tiny units (the first run, a few tokens per slice), κ
+    the median of (unit − overhead) / kernels over the other runs; the two are alternated a few times.
     """
     pts: list[tuple[bool, float, float, float, float]] = []  # (tiny run, pred F, meas F, pred B, meas B)
     step_meas = step_pred = 0.0
@@ -497,7 +501,7 @@ def _fit_composition(cfg: ModelConfig, runs: list[dict], hw: Hardware) -> tuple[
 
 
 def unit_consistency(hw: Hardware, doc: dict) -> list[dict]:
-    """Predicted vs measured runtime times of the profile's own unit runs (per action, or per step on CUDA)."""
+    """Predicted vs measured runtime times of the profile's own unit runs (per action; CUDA: per step)."""
     cfg = ModelConfig(**doc["meta"]["model_config"])
     rows = []
     for run in doc["measurements"]["units"]:
@@ -505,7 +509,8 @@ def unit_consistency(hw: Hardware, doc: dict) -> list[dict]:
         tag = f"{run['schedule']} s={run['seq_len']} n={run['slices']}"
         if not run["per_action"]:
             pred = sum(run["microbatches"] * (cost.compute_time(Kind.F, u["stage"], u["slice"])
-                                              + cost.compute_time(Kind.B, u["stage"], u["slice"])) for u in run["units"])
+                                              + cost.compute_time(Kind.B, u["stage"], u["slice"]))
+                       for u in run["units"])
             rows.append({"what": f"{tag} step", "measured_s": run["step_s"], "predicted_s": pred})
             continue
         for u in run["units"]:
@@ -592,7 +597,7 @@ def _links_preset(links: str, device_name: str) -> str:
 
 
 def calibrate(opts: CalibrateOptions, *, progress: Progress | None = None) -> dict:
-    """Measure everything and return the profile document (load it with ``load_hardware``/``load_profile``)."""
+    """Measure everything and return the profile document (``load_profile``/``load_hardware`` read it)."""
     if opts.device not in ("cpu", "cuda"):
         raise ConfigError(f"--device {opts.device!r} is unknown: use cpu or cuda")
     if opts.concurrency > 1 and opts.device != "cpu":
@@ -606,13 +611,15 @@ def calibrate(opts: CalibrateOptions, *, progress: Progress | None = None) -> di
     threads_before = torch.get_num_threads()
     if dev.type == "cpu" and opts.threads:
         torch.set_num_threads(opts.threads)
-    bar = progress or Progress(4 + len(_gemm_shapes(cfg)) + len(grid["attn"]) + len(grid["units"]))  # type: ignore[arg-type]
+    steps = 4 + len(_gemm_shapes(cfg)) + len(grid["attn"]) + len(grid["units"])  # type: ignore[arg-type]
+    bar = progress or Progress(steps)
     t0, load0 = time.perf_counter(), os.getloadavg()
     try:
         m: dict[str, object] = {"p2p": _measure_p2p(dev, grid["p2p"], reps)}  # type: ignore[arg-type]
         bar.step("p2p")  # first: forked children start before this process has run parallel kernels
         if opts.concurrency > 1:
-            m_rest, footprint = _fork_all(_measure_compute, opts.concurrency, cfg, grid, dev, bar, opts.threads or 1)[0]
+            m_rest, footprint = _fork_all(_measure_compute, opts.concurrency, cfg, grid, dev, bar,
+                                          opts.threads or 1)[0]
         else:
             m_rest, footprint = _measure_compute(0, cfg, grid, dev, bar, 0)
         m.update(m_rest)
@@ -621,8 +628,9 @@ def calibrate(opts: CalibrateOptions, *, progress: Progress | None = None) -> di
         bar.close()
     p2p = _line([(p["bytes"], p["one_way_s"]) for p in m["p2p"]])  # type: ignore[union-attr]
     prof = dict(device=dev.type, dtype=str(dt).removeprefix("torch."), dtype_bytes=_itemsize(dt),
-                threads=opts.threads or (1 if opts.concurrency > 1 else threads_before), model=cfg.name, **_fit_kernels(cfg, m),
-                compose_fwd=1.0, compose_bwd=1.0, action_fwd_s=0.0, action_bwd_s=0.0, p2p_latency_s=p2p.fixed_s,
+                threads=opts.threads or (1 if opts.concurrency > 1 else threads_before), model=cfg.name,
+                **_fit_kernels(cfg, m), compose_fwd=1.0, compose_bwd=1.0, action_fwd_s=0.0, action_bwd_s=0.0,
+                p2p_latency_s=p2p.fixed_s,
                 p2p_bandwidth=1.0 / max(p2p.per_item_s, 1e-15), footprint=footprint)
     fields = _hardware_fields(cfg, m, dev, opts.links)
     kernels_only = Hardware(**fields, profile=CostProfile(**prof))  # type: ignore[arg-type]
@@ -636,7 +644,8 @@ def calibrate(opts: CalibrateOptions, *, progress: Progress | None = None) -> di
         "measurements": m,
         "meta": {
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": opts.device,
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{os.cpu_count()}-core CPU",
+            "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                            else f"{os.cpu_count()}-core CPU"),
             "torch": torch.__version__, "quick": opts.quick, "elapsed_s": time.perf_counter() - t0,
             "concurrency": opts.concurrency, "clock": m["clock"],
             "load_before": load0, "load_after": os.getloadavg(), "model_config": cfg.to_dict(),
@@ -647,6 +656,6 @@ def calibrate(opts: CalibrateOptions, *, progress: Progress | None = None) -> di
     }
     rows = unit_consistency(hw, doc)
     ratios = sorted(r["ratio"] for r in rows)
-    doc["consistency"] = {"rows": len(rows), "median_ratio": statistics.median(ratios), "min_ratio": ratios[0],
-                          "max_ratio": ratios[-1]}
+    doc["consistency"] = {"rows": len(rows), "median_ratio": statistics.median(ratios),
+                          "min_ratio": ratios[0], "max_ratio": ratios[-1]}
     return doc

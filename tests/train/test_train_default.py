@@ -52,6 +52,6 @@ def test_under_torchrun(tmp_path: Path) -> None:
            "-m", "slimpipe", "train", "--model", "tiny", "--data", "synthetic", "--seq-len", "64",
            "--steps", "2", "--out-dir", str(tmp_path), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert proc.stdout.count("step ") >= 2 and "2 process(es)" in proc.stdout
     assert [r["step"] for r in read_log(tmp_path / "metrics.jsonl")] == [1, 2]

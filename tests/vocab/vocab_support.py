@@ -20,8 +20,8 @@ __all__ = ["RTOL", "VOCAB", "SEQ", "SEED", "case_model", "case_tokens", "referen
 VOCAB = 61  # prime: p = 2 and p = 4 both leave padding rows in the last shard
 SEQ = 32
 SEED = 7
-TINY = ModelConfig(name="vocab-test", num_layers=2, hidden=32, ffn=64, num_heads=4, num_kv_heads=2, head_dim=8,
-                   vocab_size=VOCAB)
+TINY = ModelConfig(name="vocab-test", num_layers=2, hidden=32, ffn=64, num_heads=4, num_kv_heads=2,
+                   head_dim=8, vocab_size=VOCAB)
 SHARDED = ("embed.weight", "head.weight")
 
 

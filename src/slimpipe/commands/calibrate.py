@@ -16,7 +16,8 @@ HELP = "measure kernel times, p2p links and runtime overheads on this machine in
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="what to measure (default cpu)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="what to measure (default cpu)")
     parser.add_argument("--model", default=None,
                         help="preset or ModelConfig .json whose shapes are measured (default: tiny on cpu, "
                              "llama-1b on cuda)")
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         f"({meta['p2p_note'].split(' (')[0]})\n"
         f"runtime: κ fwd {prof['compose_fwd']:.2f} bwd {prof['compose_bwd']:.2f}, per-action overhead "
         f"fwd {prof['action_fwd_s'] * 1e3:.2f} ms bwd {prof['action_bwd_s'] * 1e3:.2f} ms\n"
-        f"consistency: predicted/measured over {cons['rows']} runtime times: median {cons['median_ratio']:.3f}, "
+        f"consistency: predicted/measured over {cons['rows']} runtime times: median "
+        f"{cons['median_ratio']:.3f}, "
         f"range {cons['min_ratio']:.3f}–{cons['max_ratio']:.3f}\n"
     )
     return 0

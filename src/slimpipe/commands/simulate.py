@@ -184,7 +184,8 @@ def _table(args: argparse.Namespace, ev, elapsed: float) -> str:
         lines.append(f"{mb.rank:>3}{mark} " + " ".join(f"{g[c]:>10.2f}" for c in cols)
                      + f"  {mb.peak_inflight:>9.4g}")
     if rep.hbm_bytes is not None and rep.memory[top].peak > rep.hbm_bytes:
-        lines.append(f"warning: peak {rep.memory[top].peak / 2**30:.1f} GiB exceeds {_hardware_label(args)}'s "
+        lines.append(f"warning: peak {rep.memory[top].peak / 2**30:.1f} GiB exceeds "
+                     f"{_hardware_label(args)}'s "
                      f"{rep.hbm_bytes / 2**30:.1f} GiB")
     lines.append(f"\n(simulated in {elapsed:.2f} s)")
     return "\n".join(lines) + "\n"

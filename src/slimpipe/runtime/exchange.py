@@ -262,6 +262,14 @@ class RankExchange:
             self.channel.send(_flat(*block_backward(dout, oq, ok, ov, out, lse, None)), role.partner)
 
 
+def _table_rows(slice_kv, like: torch.Tensor) -> torch.Tensor | None:
+    """Rows [start, end) x keys [0, end) of the rank's causal table (CPU "table" mode), else None."""
+    masks, seq = slice_kv.store.masks, slice_kv.store.bounds[-1]
+    if not masks.uses_table(like.device):
+        return None
+    return masks.mask(slice_kv.start, slice_kv.end, device=like.device, dtype=like.dtype, seq_len=seq)
+
+
 class _UnitHooks:
     """SliceKV.exchange of one exchanged unit: every layer's attention goes through attend()."""
 
@@ -276,7 +284,8 @@ class _UnitHooks:
             job = OwnerJob(start=sk.start, end=sk.end, fwd_tokens=rx.bounds[fo.volume] if fo else 0,
                            bwd_tokens=rx.bounds[bo.volume] if bo else 0,
                            fwd_peer=_Peer(rx, fo.partner) if fo else None,
-                           bwd_peer=_Peer(rx, bo.partner) if bo else None)
+                           bwd_peer=_Peer(rx, bo.partner) if bo else None,
+                           table=functools.partial(_table_rows, sk, q))
             out = ExchangedAttention.apply(q, k_win, v_win, job)
         else:
             out = window_attention(q, k_win, v_win, sk.start, sk.store.masks, sk.store.bounds[-1])

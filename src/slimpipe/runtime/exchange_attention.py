@@ -139,15 +139,19 @@ class Peer(Protocol):
 class OwnerJob:
     """What the owner's attention node needs: its query rows, the moved key counts and the peers."""
 
-    __slots__ = ("start", "end", "fwd_tokens", "bwd_tokens", "fwd_peer", "bwd_peer")
+    __slots__ = ("start", "end", "fwd_tokens", "bwd_tokens", "fwd_peer", "bwd_peer", "table")
 
     def __init__(self, *, start: int, end: int, fwd_tokens: int, bwd_tokens: int, fwd_peer: Peer | None,
-                 bwd_peer: Peer | None) -> None:
+                 bwd_peer: Peer | None, table: Callable[[], torch.Tensor | None] | None = None) -> None:
         self.start, self.end = start, end  # the slice's query positions [start, end)
         self.fwd_tokens, self.bwd_tokens = fwd_tokens, bwd_tokens  # keys [0, tokens) computed remotely
         self.fwd_peer, self.bwd_peer = fwd_peer, bwd_peer
+        self.table = table  # the rank's shared additive causal table rows [start, end) (CPU), or None
 
     def mask(self, key_start: int, groups: int, like: torch.Tensor) -> torch.Tensor:
+        rows = self.table() if self.table is not None and groups == 1 else None
+        if rows is not None and rows.dtype == like.dtype:
+            return rows[:, key_start:]  # a view: no per-call mask
         return causal_mask(self.start, self.end, key_start, groups, dtype=like.dtype, device=like.device)
 
 

@@ -51,7 +51,7 @@ class LocalPipelineRuntime:
         self.device = torch.device(device)
         p = schedule.num_ranks
         # attn_balance > 0: exchange markers; here owners compute the moved blocks (runtime/exchange.py).
-        self.schedule = prepare_schedule(with_vocab(with_exchange(schedule, attn_balance), vocab_parallel),
+        self.schedule = prepare_schedule(with_exchange(with_vocab(schedule, vocab_parallel), attn_balance),
                                          pp=p, num_layers=self.parts.num_layers, check=check_schedule)
         vocab_hub = LocalCollectiveHub(p)  # in-process VE/VH/VB collectives (runtime/vocab_comm.py)
         shards = []

@@ -93,7 +93,7 @@ class PipelineRuntime:
         self.vocab_parallel = vocab_parallel  # embedding/head sharded over all ranks (docs/vocab_parallel.md)
         # attn_balance > 0: add attention-exchange markers (docs/exchange.md) before lowering/validation.
         # vocab_parallel: lower and place the VE/VH/VB collectives (schedule/vocab.py) before validation.
-        self.schedule = prepare_schedule(with_vocab(with_exchange(schedule, attn_balance), vocab_parallel),
+        self.schedule = prepare_schedule(with_exchange(with_vocab(schedule, vocab_parallel), attn_balance),
                                          pp=state.pp, num_layers=self.parts.num_layers, check=check_schedule)
         p, v = self.schedule.num_ranks, self.schedule.virtual_stages
         self.stages = stages_of_rank(self.parts.num_layers, p, v, state.pp_rank)

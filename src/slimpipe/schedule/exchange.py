@@ -110,21 +110,14 @@ def _check_threshold(threshold: object, schedule: Schedule) -> int:
     return threshold
 
 
-def _clusters(units: list[tuple[float, float, int, Action]], tolerance: float) -> list[list[tuple[int, Action]]]:
-    """Concurrent groups from (start, duration, rank, action): sorted by start, a unit joins the current
-    group while it starts within ``tolerance`` × the group's first duration of the group's first start and
-    its rank is not in the group yet (tolerance 0: equal start times)."""
-    groups: list[list[tuple[int, Action]]] = []
-    first_t = first_d = 0.0
-    ranks: set[int] = set()
-    for t, d, r, a in sorted(units, key=lambda u: (u[0], u[2])):
-        if groups and r not in ranks and t - first_t <= tolerance * first_d:
-            groups[-1].append((r, a))
-            ranks.add(r)
-        else:
-            groups.append([(r, a)])
-            first_t, first_d, ranks = t, d, {r}
-    return groups
+def _concurrent(units: list[tuple[float, int, Action]]) -> list[list[tuple[int, Action]]]:
+    """Groups of units with equal start times, from (start, rank, action). Only exact ties: pairs that are
+    simultaneous in one feasible timeline cannot deadlock (the rendezvous adds no wait to that timeline,
+    so it stays feasible for any durations); pairing units that merely overlap can close a cycle."""
+    groups: dict[float, list[tuple[int, Action]]] = defaultdict(list)
+    for t, r, a in units:
+        groups[t].append((r, a))
+    return [groups[t] for t in sorted(groups)]
 
 
 def _pairs(groups: list[list[tuple[int, Action]]],
@@ -142,14 +135,13 @@ def _pairs(groups: list[list[tuple[int, Action]]],
 
 
 def add_exchange(schedule: Schedule, threshold: int, *, latency: float | None = None, backward: bool = True,
-                 duration: Callable[[Action], float] | None = None, tolerance: float = 0.0) -> Schedule:
+                 duration: Callable[[Action], float] | None = None) -> Schedule:
     """Lower ``schedule`` and add exchange markers for concurrent F pairs (and B pairs if ``backward``).
 
     threshold: most slices one exchange moves (0 returns the lowered schedule unchanged). The pairing dry
     run uses ``duration`` (default uniform: F = 1, B = 2) and ``latency`` for every message (default with
     uniform durations: 1 under the double warm-up, w = 2, whose lock-step it produces, else 0; with given
-    durations: 0). Units are concurrent when they start within ``tolerance`` × duration of each other
-    (0: at the same time). Existing markers are replaced.
+    durations: 0). Units are concurrent when they start at the same time. Existing markers are replaced.
     """
     from slimpipe.schedule.passes import _dry_run, lower, uniform_duration
 
@@ -161,14 +153,14 @@ def add_exchange(schedule: Schedule, threshold: int, *, latency: float | None = 
         latency = 1.0 if base.meta.get("w") == 2 and duration is None else 0.0
     dur = duration or uniform_duration
     timeline = _dry_run(base, duration=dur, latency=latency, check="add_exchange")
-    units: dict[Kind, list[tuple[float, float, int, Action]]] = {Kind.F: [], Kind.B: []}
+    units: dict[Kind, list[tuple[float, int, Action]]] = {Kind.F: [], Kind.B: []}
     for r, prog in enumerate(base.ranks):
         for i, a in enumerate(prog):
             if a.kind is Kind.F or (backward and a.kind is Kind.B):
-                units[a.kind].append((timeline.start[r][i], timeline.end[r][i] - timeline.start[r][i], r, a))
+                units[a.kind].append((timeline.start[r][i], r, a))
     before: dict[tuple, Action] = {}  # _key(rank, own compute action) -> marker placed before it
     for kind, (own, helps) in ((Kind.F, (Kind.XOWN_F, Kind.XHELP_F)), (Kind.B, (Kind.XOWN_B, Kind.XHELP_B))):
-        for (ro, ao), (rh, ah), _ in _pairs(_clusters(units[kind], tolerance), threshold):
+        for (ro, ao), (rh, ah), _ in _pairs(_concurrent(units[kind]), threshold):
             before[_key(ro, ao)] = Action(ah.stage, own, ah.microbatch, ah.seq_slice)
             before[_key(rh, ah)] = Action(ao.stage, helps, ao.microbatch, ao.seq_slice)
     ranks = []

@@ -114,12 +114,17 @@ def add_vocab_parallel(schedule: Schedule, *, duration: Callable[[Action], float
     ``duration``: action durations of the placement timeline (default: passes.uniform_duration, F = 1,
     B = 2); a cost model's durations align the collectives with where ranks really are. ``batch``: VE and
     VH once per micro-batch (_due_times), else per slice. A schedule that already has vocabulary
-    collectives is returned unchanged (idempotent).
+    collectives is returned unchanged (idempotent); attention-exchange markers are derived again after
+    the collectives are placed (add_exchange pairs units that start together, which lock-step preserves).
     """
+    from slimpipe.schedule.exchange import EXCHANGE_META, add_exchange, has_exchange, strip_exchange
     from slimpipe.schedule.passes import _dry_run, lower, uniform_duration
 
     if has_vocab(schedule):
         return schedule
+    if has_exchange(schedule):  # a marker must stay right before its compute: place first, then pair again
+        plain = add_vocab_parallel(strip_exchange(schedule), duration=duration, batch=batch)
+        return add_exchange(plain, int(schedule.meta.get(EXCHANGE_META, 0) or 0))
     lowered = lower(schedule)
     dur = uniform_duration if duration is None else duration
     fwd = [dur(a) for prog in lowered.ranks for a in prog if a.kind is Kind.F]

@@ -214,7 +214,10 @@ class AnalyticCost:
             vocab = m.vocab_size // shard
             g = prof.gemm(m.hidden, vocab)
             flops = 2 * tok * m.hidden * vocab
-            gf, gb = (g.fwd(flops), g.bwd(2 * flops)) if g else (prof.gemm_fwd(flops), prof.gemm_bwd(2 * flops))
+            if g is None:
+                gf, gb = prof.gemm_fwd(flops), prof.gemm_bwd(2 * flops)
+            else:
+                gf, gb = g.fwd(flops), g.bwd(2 * flops)
             fwd += prof.compose_fwd * (gf + prof.loss_fwd(tok * vocab))
             bwd += prof.compose_bwd * (gb + prof.loss_bwd(tok * vocab))
         return fwd, bwd

@@ -20,8 +20,9 @@ from pathlib import Path
 from slimpipe.config import ConfigError
 
 __all__ = [
-    "Hardware", "HARDWARE_PRESETS", "load_hardware", "load_profile", "CostProfile", "LinearTime", "GemmProfile",
-    "AttentionTime", "ActivationFootprint", "PROFILE_FORMAT", "elementwise_width", "profile_from_dict",
+    "Hardware", "HARDWARE_PRESETS", "load_hardware", "load_profile", "CostProfile", "LinearTime",
+    "GemmProfile", "AttentionTime", "ActivationFootprint", "PROFILE_FORMAT", "elementwise_width",
+    "profile_from_dict",
 ]
 
 GIB = 1 << 30
@@ -131,7 +132,7 @@ class AttentionTime:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ActivationFootprint:
-    """Bytes the slimpipe runtime keeps per token, measured from its own accounting at the calibrated dtype."""
+    """Bytes the slimpipe runtime keeps per token, from its own accounting, at the calibrated dtype."""
 
     per_layer: float
     """Saved-for-backward bytes per token per layer (K/V buffers excluded)."""
@@ -279,8 +280,9 @@ def profile_from_dict(doc: dict, *, default_name: str, source: str) -> Hardware:
             prof[key] = _linear(prof[key])
         for key in ("attn_fwd", "attn_bwd"):
             prof[key] = AttentionTime(**prof[key])
-        prof["gemms"] = tuple(GemmProfile(in_features=g["in_features"], out_features=g["out_features"],
-                                          fwd=_linear(g["fwd"]), bwd=_linear(g["bwd"])) for g in prof["gemms"])
+        prof["gemms"] = tuple(
+            GemmProfile(in_features=g["in_features"], out_features=g["out_features"], fwd=_linear(g["fwd"]),
+                        bwd=_linear(g["bwd"])) for g in prof["gemms"])
         if prof.get("footprint") is not None:
             prof["footprint"] = ActivationFootprint(**prof["footprint"])
         fields = {"name": default_name, **doc["hardware"], "profile": CostProfile(**prof)}

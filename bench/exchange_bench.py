@@ -1,0 +1,144 @@
+"""Attention context exchange on real processes: step time and per-rank busy time with and without.
+
+p forked gloo processes (one torch thread each, FileStore rendezvous) train a tiny Llama whose long
+sequence makes attention dominate. Every rank builds one PipelineRuntime per configuration (exchange off,
+and on with each threshold) over the same weights, then the configurations take turns step by step
+(off, on, off, on, ...) so machine noise hits them alike. Per step and rank it records the step time, the
+compute-action busy time, the time the exchange blocked on the partner (inside F/B, so part of busy) and
+the blocks handed over / served. Prints a table, optionally writes JSON::
+
+    python bench/exchange_bench.py --pp 2 --seq 4096 --slices 8 --microbatches 4 --rounds 4
+    python bench/exchange_bench.py --pp 4 --vpp 2 --seq 8192 --slices 8 --thresholds 100 --json out.json
+
+Busy time is what the executor counts (F and B wall time on that rank); "compute" subtracts the exchange
+waits, i.e. the work the rank really did. Without exchange every rank does the same work; with it owners
+give attention away and helpers take it on, so compute moves between ranks while step time shows whether
+the balance paid for the rendezvous it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from slimpipe.config import ModelConfig
+from slimpipe.runtime import ParallelState, PipelineRuntime
+from slimpipe.schedule.builders import build
+from slimpipe.schedule.exchange import exchanges
+
+
+def _model(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(name="exchange-bench", num_layers=args.pp * args.vpp * args.layers_per_stage,
+                       hidden=args.hidden, ffn=2 * args.hidden, num_heads=args.heads, num_kv_heads=args.heads,
+                       head_dim=args.hidden // args.heads, vocab_size=256)
+
+
+def _rank(rank: int, world: int, store: str, out_dir: str, args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)  # single-threaded ranks (and libgomp after fork needs it)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=args.timeout))
+    try:
+        state = ParallelState.create(pp=world, dp=1, timeout_s=args.timeout)
+        sched = build("slimpipe", p=world, m=args.microbatches, n=args.slices, v=args.vpp, warmup=args.warmup)
+        cfg = _model(args)
+        configs = [0, *args.thresholds]
+        rts = {t: PipelineRuntime(cfg, sched, state, dtype=torch.float32, seed=0, attn_balance=t) for t in configs}
+        tokens = torch.randint(0, 256, (args.microbatches, args.seq + 1), generator=torch.Generator().manual_seed(0))
+        rows = []
+        for rnd in range(args.rounds + 1):  # round 0 warms up (allocator, kernels) and is dropped
+            for t in configs:
+                rt = rts[t]
+                rt.zero_grad()
+                dist.barrier(group=state.pp_group)
+                res = rt.forward_backward(tokens)
+                ex = rt.executor.exchange
+                mine = torch.tensor([res.busy_s[rank], ex.wait_s if ex else 0.0, ex.sent if ex else 0,
+                                     ex.served if ex else 0], dtype=torch.float64)
+                allr = [torch.empty_like(mine) for _ in range(world)]
+                dist.all_gather(allr, mine, group=state.pp_group)
+                if rnd > 0:
+                    rows.append({"threshold": t, "round": rnd, "step_s": res.step_time_s, "loss": res.loss,
+                                 "busy_s": [float(x[0]) for x in allr], "wait_s": [float(x[1]) for x in allr],
+                                 "sent": [int(x[2]) for x in allr], "served": [int(x[3]) for x in allr]})
+        if rank == 0:
+            pairs = {t: len(exchanges(rts[t].schedule)) for t in configs}
+            with open(os.path.join(out_dir, "rows.json"), "w") as f:
+                json.dump({"rows": rows, "exchanges": pairs}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _summary(data: dict, args: argparse.Namespace) -> list[dict]:
+    out = []
+    for t in [0, *args.thresholds]:
+        rows = [r for r in data["rows"] if r["threshold"] == t]
+        p = len(rows[0]["busy_s"])
+        compute = [statistics.mean(r["busy_s"][i] - r["wait_s"][i] for r in rows) for i in range(p)]
+        busy = [statistics.mean(r["busy_s"][i] for r in rows) for i in range(p)]
+        out.append({
+            "attn_balance": t, "exchanges": data["exchanges"][str(t)] if str(t) in data["exchanges"]
+            else data["exchanges"][t], "step_s_median": statistics.median(r["step_s"] for r in rows),
+            "step_s_all": [r["step_s"] for r in rows], "busy_s": busy, "compute_s": compute,
+            "wait_s": [statistics.mean(r["wait_s"][i] for r in rows) for i in range(p)],
+            "compute_spread": (max(compute) - min(compute)) / statistics.mean(compute),
+            "blocks_sent": rows[-1]["sent"], "blocks_served": rows[-1]["served"], "loss": rows[-1]["loss"],
+        })
+    return out
+
+
+def _table(summary: list[dict], args: argparse.Namespace) -> str:
+    base = summary[0]["step_s_median"]
+    head = (f"slimpipe p={args.pp} v={args.vpp} n={args.slices} m={args.microbatches} s={args.seq} "
+            f"(h={args.hidden}, {args.heads} heads, {args.layers_per_stage} layer(s)/stage), fp32, "
+            f"{args.rounds} alternating rounds, 1 thread per rank")
+    lines = [head, "| attn-balance | exchanges | step (median) | vs off | per-rank compute s | per-rank exchange "
+             "wait s | compute spread |", "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['attn_balance'] or 'off'} | {s['exchanges']} | {s['step_s_median']:.3f} s | "
+                     f"{s['step_s_median'] / base:.3f} | {' / '.join(f'{x:.2f}' for x in s['compute_s'])} | "
+                     f"{' / '.join(f'{x:.2f}' for x in s['wait_s'])} | {100 * s['compute_spread']:.1f} % |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pp", type=int, default=2)
+    ap.add_argument("--vpp", type=int, default=1)
+    ap.add_argument("--slices", type=int, default=8)
+    ap.add_argument("--microbatches", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--layers-per-stage", type=int, default=1)
+    ap.add_argument("--warmup", default="auto")
+    ap.add_argument("--thresholds", type=int, nargs="+", default=[100])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--json", default="", help="write the summary here")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.time()
+        mp.start_processes(_rank, args=(args.pp, os.path.join(tmp, "store"), tmp, args), nprocs=args.pp,
+                           start_method="fork", join=True)
+        with open(os.path.join(tmp, "rows.json")) as f:
+            data = json.load(f)
+    summary = _summary(data, args)
+    sys.stdout.write(_table(summary, args) + f"(wall {time.time() - t0:.0f} s)\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "summary": summary}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
