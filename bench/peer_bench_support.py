@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import re
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from slimpipe.config import ConfigError, ModelConfig, load_model
 from slimpipe.trace import write_chrome_trace
 
 __all__ = ["BenchOptions", "Variant", "StepStats", "batch", "default_variants", "parse_model", "run_ranks",
-           "summarise", "table", "options_dict", "write_traces", "REFERENCE", "LOSS_RTOL"]
+           "summarise", "table", "options_dict", "write_traces", "replay", "REFERENCE", "LOSS_RTOL"]
 
 REFERENCE = "torch-1f1b"
 # fp32, identical weights and tokens: configurations differ only in summation order (slices, micro-batch
@@ -96,14 +97,19 @@ class StepStats:
     """This rank's seconds in forward calls (slimpipe: F actions; torch: forward_one_chunk)."""
     bwd_s: float
     """This rank's seconds in backward calls (B and W actions / backward_*_one_chunk)."""
+    fwd_cpu_s: float
+    """CPU seconds of this rank's thread inside forward calls (robust to other processes on the core)."""
+    bwd_cpu_s: float
+    """CPU seconds of this rank's thread inside backward calls."""
     recv_wait_s: float
     """Seconds this rank spent in RECV actions (slimpipe; nan for torch, whose receives are not timed)."""
     peak_activation: int
     """Pipeline rank 0's peak activation bytes (slimpipe: saved + K/V + dK/dV; torch: saved)."""
     peak_saved: int
     """Pipeline rank 0's peak saved-for-backward bytes alone."""
-    events: tuple[tuple[int, str, float, float], ...] = ()
-    """This rank's (rank, action, start_s, end_s): slimpipe's executed actions, torch's compute calls."""
+    events: tuple[tuple[int, str, float, float, float], ...] = ()
+    """This rank's (rank, action, start_s, end_s, cpu_s): slimpipe's executed actions, torch's compute
+    calls."""
 
 
 def default_variants(opts: BenchOptions) -> list[Variant]:
@@ -170,6 +176,47 @@ def run_ranks(body: Callable, world: int, *args: object, timeout_s: float) -> li
         return out
 
 
+def _compute_key(name: str) -> tuple[str, int, int, int] | None:
+    """('F' | 'B' | 'W', stage, micro-batch, slice) of a compute event name, None for send/recv."""
+    m = re.fullmatch(r"(\d+)([FBIW])(\d+)(?:\.(\d+))?", name)
+    if m is None:
+        return None
+    kind = "B" if m.group(2) == "I" else m.group(2)  # torch's split input-backward is what upstream waits on
+    return kind, int(m.group(1)), int(m.group(3)), int(m.group(4) or 0)
+
+
+def replay(events: list[tuple[int, str, float, float, float]], num_stages: int) -> float:
+    """Step time if every compute call took its CPU time and messages were free: the contention-free
+    projection of a step measured on a busy machine.
+
+    Each rank runs its compute calls in the recorded order; F of stage s also waits for F of stage s−1 and
+    B of stage s for B of stage s+1 (same micro-batch and slice), which is what its RECV waited for.
+    """
+    per_rank: dict[int, list[tuple[tuple[str, int, int, int], float]]] = {}
+    for rank, name, _, _, cpu in sorted(events, key=lambda e: e[2]):
+        key = _compute_key(name)
+        if key is not None:
+            per_rank.setdefault(rank, []).append((key, cpu))
+    done: dict[tuple[str, int, int, int], float] = {}
+    clock, pos = dict.fromkeys(per_rank, 0.0), dict.fromkeys(per_rank, 0)
+    while any(pos[r] < len(acts) for r, acts in per_rank.items()):
+        progressed = False
+        for r, acts in per_rank.items():
+            while pos[r] < len(acts):
+                (kind, st, mb, j), cpu = acts[pos[r]]
+                dep = ("F", st - 1, mb, j) if kind == "F" and st > 0 else (
+                    ("B", st + 1, mb, j) if kind == "B" and st < num_stages - 1 else None)
+                if dep is not None and dep not in done:
+                    break
+                clock[r] = max(clock[r], done.get(dep, 0.0)) + cpu
+                done[(kind, st, mb, j)] = clock[r]
+                pos[r] += 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError(f"replay is stuck at {[acts[pos[r]][0] for r, acts in per_rank.items()]}")
+    return max(clock.values())
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -182,12 +229,17 @@ def _row(v: Variant, per_rank: list, opts: BenchOptions) -> dict:
     bwd = [_median([s.bwd_s for _, _, s in r]) for r in recs]
     busy = [f + b for f, b in zip(fwd, bwd)]
     step = _median(walls)
+    stages = 2 * v.v  # p = 2
+    projected = [replay([e for r in recs for e in r[i][2].events], stages) for i in range(len(recs[0]))]
     return {
         "name": v.name, "impl": v.impl, "schedule": v.schedule, "n": v.n, "v": v.v,
         "warmup": opts.warmup if v.impl == "slimpipe" else "torch",
         "step_s": step, "step_min_s": min(walls), "step_s_all": walls,
         "fwd_s": fwd, "bwd_s": bwd, "busy_s": busy, "cpu_s": [_median([c for _, c, _ in r]) for r in recs],
-        "idle": 1.0 - sum(busy) / (len(busy) * step),
+        "compute_cpu_s": [_median([s.fwd_cpu_s + s.bwd_cpu_s for _, _, s in r]) for r in recs],
+        "fwd_cpu_s": [_median([s.fwd_cpu_s for _, _, s in r]) for r in recs],
+        "bwd_cpu_s": [_median([s.bwd_cpu_s for _, _, s in r]) for r in recs],
+        "idle": 1.0 - sum(busy) / (len(busy) * step), "projected_s": _median(projected),
         "recv_wait_s": [_median([s.recv_wait_s for _, _, s in r]) for r in recs],
         "rank0_peak_activation_bytes": warm.peak_activation, "rank0_peak_saved_bytes": warm.peak_saved,
         "first_loss": warm.loss, "first_step_s": max(pr["warm"][v.name][0] for pr in per_rank),
@@ -203,6 +255,8 @@ def summarise(variants: list[Variant], per_rank: list, opts: BenchOptions) -> li
         r["step_ratio"] = r["step_s"] / ref["step_s"]
         r["step_min_ratio"] = r["step_min_s"] / ref["step_min_s"]
         r["memory_ratio"] = r["rank0_peak_activation_bytes"] / ref["rank0_peak_activation_bytes"]
+        r["compute_cpu_ratio"] = sum(r["compute_cpu_s"]) / sum(ref["compute_cpu_s"])
+        r["projected_ratio"] = r["projected_s"] / ref["projected_s"]
         r["loss_rel_diff"] = abs(r["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"])
         r["loss_ok"] = r["loss_rel_diff"] <= LOSS_RTOL
     return rows
@@ -222,17 +276,19 @@ def table(result: dict) -> str:
         f"step(s); {result['machine']}; load {result['load_before'][0]:.1f} → {result['load_after'][0]:.1f}; "
         f"run {result['wall_s']:.0f} s",
         "",
-        f"| configuration | step s median (min) | × {ref} median (min) | fwd s r0/r1 | bwd s r0/r1 "
-        f"| CPU s r0/r1 | idle | recv wait s r0/r1 | rank-0 peak act MiB | × {ref} | first loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| configuration | step s median (min) | × {ref} median (min) | compute CPU s r0/r1 | × {ref} "
+        f"| projected s | × {ref} | busy wall s r0/r1 | idle | recv wait s r0/r1 | rank-0 peak act MiB "
+        f"| × {ref} | first loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['name']} | {r['step_s']:.2f} ({r['step_min_s']:.2f}) | {r['step_ratio']:.2f} "
-            f"({r['step_min_ratio']:.2f}) | {_pair(r['fwd_s'])} | {_pair(r['bwd_s'])} | {_pair(r['cpu_s'])} "
-            "| "
-            f"{r['idle']:.0%} | {_pair(r['recv_wait_s'])} | {r['rank0_peak_activation_bytes'] / 2**20:.1f} | "
-            f"{r['memory_ratio']:.2f} | {r['first_loss']:.6f}{'' if r['loss_ok'] else ' MISMATCH'} |")
+            f"({r['step_min_ratio']:.2f}) | {_pair(r['compute_cpu_s'])} | {r['compute_cpu_ratio']:.2f} | "
+            f"{r['projected_s']:.2f} | {r['projected_ratio']:.2f} | "
+            f"{_pair(r['busy_s'])} | {r['idle']:.0%} | {_pair(r['recv_wait_s'])} | "
+            f"{r['rank0_peak_activation_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f} | "
+            f"{r['first_loss']:.6f}{'' if r['loss_ok'] else ' MISMATCH'} |")
     return "\n".join(lines)
 
 
@@ -241,8 +297,8 @@ def write_traces(variants: list[Variant], per_rank: list, out_dir: str) -> list[
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for v in variants:
-        events = [(rank, name, start, end, None) for pr in per_rank for rank, name, start, end in
-                  pr["records"][v.name][-1][2].events]
+        events = [(rank, name, start, end, {"cpu_ms": round(cpu * 1e3, 3)}) for pr in per_rank
+                  for rank, name, start, end, cpu in pr["records"][v.name][-1][2].events]
         path = os.path.join(out_dir, f"{v.name}.json")
         write_chrome_trace(events, path)
         paths.append(path)

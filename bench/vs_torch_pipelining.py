@@ -9,11 +9,13 @@ is a full train step on both sides: forward/backward, global grad norm, clipping
 
 Configurations alternate round-robin over ``--reps`` rounds (the order rotates each round) so machine noise
 hits all of them alike; one unrecorded warm-up step per configuration comes first (torch infers shapes on
-its first step). Reported per configuration: median wall step time (barrier to end of the optimizer step,
-slowest rank), its ratio to torch's 1F1B, rank 0's peak activation bytes (saved-for-backward tensors,
-deduplicated by storage, parameters and token ids excluded — slimpipe's own MemoryTracker on both sides;
-slimpipe's K/V buffers and dK/dV accumulators added, since torch's SDPA saves K/V as ordinary activations),
-busy (compute) seconds per rank, and the first-step loss, which must agree across configurations.
+its first step). Reported per configuration: median and minimum wall step time (barrier to end of the
+optimizer step, slowest rank) and their ratios to torch's 1F1B; the CPU seconds each rank's thread spent
+inside forward/backward calls (unlike wall time, not inflated by other processes sharing the core); rank
+0's peak activation bytes (saved-for-backward tensors, deduplicated by storage, parameters and token ids
+excluded — slimpipe's own MemoryTracker on both sides — plus slimpipe's K/V buffers and dK/dV accumulators,
+since torch's SDPA saves K/V as ordinary activations); and the first-step loss, equal across
+configurations. ``--trace-dir`` writes each configuration's last step as a Chrome trace.
 
     python bench/vs_torch_pipelining.py --seq-len 2048 --microbatches 2 --reps 3 --json out.json
 
@@ -23,6 +25,7 @@ torch.distributed.pipelining is imported here and nowhere else in the repository
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -87,17 +90,17 @@ class _TrackedStage(PipelineStage):
 
     A unit's saved tensors count from its forward until its (full or weight) backward ran — the same
     accounting as slimpipe's executor; peaks are sampled after every forward and backward. ``log`` gets
-    one (rank, action, start_s, end_s) per call, named like slimpipe's actions (``0F1``, ``2B0``; a split
-    backward logs ``I`` and ``W``)."""
+    one (rank, action, start_s, end_s, cpu_s) per call, named like slimpipe's actions (``0F1``, ``2B0``; a
+    split backward logs ``I`` and ``W``); cpu_s is the thread's CPU time inside the call."""
 
     def __init__(self, *args, tracker: MemoryTracker, log: list, rank: int, **kw) -> None:
         super().__init__(*args, **kw)
         self._tracker, self._log, self._rank = tracker, log, rank
 
     def _timed(self, kind: str, mb: int, fn, *args):
-        t0 = time.time()
+        t0, c0 = time.time(), time.thread_time()
         out = fn(*args)
-        self._log.append((self._rank, f"{self.stage_index}{kind}{mb}", t0, time.time()))
+        self._log.append((self._rank, f"{self.stage_index}{kind}{mb}", t0, time.time(), time.thread_time() - c0))
         return out
 
     def forward_one_chunk(self, fwd_chunk_id, args, kwargs=None, save_forward_output=True):
@@ -136,7 +139,7 @@ class TorchRunner:
         self._param_ptrs = {q.untyped_storage().data_ptr() for q in self.params}
         self._ids_ptr = 0
         self.tracker = MemoryTracker(lambda ptr: ptr in self._param_ptrs or ptr == self._ids_ptr)
-        self._log: list[tuple[int, str, float, float]] = []
+        self._log: list[tuple[int, str, float, float, float]] = []
         stages = [
             _TrackedStage(mod, st.stage, p * variant.v, torch.device("cpu"), tracker=self.tracker, log=self._log,
                           rank=rank)
@@ -178,10 +181,8 @@ class TorchRunner:
         scale_grads(self.params, clip_coefficient(float(sq) ** 0.5, self.optim.clip))
         self.optimizer.step()
         pk = self.tracker.peaks()
-        fwd = sum(e - s for _, name, s, e in self._log if "F" in name)
-        return StepStats(loss=float(loss), fwd_s=fwd, bwd_s=sum(e - s for *_, s, e in self._log) - fwd,
-                         recv_wait_s=float("nan"), peak_activation=pk.saved, peak_saved=pk.saved,
-                         events=tuple(self._log))
+        return _stats(float(loss), self._log, recv_wait_s=float("nan"), peak_activation=pk.saved,
+                      peak_saved=pk.saved)
 
 
 class SlimpipeRunner:
@@ -192,18 +193,40 @@ class SlimpipeRunner:
                       warmup=opts.warmup)
         self.rank = state.pp_rank
         self.rt = PipelineRuntime(cfg, sched, state, seed=opts.seed, optim=OptimConfig(lr=opts.lr))
+        self._cpu: list[float] = []
+        ex = self.rt.executor
+        if hasattr(ex, "_execute"):  # CPU time per action (the runtime's trace holds wall time only)
+            ex._execute = functools.partial(self._execute_timed, ex._execute)
+
+    def _execute_timed(self, execute, idx, action) -> None:
+        c0 = time.thread_time()
+        execute(idx, action)
+        self._cpu.append(time.thread_time() - c0)
 
     def step(self, tokens: torch.Tensor) -> StepStats:
+        self._cpu.clear()
         res = self.rt.train_step(tokens)
-        by_kind: dict[Kind, float] = {}
-        for e in res.trace:  # this rank's executed actions
-            kind = parse_action(e.action).kind
-            by_kind[kind] = by_kind.get(kind, 0.0) + e.end_s - e.start_s
-        return StepStats(loss=res.loss, fwd_s=by_kind.get(Kind.F, 0.0),
-                         bwd_s=by_kind.get(Kind.B, 0.0) + by_kind.get(Kind.W, 0.0),
-                         recv_wait_s=by_kind.get(Kind.RECV_F, 0.0) + by_kind.get(Kind.RECV_B, 0.0),
-                         peak_activation=res.peak_activation_bytes[0], peak_saved=res.peak_saved_bytes[0],
-                         events=tuple((e.rank, e.action, e.start_s, e.end_s) for e in res.trace))
+        cpu = self._cpu if len(self._cpu) == len(res.trace) else [float("nan")] * len(res.trace)
+        log = [(e.rank, e.action, e.start_s, e.end_s, c) for e, c in zip(res.trace, cpu)]
+        wait = sum(e.end_s - e.start_s for e in res.trace if parse_action(e.action).kind in _RECV)
+        return _stats(res.loss, log, recv_wait_s=wait, peak_activation=res.peak_activation_bytes[0],
+                      peak_saved=res.peak_saved_bytes[0])
+
+
+_RECV = (Kind.RECV_F, Kind.RECV_B)
+
+
+def _stats(loss: float, log: list, **kw) -> StepStats:
+    """Sum wall and CPU seconds of forward (F) and backward (B, I, W) calls out of a step's event log."""
+    sums = {"F": [0.0, 0.0], "B": [0.0, 0.0]}
+    for _, name, start, end, cpu in log:
+        kind = parse_action(name.replace("I", "B")).kind  # torch's split input-backward counts as backward
+        key = "F" if kind == Kind.F else "B" if kind in (Kind.B, Kind.W) else None
+        if key:
+            sums[key][0] += end - start
+            sums[key][1] += cpu
+    return StepStats(loss=loss, fwd_s=sums["F"][0], bwd_s=sums["B"][0], fwd_cpu_s=sums["F"][1],
+                     bwd_cpu_s=sums["B"][1], events=tuple(log), **kw)
 
 
 def _make_runner(variant: Variant, cfg: ModelConfig, opts: BenchOptions, state: ParallelState):

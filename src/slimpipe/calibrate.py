@@ -14,6 +14,8 @@ Measured, each as a function of the shapes the model uses (docs/calibrate.md):
   from the trace; CUDA: per step, since the trace times only the asynchronous launches);
 * the runtime's saved activation bytes per token (first, middle and last stage, per layer).
 
+Single-threaded CPU runs are timed in thread CPU time, so other processes' load does not leak into the
+profile (it describes this machine without other users); CUDA and multi-threaded runs in wall time.
 The command module imports this lazily (it imports torch).
 """
 

@@ -49,10 +49,31 @@ def test_compare_smoke() -> None:
         assert r["first_loss"] == pytest.approx(ref, rel=support.LOSS_RTOL), name
         assert r["loss_ok"], name
         assert r["step_s"] > 0 and len(r["step_s_all"]) == 1, name
-        assert all(b > 0 for b in r["busy_s"]), name
+        assert all(b > 0 for b in r["busy_s"]) and all(c > 0 for c in r["compute_cpu_s"]), name
 
     torch_1f1b = rows["torch-1f1b"]["rank0_peak_activation_bytes"]
     assert rows["slimpipe-1f1b"]["rank0_peak_activation_bytes"] == torch_1f1b
     assert rows["slimpipe-n4-v1"]["rank0_peak_activation_bytes"] < 0.9 * torch_1f1b
     assert rows["torch-1f1b"]["step_ratio"] == 1.0 and rows["torch-1f1b"]["memory_ratio"] == 1.0
     assert "| slimpipe-n4-v1 |" in support.table(result)
+
+
+def test_replay_projects_the_1f1b_bubble() -> None:
+    """p = 2, m = 2, F = 1 s, B = 2 s per stage: 1F1B takes 3·(F + B) = 9 s; sliced in two halves with
+    slimpipe's order it takes 7.5 s (the bubble shrinks to one half-slice forward and backward)."""
+    _, support = _load()
+
+    def events(program: dict[int, list[tuple[str, float]]]) -> list[tuple[int, str, float, float, float]]:
+        return [(rank, name, float(i), float(i), cost) for rank, acts in program.items()
+                for i, (name, cost) in enumerate(acts)]
+
+    one_f_one_b = {0: [("0F0", 1), ("0F1", 1), ("0B0", 2), ("0B1", 2)],
+                   1: [("1F0", 1), ("1B0", 2), ("1F1", 1), ("1B1", 2)]}
+    assert support.replay(events(one_f_one_b), 2) == pytest.approx(9.0)
+    sliced = {0: [("0F0.0", .5), ("0F0.1", .5), ("0F1.0", .5), ("0B0.1", 1), ("0F1.1", .5), ("0B0.0", 1),
+                  ("0B1.1", 1), ("0B1.0", 1)],
+              1: [("1F0.0", .5), ("1F0.1", .5), ("1B0.1", 1), ("1F1.0", .5), ("1B0.0", 1), ("1F1.1", .5),
+                  ("1B1.1", 1), ("1B1.0", 1)]}
+    assert support.replay(events(sliced), 2) == pytest.approx(7.5)
+    with pytest.raises(RuntimeError, match="stuck"):  # rank 0 waits for a backward that never comes first
+        support.replay(events({0: [("0B0", 1)], 1: [("1F0", 1), ("1B0", 1)]}), 2)

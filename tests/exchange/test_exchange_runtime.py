@@ -18,6 +18,7 @@ from slimpipe.schedule.actions import EXCHANGE_KINDS, Kind
 from slimpipe.schedule.builders import build
 from slimpipe.schedule.exchange import add_exchange, exchanges
 from slimpipe.schedule.passes import lower
+from slimpipe.schedule.validate import ScheduleError
 
 SEED = 7
 # The required grid: v ∈ {1, 2}, p ∈ {2, 4}, n ∈ {4, 8}; m is the smallest the double warm-up allows.
@@ -108,13 +109,12 @@ def test_roles_and_with_exchange():
                              attn_balance=1)
 
 
-def test_missing_marker_fails_loudly():
-    """Without check_schedule, a marker that never ran must not let the unit exchange silently."""
+def test_unpaired_marker_fails_even_unvalidated():
+    """check_schedule=False skips validate(), but the roles table still refuses a marker without partner."""
     marked = add_exchange(build("slimpipe", p=2, m=2, n=8, v=1), 100)
     x = next(x for x in exchanges(marked) if x.owner.kind is Kind.F)
     progs = [list(prog) for prog in marked.ranks]
     del progs[x.owner_rank][x.owner_marker]
     broken = marked.replace_ranks(tuple(map(tuple, progs)))
-    rt = LocalPipelineRuntime(model(2), lower(broken), dtype=torch.float64, check_schedule=False)
-    with pytest.raises(Exception, match="marker"):
-        rt.forward_backward(tokens(2))
+    with pytest.raises(ScheduleError, match="no matching"):
+        LocalPipelineRuntime(model(2), lower(broken), dtype=torch.float64, check_schedule=False)

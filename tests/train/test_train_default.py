@@ -45,6 +45,7 @@ def test_default_run_shortened(tmp_path: Path, capfd: pytest.CaptureFixture[str]
     assert all(parse_action(e["name"]).stage % 2 == e["pid"] for e in done), "row = rank running the action"
 
 
+@pytest.mark.slow
 def test_under_torchrun(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("SLIMPIPE_FAULT_RANK", None)

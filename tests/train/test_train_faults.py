@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -29,5 +30,7 @@ def test_killed_rank_ends_the_job(pp: int, dead: int, tmp_path: Path, monkeypatc
     survivors = [r for r in range(pp) if r != dead]
     for r in survivors:  # each survivor says why it stopped, naming the dead rank
         assert f"rank {r}: stopping" in err and f"rank {dead} stopped responding" in err, err
-    assert elapsed < timeout + 15, f"took {elapsed:.1f} s"  # startup + one step + the detection window
+    stop_s = float(re.search(r"stopped within ([0-9.]+) s", err).group(1))
+    assert stop_s < timeout, f"the other ranks took {stop_s} s to stop after rank {dead} died"
+    assert elapsed < 120  # startup + one step + detection, on a loaded machine
     assert not (tmp_path / "metrics.jsonl").exists(), "a failed run must not publish its log"

@@ -1,5 +1,6 @@
-"""Vocab-parallel on real processes (gloo, forked, one thread each): gradients, AdamW steps with DP, and
-DCP checkpoints that reshard from pp 4 (vocab-parallel) to pp 2 with and without it."""
+"""Vocab-parallel on real processes (gloo, forked, one thread each): gradients (also with the attention
+exchange), AdamW steps with DP, and DCP checkpoints that reshard from pp 4 (vocab-parallel) to pp 2 with
+and without it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from vocab_support import (
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(120)]
 
-PP4 = [("slimpipe", 4, 4, 2, 2, True), ("1f1b", 4, 1, 4, 1, False), ("slimpipe", 4, 4, 3, 1, False)]
+# (builder, p, n, m, v, tied, attention-exchange threshold)
+PP4 = [("slimpipe", 4, 4, 2, 2, True, 0), ("1f1b", 4, 1, 4, 1, False, 0), ("slimpipe", 4, 4, 3, 1, False, 0),
+       ("slimpipe", 4, 8, 3, 1, True, 100)]
 OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1, clip=0.05)
 
 
@@ -22,9 +25,10 @@ def _grads_worker(rank: int, world: int, cases: list) -> dict:
     state = ParallelState.create(pp=4, dp=1, timeout_s=60.0)
     out = {}
     for case in cases:
-        name, p, n, m, v, tied = case
+        name, p, n, m, v, tied, balance = case
         cfg, sched = case_model(name, p, n, m, v, tied)
-        rt = PipelineRuntime(cfg, sched, state, dtype=torch.float64, seed=SEED, vocab_parallel=True)
+        rt = PipelineRuntime(cfg, sched, state, dtype=torch.float64, seed=SEED, vocab_parallel=True,
+                             attn_balance=balance)
         res = rt.forward_backward(case_tokens(m), reduce_grads=True)
         program = [str(a) for a in rt.schedule.ranks[state.pp_rank]]
         out[case] = (res.loss, {k: q.grad.clone() for k, q in rt.named_parameters()},
@@ -35,7 +39,7 @@ def _grads_worker(rank: int, world: int, cases: list) -> dict:
 def test_pp4_gradients() -> None:
     results = run_dist(_grads_worker, 4, PP4)
     for case in PP4:
-        name, p, n, m, v, tied = case
+        name, p, n, m, v, tied, _ = case
         ref_loss, ref = reference(p * v, tied, m)
         assert all(abs(r[case][0] - ref_loss) <= RTOL * abs(ref_loss) for r in results), case
         assert all(r[case][2] for r in results), f"{case}: a trace differs from its program"

@@ -38,6 +38,15 @@ def test_every_builder_validates_with_collectives_in_one_order() -> None:
     assert count > 40
 
 
+def test_exchange_markers_are_paired_again_around_the_collectives() -> None:
+    from slimpipe.schedule.exchange import add_exchange, has_exchange
+
+    sched = build("slimpipe", p=4, m=3, n=8)
+    both = add_vocab_parallel(add_exchange(sched, 100))  # either order gives the same schedule
+    assert has_exchange(both) and both == add_exchange(add_vocab_parallel(sched), 100)
+    validate(both)
+
+
 def test_owner_sides() -> None:
     vp = add_vocab_parallel(build("slimpipe", p=4, m=3, n=4, v=2))
     last = vp.num_stages - 1

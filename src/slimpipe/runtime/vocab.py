@@ -237,18 +237,18 @@ class VocabRuntime:
         logits[:, sh.valid :] = -math.inf  # padding rows of the last shard
         gmax = yield Collective(op="all_reduce_max", tensor=logits.max(dim=1).values.contiguous())
         assert gmax is not None
-        e = torch.exp(logits - gmax[:, None])  # (t, rows)
         local, mask = sh.local(self._ids(mb, j, shift=1))  # labels
         target = torch.where(mask, logits.gather(1, local[:, None])[:, 0], torch.zeros_like(gmax))
+        e = logits.sub_(gmax[:, None]).exp_()  # (t, rows), in place: one buffer for logits, exp and gradient
         stats = yield Collective(op="all_reduce_sum", tensor=torch.stack([e.sum(dim=1), target]))
         assert stats is not None
         sumexp, target = stats[0], stats[1]
         if self.rank == last:  # everyone knows the loss; one rank accounts it
             ex.loss_sum += (torch.log(sumexp) + gmax - target).sum().double() / ex.normaliser
-        g = e / sumexp[:, None]  # softmax on the shard, then − onehot, / global token count
+        g = e.div_(sumexp[:, None])  # softmax on the shard, then − onehot, / global token count
         rows = torch.arange(t, device=g.device)[mask]
         g[rows, local[mask]] -= 1.0
-        g /= ex.normaliser
+        g.div_(ex.normaliser)
         if head.grad is None:
             head.grad = torch.zeros_like(head)
         head.grad += (g.t() @ yf).to(head.dtype)  # (rows, h)

@@ -183,19 +183,8 @@ def _run_children(prep: Any, nproc: int, store_path: str) -> int:
             p.start()
     finally:
         gc.unfreeze()
-    first: tuple[int, int] | None = None
-    deadline = float("inf")
     try:
-        while any(p.exitcode is None for p in procs):
-            for r, p in enumerate(procs):
-                if first is None and p.exitcode not in (None, 0):
-                    first = (r, p.exitcode)
-                    deadline = time.monotonic() + cfg.timeout + 5
-            if time.monotonic() > deadline:
-                for p in procs:
-                    if p.exitcode is None:
-                        p.kill()
-            time.sleep(0.1)
+        first, stop_s = _wait(procs, grace_s=cfg.timeout + 5)
     except KeyboardInterrupt:
         for p in procs:
             p.terminate()
@@ -203,18 +192,38 @@ def _run_children(prep: Any, nproc: int, store_path: str) -> int:
             p.join(5)
         sys.stderr.write("slimpipe train: interrupted\n")
         return 130
-    for p in procs:
-        p.join()
-    if first is None:  # every rank ended between two polls: take the lowest failed rank
-        first = next(((r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0), None)
     if first is None:
         return 0
     others = [r for r, p in enumerate(procs) if r != first[0] and p.exitcode != 0]
     sys.stderr.write(
         f"slimpipe train: error: rank {first[0]} failed first (exit code {first[1]}); "
-        f"{len(others)} other rank(s) stopped: {others}\n"
+        f"{len(others)} other rank(s) stopped within {stop_s:.1f} s: {others}\n"
     )
     return 1
+
+
+def _wait(procs: list[Any], *, grace_s: float) -> tuple[tuple[int, int] | None, float]:
+    """Wait for every rank: ((rank, exit code) of the first failure or None, seconds the others took to stop
+    after it). After a failure the others get ``grace_s`` to stop by themselves (their watchdogs name the
+    failed rank) before they are killed."""
+    first: tuple[int, int] | None = None
+    deadline = failed_at = float("inf")
+    while any(p.exitcode is None for p in procs):
+        for r, p in enumerate(procs):
+            if first is None and p.exitcode not in (None, 0):
+                first, failed_at = (r, p.exitcode), time.monotonic()
+                deadline = failed_at + grace_s
+        if time.monotonic() > deadline:
+            for p in procs:
+                if p.exitcode is None:
+                    p.kill()
+        time.sleep(0.1)
+    for p in procs:
+        p.join()
+    stop_s = max(0.0, time.monotonic() - failed_at)
+    if first is None:  # every rank ended between two polls: take the lowest failed rank
+        first = next(((r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0), None)
+    return first, stop_s
 
 
 def _cuda_available() -> bool:
