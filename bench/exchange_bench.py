@@ -15,9 +15,9 @@ Busy time is what the executor counts (F and B wall time on that rank); "busy �
 exchange waits, i.e. the work the rank really did; CPU is the rank's process CPU time over the step, which
 machine load does not inflate (wall times do: run on an idle machine, one core per rank). "Replayed step"
 re-times the step from the measured per-unit CPU times with the dependency-driven dry run (messages free,
-exchange owners ending no earlier than their helpers): a load-independent step time of the same work. Without exchange every rank does the same work; with it owners
-give attention away and helpers take it on, so compute moves between ranks while step time shows whether
-the balance paid for the rendezvous it needs.
+exchange owners ending no earlier than their helpers): a load-independent step time of the same work.
+Without exchange every rank does the same work; with it owners give attention away and helpers take it on,
+so compute moves between ranks while step time shows whether the balance paid for the rendezvous it needs.
 """
 
 from __future__ import annotations
@@ -72,6 +72,28 @@ def _replay(schedule, units: list[dict[str, float]]) -> float:
     return _dry_run(schedule, duration=lambda a: cost.get(str(a), 0.0), latency=0.0, check="replay").makespan
 
 
+def _step(rt: PipelineRuntime, tokens: torch.Tensor, state: ParallelState,
+          unit_cpu: dict[str, float]) -> dict:
+    """One timed forward_backward; every rank's figures gathered (collective)."""
+    rt.zero_grad()
+    unit_cpu.clear()
+    dist.barrier(group=state.pp_group)
+    cpu0 = time.process_time()
+    res = rt.forward_backward(tokens)
+    cpu = time.process_time() - cpu0
+    ex = rt.executor.exchange
+    mine = torch.tensor([res.busy_s[state.pp_rank], ex.wait_s if ex else 0.0, ex.sent if ex else 0,
+                         ex.served if ex else 0, cpu], dtype=torch.float64)
+    allr = [torch.empty_like(mine) for _ in range(state.pp)]
+    dist.all_gather(allr, mine, group=state.pp_group)
+    units: list = [None] * state.pp
+    dist.all_gather_object(units, dict(unit_cpu), group=state.pp_group)
+    return {"replay_s": _replay(rt.schedule, units), "step_s": res.step_time_s, "loss": res.loss,
+            "busy_s": [float(x[0]) for x in allr], "wait_s": [float(x[1]) for x in allr],
+            "sent": [int(x[2]) for x in allr], "served": [int(x[3]) for x in allr],
+            "cpu_s": [float(x[4]) for x in allr]}
+
+
 def _rank(rank: int, world: int, store: str, out_dir: str, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)  # single-threaded ranks (and libgomp after fork needs it)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
@@ -81,33 +103,19 @@ def _rank(rank: int, world: int, store: str, out_dir: str, args: argparse.Namesp
         sched = build("slimpipe", p=world, m=args.microbatches, n=args.slices, v=args.vpp, warmup=args.warmup)
         cfg = _model(args)
         configs = [0, *args.thresholds]
-        rts = {t: PipelineRuntime(cfg, sched, state, dtype=torch.float32, seed=0, attn_balance=t) for t in configs}
+        rts = {t: PipelineRuntime(cfg, sched, state, dtype=torch.float32, seed=0, attn_balance=t)
+               for t in configs}
         unit_cpu: dict[str, float] = {}
         for rt in rts.values():
             _time_units(rt.executor, unit_cpu)
-        tokens = torch.randint(0, 256, (args.microbatches, args.seq + 1), generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 256, (args.microbatches, args.seq + 1), generator=gen)
         rows = []
         for rnd in range(args.rounds + 1):  # round 0 warms up (allocator, kernels) and is dropped
             for t in configs:
-                rt = rts[t]
-                rt.zero_grad()
-                unit_cpu.clear()
-                dist.barrier(group=state.pp_group)
-                cpu0 = time.process_time()
-                res = rt.forward_backward(tokens)
-                cpu = time.process_time() - cpu0
-                ex = rt.executor.exchange
-                mine = torch.tensor([res.busy_s[rank], ex.wait_s if ex else 0.0, ex.sent if ex else 0,
-                                     ex.served if ex else 0, cpu], dtype=torch.float64)
-                allr = [torch.empty_like(mine) for _ in range(world)]
-                dist.all_gather(allr, mine, group=state.pp_group)
-                units = [None] * world
-                dist.all_gather_object(units, dict(unit_cpu), group=state.pp_group)
+                row = _step(rts[t], tokens, state, unit_cpu)
                 if rnd > 0:
-                    rows.append({"replay_s": _replay(rt.schedule, units)} | {"threshold": t, "round": rnd, "step_s": res.step_time_s, "loss": res.loss,
-                                 "busy_s": [float(x[0]) for x in allr], "wait_s": [float(x[1]) for x in allr],
-                                 "sent": [int(x[2]) for x in allr], "served": [int(x[3]) for x in allr],
-                                 "cpu_s": [float(x[4]) for x in allr]})
+                    rows.append({"threshold": t, "round": rnd, **row})
         if rank == 0:
             pairs = {t: len(exchanges(rts[t].schedule)) for t in configs}
             with open(os.path.join(out_dir, "rows.json"), "w") as f:
@@ -142,8 +150,8 @@ def _table(summary: list[dict], args: argparse.Namespace) -> str:
     head = (f"slimpipe p={args.pp} v={args.vpp} n={args.slices} m={args.microbatches} s={args.seq} "
             f"(h={args.hidden}, {args.heads} heads, {args.layers_per_stage} layer(s)/stage), fp32, "
             f"{args.rounds} alternating rounds, 1 thread per rank")
-    lines = [head, "| attn-balance | exchanges | step wall (median) | vs off | replayed step (CPU) | vs off | "
-             "per-rank busy − wait, s | per-rank exchange wait, s | spread | per-rank CPU s | CPU spread |",
+    lines = [head, "| attn-balance | exchanges | step wall (median) | vs off | replayed step (CPU) | vs off "
+             "| per-rank busy − wait, s | per-rank exchange wait, s | spread | per-rank CPU s | CPU spread |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['attn_balance'] or 'off'} | {s['exchanges']} | {s['step_s_median']:.3f} s | "
@@ -175,20 +183,23 @@ def simulated_table(thresholds: list[int]) -> str:
 
     hw = load_hardware("h800")
     lines = ["| configuration | attn-balance | step s | vs off | bubble | concurrent attention max/min F | "
-             "B | exchanges F / B | attention moved s | exchange GiB/step |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "B | exchanges F / B | attention moved s | exchange GiB/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, name, seq, batch, tp, cp, pp, n, v in SIM_CONFIGS:
         wl = Workload(model=load_model(name), parallel=ParallelConfig(tp=tp, cp=cp, pp=pp, slices=n, vpp=v),
                       seq_len=seq, global_batch=batch, recompute="partial+fc1")
         base = evaluate(wl, "slimpipe", hardware=hw)
+        rep = base.report
         lines.append(f"| {label}: t{tp} c{cp} p{pp} n{n} v{v} m{wl.microbatches} | off | "
-                     f"{base.report.step_time_s:.2f} | 1 | {100 * base.report.bubble_ratio:.1f} % | | | | | |")
+                     f"{rep.step_time_s:.2f} | 1 | {100 * rep.bubble_ratio:.1f} % | | | | | |")
         for t in thresholds:
             ev = evaluate(wl, "slimpipe", hardware=hw, attn_balance=t)
             x = exchange_summary(ev.schedule, ev.cost)
             (f0, f1), (b0, b1) = x["attn_ratio_f"], x["attn_ratio_b"]
             lines.append(f"| | {t} | {ev.report.step_time_s:.2f} | "
                          f"{ev.report.step_time_s / base.report.step_time_s:.3f} | "
-                         f"{100 * ev.report.bubble_ratio:.1f} % | {f0:.2f} → {f1:.2f} | {b0:.2f} → {b1:.2f} | "
+                         f"{100 * ev.report.bubble_ratio:.1f} % | {f0:.2f} → {f1:.2f} | "
+                         f"{b0:.2f} → {b1:.2f} | "
                          f"{x['exchanges_f']} / {x['exchanges_b']} | {x['moved_attention_s']:.1f} | "
                          f"{x['exchange_bytes'] / 2**30:.0f} |")
     return "\n".join(lines) + "\n"

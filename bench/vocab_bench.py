@@ -3,8 +3,9 @@
 Real runs (CPU, one thread): every rank of one pipeline in one process (LocalPipelineRuntime, the same
 handlers as the distributed runtime), with and without ``vocab_parallel``; per rank the parameter bytes,
 the peak saved-for-backward bytes (storage-deduplicated, parameters excluded; with K/V buffers in
-"activation"), and the median busy seconds (compute of its own actions, vocabulary collectives included).
-``--gloo`` also times train steps on p forked processes (gloo). Then the simulator (analytic cost, H800) for
+"activation"), and the best-of-steps busy seconds (compute of its own actions, vocabulary collectives
+included; off and on steps alternate so machine load hits both). ``--gloo`` also times train steps on p
+forked processes (gloo, alternating, median). Then the simulator (analytic cost, H800) for
 the configurations in SIM_ROWS. Reproduce the BENCHMARKS.md tables with::
 
     python bench/vocab_bench.py                               # small preset, V = 32000, p 4, n 4, s 512
@@ -31,9 +32,10 @@ GIB = float(1 << 30)
 
 # (label, model, overrides, layout, seq_len, global batch, schedule, recompute)
 SIM_ROWS = [
-    ("70B 512K (paper row)", "llama-70b", {}, dict(tp=4, cp=2, pp=16, slices=16, vpp=5), 524288, 8, "slimpipe",
+    ("70B 512K (paper row)", "llama-70b", {}, dict(tp=4, cp=2, pp=16, slices=16, vpp=5), 524288, 8,
+     "slimpipe", "partial+fc1"),
+    ("70B 64K n8 v1", "llama-70b", {}, dict(tp=8, pp=8, dp=2, slices=8), 65536, 64, "slimpipe",
      "partial+fc1"),
-    ("70B 64K n8 v1", "llama-70b", {}, dict(tp=8, pp=8, dp=2, slices=8), 65536, 64, "slimpipe", "partial+fc1"),
     ("7B 32K p4 n4", "llama-7b", {}, dict(tp=1, pp=4, slices=4), 32768, 8, "slimpipe", "partial+fc1"),
     ("7B 32K p4 n4, V 32000", "llama-7b", {"vocab_size": 32000}, dict(tp=1, pp=4, slices=4), 32768, 8,
      "slimpipe", "partial+fc1"),
@@ -43,33 +45,33 @@ SIM_ROWS = [
 
 
 def _tokens(args: argparse.Namespace, vocab: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (args.microbatches, args.seq + 1), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (args.microbatches, args.seq + 1), generator=gen)
 
 
 def measure_local(args: argparse.Namespace) -> dict[bool, dict[str, list[float]]]:
-    """Per-rank figures of the local runtime, vocab-parallel off and on."""
+    """Per-rank figures of the local runtime, vocab-parallel off and on (steps alternate between the two,
+    so load on the shared machine hits both alike; busy is the best of the steps)."""
     from slimpipe.runtime import LocalPipelineRuntime
 
     cfg = load_model(args.model, vocab_size=args.vocab_size, num_layers=args.layers)
     sched = build(args.schedule, p=args.pp, m=args.microbatches, n=args.slices, v=args.vpp)
     dtype = getattr(torch, args.dtype)
-    out = {}
-    for vp in (False, True):
-        rt = LocalPipelineRuntime(cfg, sched, dtype=dtype, seed=0, vocab_parallel=vp)
-        size = torch.empty((), dtype=dtype).element_size()
-        params = [sum(q.numel() for _, q in rt.rank_parameters(r)) * size for r in range(args.pp)]
-        busy: list[list[float]] = [[] for _ in range(args.pp)]
-        res = None
-        for step in range(args.steps):
+    size = torch.empty((), dtype=dtype).element_size()
+    rts = {vp: LocalPipelineRuntime(cfg, sched, dtype=dtype, seed=0, vocab_parallel=vp)
+           for vp in (False, True)}
+    busy: dict[bool, list[list[float]]] = {vp: [[] for _ in range(args.pp)] for vp in rts}
+    last = {}
+    for step in range(args.steps + 1):  # step 0 warms up
+        for vp, rt in rts.items():
             rt.zero_grad()
-            res = rt.forward_backward(_tokens(args, cfg.vocab_size, step))
+            last[vp] = rt.forward_backward(_tokens(args, cfg.vocab_size, step))
             for r in range(args.pp):
-                busy[r].append(res.busy_s[r])
-        assert res is not None
-        out[vp] = {"params": params, "saved": list(res.peak_saved_bytes), "act": list(res.peak_activation_bytes),
-                   "busy": [statistics.median(b) for b in busy], "loss": [res.loss]}
-        del rt
-    return out
+                if step:
+                    busy[vp][r].append(last[vp].busy_s[r])
+    return {vp: {"params": [sum(q.numel() for _, q in rt.rank_parameters(r)) * size for r in range(args.pp)],
+                 "saved": list(last[vp].peak_saved_bytes), "act": list(last[vp].peak_activation_bytes),
+                 "busy": [min(b) for b in busy[vp]]} for vp, rt in rts.items()}
 
 
 def _gloo_child(rank: int, world: int, store: str, out_dir: str, args: argparse.Namespace) -> None:
@@ -84,11 +86,13 @@ def _gloo_child(rank: int, world: int, store: str, out_dir: str, args: argparse.
         state = ParallelState.create(pp=world, dp=1, timeout_s=900.0)
         cfg = load_model(args.model, vocab_size=args.vocab_size, num_layers=args.layers)
         sched = build(args.schedule, p=world, m=args.microbatches, n=args.slices, v=args.vpp)
-        times = {}
-        for vp in (False, True):
-            rt = PipelineRuntime(cfg, sched, state, dtype=getattr(torch, args.dtype), vocab_parallel=vp)
-            steps = [rt.train_step(_tokens(args, cfg.vocab_size, s)).step_time_s for s in range(args.steps + 1)]
-            times[vp] = statistics.median(steps[1:])  # the first step warms up
+        rts = {vp: PipelineRuntime(cfg, sched, state, dtype=getattr(torch, args.dtype), vocab_parallel=vp)
+               for vp in (False, True)}
+        steps: dict[bool, list[float]] = {vp: [] for vp in rts}
+        for s in range(args.steps + 1):  # alternate off/on; step 0 warms up
+            for vp, rt in rts.items():
+                steps[vp].append(rt.train_step(_tokens(args, cfg.vocab_size, s)).step_time_s)
+        times = {vp: statistics.median(t[1:]) for vp, t in steps.items()}
         if rank == 0:
             torch.save(times, os.path.join(out_dir, "times.pt"))
     finally:
@@ -130,8 +134,8 @@ def _table(local: dict[bool, dict[str, list[float]]], pp: int) -> list[str]:
     for vp in (False, True):
         d = local[vp]
         for r in range(pp):
-            lines.append(f"| {'on' if vp else 'off'} | {r} | {d['params'][r] / MIB:.2f} | {d['saved'][r] / MIB:.2f} "
-                         f"| {d['act'][r] / MIB:.2f} | {d['busy'][r]:.3f} |")
+            lines.append(f"| {'on' if vp else 'off'} | {r} | {d['params'][r] / MIB:.2f} | "
+                         f"{d['saved'][r] / MIB:.2f} | {d['act'][r] / MIB:.2f} | {d['busy'][r]:.3f} |")
     return lines
 
 
@@ -152,14 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-sim", action="store_true", help="skip the simulator rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"real runs: {args.model} V={args.vocab_size} {args.schedule} p{args.pp} n{args.slices} v{args.vpp} "
-          f"s={args.seq} m={args.microbatches} {args.dtype}, local runtime, 1 thread")
+    print(f"real runs: {args.model} V={args.vocab_size} {args.schedule} p{args.pp} n{args.slices} "
+          f"v{args.vpp} s={args.seq} m={args.microbatches} {args.dtype}, local runtime, 1 thread")
     local = measure_local(args)
     print("\n".join(_table(local, args.pp)))
     if args.gloo:
         times = measure_gloo(args)
-        print(f"\ngloo p={args.pp} train step (median of {args.steps}): off {times[False]:.3f} s, "
-              f"on {times[True]:.3f} s ({100 * (times[True] / times[False] - 1):+.1f} %)")
+        change = 100 * (times[True] / times[False] - 1)
+        print(f"\ngloo p={args.pp} train step (median of {args.steps}, alternating): "
+              f"off {times[False]:.3f} s, on {times[True]:.3f} s ({change:+.1f} %)")
     if not args.no_sim:
         print("\nsimulator (analytic cost, H800):")
         print("\n".join(simulate_rows()))

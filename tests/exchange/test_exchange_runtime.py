@@ -38,9 +38,9 @@ def test_split_keys_merge_and_backward_are_exact():
     q, k, v = _qkv()
     start, end, split = 10, 16, 7
     qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    full = causal_mask(start, end, 0, 1, dtype=q.dtype, device=q.device)
     ref = scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
-                                       attn_mask=causal_mask(start, end, 0, 1, dtype=q.dtype, device=q.device),
-                                       enable_gqa=True).transpose(1, 2)
+                                       attn_mask=full, enable_gqa=True).transpose(1, 2)
     dout = torch.randn_like(ref)
     ref.backward(dout)
     qg, kt, vt = group_queries(q, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -102,7 +102,8 @@ def test_roles_and_with_exchange():
     for x in exchanges(marked):
         own = roles[x.owner_rank][(x.owner.kind, x.owner.unit)]
         helper = roles[x.helper_rank][(x.helper.kind, x.helper.unit)]
-        assert own.owner and not helper.owner and own.partner == x.helper_rank and helper.partner == x.owner_rank
+        assert own.owner and not helper.owner
+        assert own.partner == x.helper_rank and helper.partner == x.owner_rank
         assert own.volume == helper.volume == x.volume <= 2
     with pytest.raises(ConfigError, match="equal slices"):
         LocalPipelineRuntime(model(2), build("seq1f1b", p=2, m=2, n=4, slice_weights=(0.4, 0.3, 0.2, 0.1)),

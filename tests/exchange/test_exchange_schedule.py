@@ -176,9 +176,9 @@ def test_simulator_moves_attention_and_charges_the_rendezvous(p, n, v, seq, batc
 
 
 def test_simulate_cli_flag():
-    out = subprocess.run([sys.executable, "-m", "slimpipe", "simulate", "--seq-len", "131072", "--global-batch",
-                          "4", "--tp", "4", "--cp", "2", "--pp", "4", "--slices", "8", "--attn-balance", "4",
-                          "--json"], capture_output=True, text=True, check=True)
+    cmd = ("simulate --seq-len 131072 --global-batch 4 --tp 4 --cp 2 --pp 4 --slices 8 --attn-balance 4 "
+           "--json").split()
+    out = subprocess.run([sys.executable, "-m", "slimpipe", *cmd], capture_output=True, text=True, check=True)
     rep = json.loads(out.stdout)
     cfg = rep["config"]
     assert cfg["attn_balance"] == 4 and cfg["exchanges_f"] > 0 and cfg["exchanges_b"] > 0
@@ -187,6 +187,6 @@ def test_simulate_cli_flag():
 
 
 def test_core_modules_import_without_torch():
-    code = ("import sys; sys.modules['torch'] = None; import slimpipe.schedule.exchange, slimpipe.sim.exchange, "
-            "slimpipe.sim.simulator")
+    code = ("import sys; sys.modules['torch'] = None; import slimpipe.schedule.exchange, "
+            "slimpipe.sim.exchange, slimpipe.sim.simulator")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from collections.abc import Callable
@@ -69,6 +70,14 @@ def run_dist(fn: Callable, world: int, *args: object, timeout_s: float = 60.0) -
         # fork: ~0.1 s per group (platform §6). Where CUDA exists the parent's autograd engine may already
         # run device threads, and a forked child then refuses to run backward: spawn there instead.
         method = "spawn" if torch.cuda.is_available() else "fork"
-        mp.start_processes(_child, args=(world, os.path.join(tmp, "store"), timeout_s, tmp, fn, args),
-                           nprocs=world, start_method=method, join=True)
+        # A process group left in a garbage cycle by an earlier in-process run must die here, where its
+        # worker threads exist: a forked child's GC would run its destructor and wait forever on threads
+        # fork did not copy. Freezing keeps the children's GC off everything inherited.
+        gc.collect()
+        gc.freeze()
+        try:
+            mp.start_processes(_child, args=(world, os.path.join(tmp, "store"), timeout_s, tmp, fn, args),
+                               nprocs=world, start_method=method, join=True)
+        finally:
+            gc.unfreeze()
         return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]

@@ -93,8 +93,9 @@ def with_exchange(schedule: Schedule, attn_balance: int) -> Schedule:
     if has_exchange(schedule):
         given = int(schedule.meta.get(EXCHANGE_META, 0) or 0)
         if attn_balance and attn_balance != given:
-            raise ConfigError(f"attn_balance={attn_balance} but the schedule already carries exchange markers "
-                              f"for attn_balance={given}: pass attn_balance=0 or the unmarked schedule")
+            raise ConfigError(f"attn_balance={attn_balance} but the schedule already carries exchange "
+                              f"markers for attn_balance={given}: pass attn_balance=0 or the unmarked "
+                              "schedule")
         return schedule
     return add_exchange(schedule, attn_balance) if attn_balance else schedule
 
@@ -110,7 +111,8 @@ class DistChannel:
         tensor = tensor.contiguous()  # gloo raises on strided tensors and the peer then hangs
         work = dist.isend(tensor, dst=self.global_rank(dst), group=self.group)
         self._pending.append((work, tensor))
-        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]  # type: ignore[attr-defined]
+        self._pending = [(w, t) for w, t in self._pending
+                         if not w.is_completed()]  # type: ignore[attr-defined]
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
         buf = torch.empty(shape, dtype=dtype, device=self.device)
@@ -276,7 +278,8 @@ class _UnitHooks:
     def __init__(self, rx: RankExchange, slice_kv, f_role: Role | None, b_role: Role | None) -> None:
         self.rx, self.slice_kv, self.f_role, self.b_role = rx, slice_kv, f_role, b_role
 
-    def attend(self, layer_id: int, q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer_id: int, q: torch.Tensor, k_win: torch.Tensor,
+               v_win: torch.Tensor) -> torch.Tensor:
         rx, sk, fr, br = self.rx, self.slice_kv, self.f_role, self.b_role
         fo = fr if fr is not None and fr.owner else None
         bo = br if br is not None and br.owner else None

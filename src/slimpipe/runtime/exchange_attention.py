@@ -92,7 +92,8 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 
 def math_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                        out: torch.Tensor, lse: torch.Tensor,
+                        mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """block_backward in explicit matmuls: the non-CPU fallback."""
     md = _math_dtype(q.dtype)
     qm, km, vm, dom = q.to(md), k.to(md), v.to(md), dout.to(md)

@@ -251,7 +251,10 @@ class VocabRuntime:
         g.div_(ex.normaliser)
         if head.grad is None:
             head.grad = torch.zeros_like(head)
-        head.grad += (g.t() @ yf).to(head.dtype)  # (rows, h)
+        if head.dtype == g.dtype:
+            head.grad.addmm_(g.t(), yf)  # (rows, h), accumulated in place
+        else:
+            head.grad += (g.t() @ yf).to(head.dtype)
         dy = (g @ w).to(ex.dtype).unsqueeze(0).contiguous()  # (1, t, h): this shard's part of dL/dy
         dy = yield Collective(op="reduce", tensor=dy, root=last)
         if self.rank == last:

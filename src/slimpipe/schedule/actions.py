@@ -46,7 +46,7 @@ class Kind(str, Enum):
     # names the PARTNER's concurrent unit ("3XOWN_F1.4  0F1.7": rank 0's 0F1.7 hands attention to 3F1.4).
     XOWN_F = "XOWN_F"  # Roughly: per layer of the next F: isend(q, kv[:vol]); out = lse_merge(local, recv())
     XHELP_F = "XHELP_F"  # Roughly: per layer of the next F: q, kv = recv(); isend(attn(q, kv, no mask), lse)
-    XOWN_B = "XOWN_B"  # Roughly: per layer of the next B: isend(q, kv[:vol], out, lse, dout); dq, dkv += recv()
+    XOWN_B = "XOWN_B"  # Roughly: per layer of next B: isend(dout, q, out, lse, kv[:vol]); dq, dkv += recv()
     XHELP_B = "XHELP_B"  # Roughly: per layer of the next B: isend(attn_backward(recv())) = (dq, dk, dv)
 
     def __str__(self) -> str:  # "F", not "Kind.F"

@@ -104,8 +104,9 @@ def _check_threshold(threshold: object, schedule: Schedule) -> int:
                           "most slices of K/V prefix one exchange moves")
     if threshold and schedule.slice_weights is not None:
         raise ConfigError(
-            f"--attn-balance={threshold} needs equal slices, but schedule {schedule.name!r} has slice_weights="
-            f"{schedule.slice_weights}: use --attn-balance 0 or equal slices (exchange volumes are whole slices)"
+            f"--attn-balance={threshold} needs equal slices, but schedule {schedule.name!r} has "
+            f"slice_weights={schedule.slice_weights}: use --attn-balance 0 or equal slices (exchange volumes "
+            "are whole slices)"
         )
     return threshold
 
@@ -190,9 +191,9 @@ def _own_actions(schedule: Schedule) -> dict[tuple[int, int], tuple[int, Action]
             want = _MARKERS[k][0]
             nxt = prog[i + 1] if i + 1 < len(prog) else None
             if nxt is None or nxt.kind is not want:
-                raise _error(f"rank {r} step {i}: {a} must come right before its own {want.value} (next action: "
-                             f"{nxt}): re-run add_exchange after any pass that inserts actions", schedule,
-                             [(r, i)])
+                raise _error(f"rank {r} step {i}: {a} must come right before its own {want.value} (next "
+                             f"action: {nxt}): re-run add_exchange after any pass that inserts actions",
+                             schedule, [(r, i)])
             own[(r, i)] = (i + 1, nxt)
     return own
 
@@ -208,7 +209,8 @@ def _key(r: int, a: Action) -> tuple[int, int, str, int, int]:
     return (r, a.stage, a.kind.value, a.microbatch, a.seq_slice)
 
 
-def exchanges(schedule: Schedule, own: dict[tuple[int, int], tuple[int, Action]] | None = None) -> list[Exchange]:
+def exchanges(schedule: Schedule,
+              own: dict[tuple[int, int], tuple[int, Action]] | None = None) -> list[Exchange]:
     """Every exchange of a marked schedule (owner-side markers, in rank then program order); checks that
     each marker has its counterpart (check_exchange checks the rest). ``own``: _own_actions, if known."""
     if own is None:
@@ -234,8 +236,8 @@ def exchanges(schedule: Schedule, own: dict[tuple[int, int], tuple[int, Action]]
             continue
         vol = exchange_volume(a.seq_slice, partner_unit.seq_slice, threshold)
         if vol < 1:
-            raise _error(f"rank {r} step {i}: {marker} makes {a} an owner of a volume-{vol} exchange: the owner "
-                         "needs a longer prefix than its helper (by ≥ 2 slices)", schedule, [(r, i)])
+            raise _error(f"rank {r} step {i}: {marker} makes {a} an owner of a volume-{vol} exchange: the "
+                         "owner needs a longer prefix than its helper (by ≥ 2 slices)", schedule, [(r, i)])
         out.append(Exchange(owner=a, helper=mate[2], owner_rank=r, helper_rank=pr, volume=vol, owner_step=k,
                             helper_step=mate[1], owner_marker=i, helper_marker=mate[0]))
     return out
@@ -259,9 +261,10 @@ def check_exchange(schedule: Schedule) -> None:
         for (ia, na), (ib, nb) in zip(seq_a, seq_b):
             if na != nb:
                 xa, xb = found[na], found[nb]
-                raise _error(f"ranks {ra} and {rb} order their exchanges differently: rank {ra} step {ia} runs "
-                             f"{xa.owner}⇄{xa.helper}, rank {rb} step {ib} runs {xb.owner}⇄{xb.helper}: "
-                             "exchange messages match by order on one channel", schedule, [(ra, ia), (rb, ib)])
+                raise _error(f"ranks {ra} and {rb} order their exchanges differently: rank {ra} step {ia} "
+                             f"runs {xa.owner}⇄{xa.helper}, rank {rb} step {ib} runs {xb.owner}⇄{xb.helper}: "
+                             "exchange messages match by order on one channel", schedule,
+                             [(ra, ia), (rb, ib)])
 
 
 def exchange_waits(schedule: Schedule) -> dict[tuple[int, int], list[_Key]]:
@@ -330,8 +333,9 @@ def balance_stats(schedule: Schedule, kind: Kind = Kind.F) -> BalanceStats:
                             worst_ratio_after=1.0, moved_blocks=total)
     return BalanceStats(
         groups=len(ratios), mean_ratio_before=sum(b for b, _ in ratios) / len(ratios),
-        mean_ratio_after=sum(a for _, a in ratios) / len(ratios), worst_ratio_before=max(b for b, _ in ratios),
-        worst_ratio_after=max(a for _, a in ratios), moved_blocks=total,
+        mean_ratio_after=sum(a for _, a in ratios) / len(ratios),
+        worst_ratio_before=max(b for b, _ in ratios), worst_ratio_after=max(a for _, a in ratios),
+        moved_blocks=total,
     )
 
 

@@ -124,7 +124,7 @@ def _deps(a: Action, r: int, p: int, last: int, n: int) -> list[_Key]:
         return [(Kind.B, st, mb, j)]
     if k is Kind.RECV_F:
         return [(Kind.SEND_F, st - 1, mb, j)]
-    if k in EXCHANGE_KINDS:  # markers take no time; the F/B after them waits for the partner's (exchange_waits)
+    if k in EXCHANGE_KINDS:  # no wait here: the F/B after a marker waits for the partner's (exchange_waits)
         return []
     return [(Kind.SEND_B, st + 1, mb, j)]  # RECV_B
 

@@ -117,7 +117,8 @@ class TrainConfig:
             val = getattr(self, f)
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ConfigError(f"--{_flag(f)}={val!r} must be a positive integer")
-        for f in ("nproc", "threads", "lr_warmup", "checkpoint_every", "keep_checkpoints", "seed", "attn_balance"):
+        for f in ("nproc", "threads", "lr_warmup", "checkpoint_every", "keep_checkpoints", "seed",
+                  "attn_balance"):
             val = getattr(self, f)
             if not isinstance(val, int) or isinstance(val, bool) or val < 0:
                 raise ConfigError(f"--{_flag(f)}={val!r} must be a non-negative integer")
