@@ -100,7 +100,8 @@ class _TrackedStage(PipelineStage):
     def _timed(self, kind: str, mb: int, fn, *args):
         t0, c0 = time.time(), time.thread_time()
         out = fn(*args)
-        self._log.append((self._rank, f"{self.stage_index}{kind}{mb}", t0, time.time(), time.thread_time() - c0))
+        cpu = time.thread_time() - c0
+        self._log.append((self._rank, f"{self.stage_index}{kind}{mb}", t0, time.time(), cpu))
         return out
 
     def forward_one_chunk(self, fwd_chunk_id, args, kwargs=None, save_forward_output=True):
@@ -111,8 +112,9 @@ class _TrackedStage(PipelineStage):
         return out
 
     def backward_one_chunk(self, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
-        out = self._timed("B" if full_backward else "I", bwd_chunk_id, super().backward_one_chunk, bwd_chunk_id,
-                          loss, full_backward, last_backward)
+        kind = "B" if full_backward else "I"
+        out = self._timed(kind, bwd_chunk_id, super().backward_one_chunk, bwd_chunk_id, loss, full_backward,
+                          last_backward)
         if full_backward:  # a split backward keeps what W needs until backward_weight_one_chunk
             self._tracker.release((self.stage_index, bwd_chunk_id, 0))
         self._tracker.sample(0, 0)
@@ -141,8 +143,8 @@ class TorchRunner:
         self.tracker = MemoryTracker(lambda ptr: ptr in self._param_ptrs or ptr == self._ids_ptr)
         self._log: list[tuple[int, str, float, float, float]] = []
         stages = [
-            _TrackedStage(mod, st.stage, p * variant.v, torch.device("cpu"), tracker=self.tracker, log=self._log,
-                          rank=rank)
+            _TrackedStage(mod, st.stage, p * variant.v, torch.device("cpu"), tracker=self.tracker,
+                          log=self._log, rank=rank)
             for mod, st in zip(self.modules, infos)
         ]
         self.has_first, self.has_last = infos[0].first, any(st.last for st in infos)
@@ -293,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", default="auto", choices=("auto", "single", "double"),
                     help="slimpipe builders' warm-up (default auto: single for 1f1b, double otherwise)")
     ap.add_argument("--json", default="", help="write the result here")
-    ap.add_argument("--trace-dir", default="", help="write each configuration's last step as a Chrome trace here")
+    ap.add_argument("--trace-dir", default="",
+                    help="write each configuration's last step as a Chrome trace into this folder")
     a = ap.parse_args(argv)
     try:
         opts = BenchOptions(seq_len=a.seq_len, microbatches=a.microbatches, model=a.model, steps=a.steps,

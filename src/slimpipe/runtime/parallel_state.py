@@ -4,7 +4,8 @@ Grid ``arange(world).view(dp, pp)``: global rank = dp_rank·pp + pp_rank, so the
 contiguous. Groups: one pipeline group per DP replica, two more over the same ranks for the forward
 (activations) and backward (gradients) p2p channels (separate communicators, so the two directions never
 queue behind each other and no tag is needed: NCCL ignores tags), a fourth for the attention context
-exchange (runtime/exchange.py), one DP group per pipeline rank, and
+exchange (runtime/exchange.py), a fifth for the vocabulary-parallel p2p messages (runtime/vocab_comm.py),
+one DP group per pipeline rank, and
 with pp > 1 an embedding group {first, last} per replica for tied embeddings. Every group carries the
 timeout, so a dead peer becomes an error on every rank instead of a hang.
 """
@@ -53,6 +54,8 @@ class ParallelState:
     """Timeout of every group created here."""
     exchange_group: object = None
     """The attention-exchange channel (runtime/exchange.py), same ranks as pp_group."""
+    vocab_group: object = None
+    """Vocabulary-parallel VE/VB point-to-point messages (runtime/vocab_comm.py), same ranks as pp_group."""
 
     @classmethod
     def create(cls, *, pp: int, dp: int | None = None, timeout_s: float = 600.0) -> ParallelState:
@@ -72,7 +75,7 @@ class ParallelState:
         # new_group is collective over the whole world: every rank creates every group, in the same order.
         for d in range(dp):
             ranks = grid[d].tolist()
-            for name in ("pp", "fwd", "bwd", "exchange"):
+            for name in ("pp", "fwd", "bwd", "exchange", "vocab"):
                 g = dist.new_group(ranks, timeout=timeout)
                 if d == dp_rank:
                     mine[name] = g
@@ -88,6 +91,7 @@ class ParallelState:
             rank=rank, world=world, pp=pp, dp=dp, pp_rank=pp_rank, dp_rank=dp_rank, device=_device(),
             pp_group=mine["pp"], dp_group=mine["dp"], fwd_group=mine["fwd"], bwd_group=mine["bwd"],
             embed_group=mine.get("embed"), timeout_s=timeout_s, exchange_group=mine["exchange"],
+            vocab_group=mine["vocab"],
         )
 
     def global_rank(self, pp_rank: int) -> int:

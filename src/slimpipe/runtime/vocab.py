@@ -202,7 +202,7 @@ class VocabRuntime:
         local, mask = self.shard.local(self._ids(mb, j))
         weight = self.model.embed.weight.detach()
         part = (weight[local] * mask[:, None].to(weight.dtype)).unsqueeze(0).contiguous()  # (1, t, h)
-        total = yield Collective(op="reduce", tensor=part, root=0)
+        total = yield Collective(op="reduce", tensor=part, root=0, p2p=True)
         if self.rank == 0:
             assert total is not None
             self.ex._inputs[(0, mb, j)] = total.requires_grad_()  # the input leaf of F(0, mb, j)
@@ -211,7 +211,7 @@ class VocabRuntime:
         h, ex = self.model.embed.weight.size(1), self.ex
         grad = ex._douts.pop((-1, mb, j)).contiguous() if self.rank == 0 else None  # (1, t, h)
         grad = yield Collective(op="broadcast", tensor=grad, root=0, shape=(1, len(self._ids(mb, j)), h),
-                                dtype=ex.dtype)
+                                dtype=ex.dtype, p2p=True)
         assert grad is not None
         local, mask = self.shard.local(self._ids(mb, j))
         weight = self.model.embed.weight

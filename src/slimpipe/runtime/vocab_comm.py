@@ -3,9 +3,9 @@
 A vocabulary action is written once, as a *program*: a generator that yields :class:`Collective` requests
 (reduce, broadcast, all-reduce) and receives each result back. A driver runs the programs:
 
-* :class:`DistCollectives` issues each request on the pipeline's process group. A rank that waits for the
-  action (``schedule.vocab.waits_for``) blocks on every request; one that does not posts asynchronous
-  operations and, if its program needs a result (VB on a non-root rank), parks the program until
+* :class:`DistCollectives` runs VH's requests as blocking collectives on the pipeline's process group, and
+  VE's and VB's as point-to-point messages with the root (rank 0): a rank that does not wait for the
+  action (``schedule.vocab.waits_for``) only posts an isend, or an irecv whose program is parked until
   ``drain`` (called before each VH, which everyone waits for anyway, and at the end of the step).
 * :class:`LocalCollectives` (one per rank of a LocalPipelineRuntime) hands its program to a shared
   :class:`LocalCollectiveHub`; when the last rank of the pipeline has posted its program for an action,
@@ -46,6 +46,9 @@ class Collective:
     """Shape of a broadcast received on a non-root rank."""
     dtype: torch.dtype = torch.float32
     """Dtype of a broadcast received on a non-root rank."""
+    p2p: bool = False
+    """reduce/broadcast as point-to-point messages with the root (VE, VB: ranks that do not wait only
+    post); else a blocking collective (VH)."""
 
 
 Program = Generator[Collective, torch.Tensor | None, None]
@@ -65,42 +68,73 @@ def _step(program: Program, result: torch.Tensor | None, clock: list[float]) -> 
 
 
 class DistCollectives:
-    """Requests as torch.distributed collectives on the pipeline group of ``state``."""
+    """Requests over torch.distributed. ``p2p`` requests (VE, VB) are point-to-point messages to or from the
+    root on the pipeline's vocabulary group, so a rank that does not wait only posts an isend (or an irecv
+    it completes later); the others are blocking collectives on the pipeline group (VH: every rank waits).
+    Asynchronous *collectives* would do for the former on NCCL, but gloo runs them on a small worker pool
+    where a posted one blocks the next until every rank has joined (measured: VH several times slower)."""
 
     def __init__(self, state: ParallelState) -> None:
         self.state = state
         # (work, program, receive buffer, clock) of non-waiting programs that need a result
         self._parked: list[tuple[object, Program, torch.Tensor, list[float]]] = []
-        self._posted: list[tuple[object, torch.Tensor]] = []  # async sends kept alive until drained
+        self._posted: list[tuple[object, torch.Tensor]] = []  # isends kept alive until drained
 
     def run(self, key: object, program: Program, *, waits: bool, clock: list[float]) -> None:
-        st = self.state
         req, result = _step(program, None, clock), None
         while req is not None:
-            root = st.global_rank(req.root) if req.root >= 0 else -1
-            mine = req.root == st.pp_rank
-            t = req.tensor
-            if req.op == "broadcast" and not mine:
-                t = torch.empty(req.shape, dtype=req.dtype, device=st.device)
-            assert t is not None
-            if req.op == "reduce":
-                work = dist.reduce(t, dst=root, op=dist.ReduceOp.SUM, group=st.pp_group, async_op=True)
-            elif req.op == "broadcast":
-                work = dist.broadcast(t, src=root, group=st.pp_group, async_op=True)
+            if req.p2p:
+                done, result = self._p2p(req, program, waits, clock)
+                if not done:
+                    return  # parked until drain()
             else:
-                op = dist.ReduceOp.MAX if req.op == "all_reduce_max" else dist.ReduceOp.SUM
-                work = dist.all_reduce(t, op=op, group=st.pp_group, async_op=True)
-            needs_result = req.op.startswith("all_reduce") or (req.op == "reduce") == mine
-            if waits:
-                work.wait()  # type: ignore[attr-defined]
-                result = t if (needs_result or req.op == "broadcast") else None
-            elif needs_result:  # a non-waiting rank that needs remote data: resume it at drain()
-                self._parked.append((work, program, t, clock))
-                return
-            else:  # its own data went out: keep the tensor alive, carry on
-                self._posted.append((work, t))
-                result = t if req.op == "broadcast" else None
+                result = self._collective(req)
             req = _step(program, result, clock)
+
+    def _collective(self, req: Collective) -> torch.Tensor | None:
+        st = self.state
+        mine = req.root == st.pp_rank
+        t = req.tensor
+        if req.op == "broadcast":
+            t = t if mine else torch.empty(req.shape, dtype=req.dtype, device=st.device)
+            dist.broadcast(t, src=st.global_rank(req.root), group=st.pp_group)
+            return t
+        assert t is not None
+        if req.op == "reduce":
+            dist.reduce(t, dst=st.global_rank(req.root), op=dist.ReduceOp.SUM, group=st.pp_group)
+            return t if mine else None
+        op = dist.ReduceOp.MAX if req.op == "all_reduce_max" else dist.ReduceOp.SUM
+        dist.all_reduce(t, op=op, group=st.pp_group)
+        return t
+
+    def _p2p(self, req: Collective, program: Program, waits: bool,
+             clock: list[float]) -> tuple[bool, torch.Tensor | None]:
+        """(finished, result) of a reduce-to-root / broadcast-from-root made of point-to-point messages."""
+        st, group = self.state, self.state.vocab_group
+        others = [r for r in range(st.pp) if r != req.root]
+        if req.root == st.pp_rank:
+            assert req.tensor is not None
+            if req.op == "broadcast":
+                for r in others:
+                    self._posted.append((dist.isend(req.tensor, dst=st.global_rank(r), group=group), req.tensor))
+                return True, req.tensor
+            total = req.tensor.clone()
+            for r in others:  # in rank order: a fixed summation order
+                buf = torch.empty_like(total)
+                dist.recv(buf, src=st.global_rank(r), group=group)
+                total += buf
+            return True, total
+        if req.op == "reduce":
+            assert req.tensor is not None
+            self._posted.append((dist.isend(req.tensor, dst=st.global_rank(req.root), group=group), req.tensor))
+            return True, None
+        buf = torch.empty(req.shape, dtype=req.dtype, device=st.device)
+        work = dist.irecv(buf, src=st.global_rank(req.root), group=group)
+        if waits:
+            work.wait()  # type: ignore[attr-defined]
+            return True, buf
+        self._parked.append((work, program, buf, clock))
+        return False, None
 
     def complete(self, key: object) -> bool:
         return True  # waiting ranks blocked inside run()
