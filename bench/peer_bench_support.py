@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import re
 import statistics
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from slimpipe.config import ConfigError, ModelConfig, load_model
+from slimpipe.runtime.forked import run_forked
 from slimpipe.trace import write_chrome_trace
 
 __all__ = ["BenchOptions", "Variant", "StepStats", "batch", "default_variants", "parse_model", "run_ranks",
@@ -152,28 +148,9 @@ def parse_model(spec: str) -> ModelConfig:
     return base.replace(**changes) if changes else base
 
 
-def _child(rank: int, world: int, tmp: str, timeout_s: float, body: Callable, args: tuple) -> None:
-    torch.set_num_threads(1)  # first: libgomp after fork hangs with more threads (platform §6)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
-    try:
-        result = body(rank, world, *args)
-        with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as fh:
-            pickle.dump(result, fh)
-    finally:
-        dist.destroy_process_group()
-
-
 def run_ranks(body: Callable, world: int, *args: object, timeout_s: float) -> list[object]:
     """body(rank, world, *args) on ``world`` forked gloo ranks; each rank's return value, by rank."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_child, args=(world, tmp, timeout_s, body, args), nprocs=world,
-                           start_method="fork", join=True)
-        out = []
-        for r in range(world):
-            with open(os.path.join(tmp, f"rank{r}.pkl"), "rb") as fh:
-                out.append(pickle.load(fh))
-        return out
+    return run_forked(body, world, *args, timeout_s=timeout_s)
 
 
 def _compute_key(name: str) -> tuple[str, int, int, int] | None:

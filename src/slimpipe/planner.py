@@ -73,7 +73,7 @@ class PlanRequest:
     """T: tokens per optimizer step (4 Mi as in the paper); B = T/s."""
     top: int = 10
     """K: plans to return."""
-    max_simulations: int = 48
+    max_simulations: int = 32
     """Cap on full simulations; beyond it the remaining candidates are reported as not simulated."""
     recompute: tuple[str, ...] = RECOMPUTE_LADDER
     """Recompute modes to try, in order of increasing time cost."""

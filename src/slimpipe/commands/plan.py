@@ -50,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-parallel", default="auto", choices=("auto", "on", "off"),
                         help="vocabulary layers sharded over t·p (on), on the end stages (off), or both")
     parser.add_argument("--top", type=int, default=10, help="plans to print (default 10)")
-    parser.add_argument("--max-simulations", type=int, default=48,
-                        help="cap on full simulations (default 48); the output says how much faster "
+    parser.add_argument("--max-simulations", type=int, default=32,
+                        help="cap on full simulations (default 32); the output says how much faster "
                              "any unsimulated candidate could be at most")
     parser.add_argument("--json", action="store_true", help="print a JSON list of plans instead of a table")
 

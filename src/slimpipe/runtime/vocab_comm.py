@@ -116,7 +116,8 @@ class DistCollectives:
             assert req.tensor is not None
             if req.op == "broadcast":
                 for r in others:
-                    self._posted.append((dist.isend(req.tensor, dst=st.global_rank(r), group=group), req.tensor))
+                    work = dist.isend(req.tensor, dst=st.global_rank(r), group=group)
+                    self._posted.append((work, req.tensor))
                 return True, req.tensor
             total = req.tensor.clone()
             for r in others:  # in rank order: a fixed summation order
@@ -126,7 +127,8 @@ class DistCollectives:
             return True, total
         if req.op == "reduce":
             assert req.tensor is not None
-            self._posted.append((dist.isend(req.tensor, dst=st.global_rank(req.root), group=group), req.tensor))
+            work = dist.isend(req.tensor, dst=st.global_rank(req.root), group=group)
+            self._posted.append((work, req.tensor))
             return True, None
         buf = torch.empty(req.shape, dtype=req.dtype, device=st.device)
         work = dist.irecv(buf, src=st.global_rank(req.root), group=group)
