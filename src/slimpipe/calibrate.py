@@ -75,8 +75,9 @@ class CalibrateOptions:
 GRIDS: dict[str, dict[str, object]] = {
     "cpu": dict(gemm=(64, 256, 1024), elem=(128, 512, 2048), ends=(128, 512, 2048), reps=5, unit_layers=0,
                 p2p=(1 << 10, 1 << 16, 1 << 20, 1 << 23),
-                attn=((64, 0), (64, 448), (64, 960), (256, 0), (256, 256), (256, 768), (256, 1792), (512, 0),
-                      (512, 1536), (1024, 0), (1024, 1024)),
+                # up to 4096 tokens unsliced and 512…1024-token slices after 3.5K of prefix (the validation range)
+                attn=((64, 0), (64, 960), (256, 0), (256, 768), (256, 1792), (512, 0), (512, 1536), (512, 3584),
+                      (1024, 0), (1024, 1024), (1024, 3072), (2048, 0), (4096, 0)),
                 units=(("slimpipe", 32, 4), ("slimpipe", 1024, 4), ("1f1b", 512, 1)), foot_tokens=128),
     "cpu-quick": dict(gemm=(64, 256), elem=(64, 256), ends=(64, 256), reps=2, unit_layers=0,
                       p2p=(1 << 10, 1 << 20),

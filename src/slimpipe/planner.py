@@ -10,14 +10,15 @@ Imports no torch. Letters follow the SlimPipe reference (§1). Three passes keep
    r's peak in-flight units is min(m·n·v, f₀ + 1 + w·(p−1−r)) with f₀ the forward position of the first
    backward's unit (`slimpipe.sim.evaluate.precheck_memory`, equal to the built schedules' by test); the
    published memory model (slimpipe.sim.memory) turns that into per-GPU bytes. Per layout only the
-   cheapest recompute mode (none → partial+fc1 → full) with the smallest offload α that fits is kept: offload costs no time in the
-   cost model and recomputation only adds time, so the others are dominated.
-3. **Bound, then simulate.** A lower bound on the step time from the cost model (`step_time_bound`): the
-   last rank cannot start before slice 0 has crossed stages 0…p−2, works its whole busy time, and its last
-   backward (slice 0 of the last micro-batch, virtual stage 0) must still travel back through ranks
-   p−2…0. Candidates are simulated with `slimpipe.sim.evaluate` (what `slimpipe simulate` runs, so both
-   print the same numbers) in bound order; the search stops once no unsimulated candidate's bound can beat
-   the K-th best simulated plan (the top K are then exact) or after ``max_simulations``.
+   cheapest recompute mode (none → partial+fc1 → full) with the smallest offload α that fits is kept:
+   offload costs no time in the cost model and recomputation only adds time, so the others are dominated.
+3. **Bound, estimate, simulate.** A lower bound on the step time from the cost model (`step_time_bound`):
+   the last rank cannot start before slice 0 has crossed stages 0…p−2, works its whole busy time, and its
+   last backward (slice 0 of the last micro-batch, virtual stage 0) must still travel back through ranks
+   p−2…0. Candidates are simulated best-first with `slimpipe.sim.evaluate` (what `slimpipe simulate`
+   runs, so both print the same numbers), ordered by the bound corrected with the simulated/bound ratio
+   already seen for the same schedule shape (`_search`); the search stops when no remaining estimate can
+   enter the top K, or after ``max_simulations``. The bound of what was left says how much could be missed.
 
 Attention context exchange (§8) is not modelled by the simulator yet: every plan has ``exchange=False``.
 """

@@ -21,7 +21,8 @@ torch.set_num_threads(1)
 # (builder, n, v, m per p) — slices or not, interleaved or not; m the fewest the default warm-up allows
 FAMILIES = [("slimpipe", 4, 1, {2: 2, 4: 3}), ("slimpipe", 4, 2, {2: 2, 4: 2}),
             ("1f1b", 1, 1, {2: 3, 4: 4}), ("slimpipe", 1, 2, {2: 3, 4: 4})]
-CASES = [(name, p, n, ms[p], v, tied) for name, n, v, ms in FAMILIES for p in (2, 4) for tied in (False, True)]
+CASES = [(name, p, n, ms[p], v, tied)
+         for name, n, v, ms in FAMILIES for p in (2, 4) for tied in (False, True)]
 
 
 def _run(case, **kw):

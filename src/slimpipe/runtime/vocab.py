@@ -13,8 +13,8 @@ The three actions (schedule/vocab.py), as programs over :mod:`slimpipe.runtime.v
 * VE(mb, j): ``part = shard[ids] (0 where the id is elsewhere)``; rank 0 receives ``Σ_r part_r`` as the
   input leaf of F(0, mb, j);
 * VH(mb, j): the last rank applies the final norm, broadcasts ``y (1, t, h)``; every rank computes its
-  logits ``y @ W_r.T (t, rows)``, the global max (all-reduce max), then Σexp and the target logit (one
-  all-reduce sum of a (2, t) tensor); loss = log Σexp + max − target, divided by the global token count;
+  logits ``y @ W_r.T (t, rows)`` and its (max, Σexp, target logit), all-gathered in one round and
+  combined like an online softmax; loss = log Σexp + max − target, divided by the global token count;
   at once the backward: ``g = softmax − onehot`` on the shard, ``W_r.grad += gᵀ y``, and ``Σ_r g W_r`` is
   reduced to the last rank, which back-propagates it through the norm: the output gradient of B(last).
   Nothing of the head survives the action (no logits held across the schedule);
@@ -235,17 +235,21 @@ class VocabRuntime:
         yf = y_all[0].to(w.dtype)  # (t, h)
         logits = yf @ w.t()  # (t, rows)
         logits[:, sh.valid :] = -math.inf  # padding rows of the last shard
-        gmax = yield Collective(op="all_reduce_max", tensor=logits.max(dim=1).values.contiguous())
-        assert gmax is not None
         local, mask = sh.local(self._ids(mb, j, shift=1))  # labels
-        target = torch.where(mask, logits.gather(1, local[:, None])[:, 0], torch.zeros_like(gmax))
-        e = logits.sub_(gmax[:, None]).exp_()  # (t, rows), in place: one buffer for logits, exp and gradient
-        stats = yield Collective(op="all_reduce_sum", tensor=torch.stack([e.sum(dim=1), target]))
-        assert stats is not None
-        sumexp, target = stats[0], stats[1]
+        lmax = logits.max(dim=1).values  # (t,), −inf on a shard of padding only
+        target = torch.where(mask, logits.gather(1, local[:, None])[:, 0], torch.zeros_like(lmax))
+        e = logits.sub_(torch.nan_to_num(lmax, neginf=0.0)[:, None]).exp_()  # (t, rows) in place
+        # One round for the normaliser: every shard's (max, Σexp relative to it, target logit), combined
+        # like an online softmax: M = max_r m_r, S = Σ_r s_r·exp(m_r − M). Identical on every rank.
+        stats = yield Collective(op="all_gather", tensor=torch.stack([lmax, e.sum(dim=1), target]))
+        assert stats is not None  # (p, 3, t)
+        gmax = stats[:, 0].max(dim=0).values
+        rescale = torch.exp(stats[:, 0] - gmax)  # (p, t)
+        sumexp = (stats[:, 1] * rescale).sum(dim=0)
         if self.rank == last:  # everyone knows the loss; one rank accounts it
-            ex.loss_sum += (torch.log(sumexp) + gmax - target).sum().double() / ex.normaliser
-        g = e.div_(sumexp[:, None])  # softmax on the shard, then − onehot, / global token count
+            loss = torch.log(sumexp) + gmax - stats[:, 2].sum(dim=0)
+            ex.loss_sum += loss.sum().double() / ex.normaliser
+        g = e.mul_((rescale[self.rank] / sumexp)[:, None])  # softmax on the shard, − onehot, / token count
         rows = torch.arange(t, device=g.device)[mask]
         g[rows, local[mask]] -= 1.0
         g.div_(ex.normaliser)

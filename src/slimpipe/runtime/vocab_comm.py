@@ -29,7 +29,7 @@ from slimpipe.runtime.parallel_state import ParallelState
 
 __all__ = ["Collective", "Program", "DistCollectives", "LocalCollectiveHub", "LocalCollectives", "OPS"]
 
-OPS = ("reduce", "broadcast", "all_reduce_sum", "all_reduce_max")
+OPS = ("reduce", "broadcast", "all_gather")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -37,7 +37,8 @@ class Collective:
     """One request of a program."""
 
     op: str
-    """One of OPS: reduce (sum to ``root``), broadcast (from ``root``), all_reduce_sum / all_reduce_max."""
+    """One of OPS: reduce (sum to ``root``), broadcast (from ``root``), all_gather (every rank's tensor,
+    stacked in rank order, on every rank)."""
     tensor: torch.Tensor | None
     """This rank's contribution (contiguous); None for a broadcast on a non-root rank."""
     root: int = -1
@@ -103,9 +104,9 @@ class DistCollectives:
         if req.op == "reduce":
             dist.reduce(t, dst=st.global_rank(req.root), op=dist.ReduceOp.SUM, group=st.pp_group)
             return t if mine else None
-        op = dist.ReduceOp.MAX if req.op == "all_reduce_max" else dist.ReduceOp.SUM
-        dist.all_reduce(t, op=op, group=st.pp_group)
-        return t
+        out = [torch.empty_like(t) for _ in range(st.pp)]
+        dist.all_gather(out, t.contiguous(), group=st.pp_group)
+        return torch.stack(out)
 
     def _p2p(self, req: Collective, program: Program, waits: bool,
              clock: list[float]) -> tuple[bool, torch.Tensor | None]:
@@ -198,8 +199,7 @@ class LocalCollectiveHub:
 
 
 def _combine(op: str, reqs: dict[int, Collective]) -> dict[int, torch.Tensor | None]:
-    """In-memory result of one collective for every rank (sums in rank order, like a reduction tree
-    would in some order: equal up to floating-point summation order)."""
+    """In-memory result of one collective for every rank."""
     ranks = sorted(reqs)
     if op == "broadcast":
         root = reqs[ranks[0]].root
@@ -207,16 +207,14 @@ def _combine(op: str, reqs: dict[int, Collective]) -> dict[int, torch.Tensor | N
         assert src is not None
         return {r: src if r == root else src.clone() for r in ranks}
     tensors = [reqs[r].tensor for r in ranks]
+    if op == "all_gather":
+        stacked = torch.stack(tensors)  # type: ignore[arg-type]
+        return {r: stacked if i == 0 else stacked.clone() for i, r in enumerate(ranks)}
     total = tensors[0].clone()  # type: ignore[union-attr]
-    for t in tensors[1:]:
-        if op == "all_reduce_max":
-            torch.maximum(total, t, out=total)  # type: ignore[arg-type]
-        else:
-            total += t  # type: ignore[operator]
-    if op == "reduce":
-        root = reqs[ranks[0]].root
-        return {r: total if r == root else None for r in ranks}
-    return {r: total if i == 0 else total.clone() for i, r in enumerate(ranks)}
+    for t in tensors[1:]:  # reduce: sum in rank order, as the distributed p2p reduce does
+        total += t  # type: ignore[operator]
+    root = reqs[ranks[0]].root
+    return {r: total if r == root else None for r in ranks}
 
 
 class LocalCollectives:

@@ -11,11 +11,11 @@ A vocabulary collective (schedule/vocab.py) runs on every rank. The simulator ti
 
 Durations (``AnalyticCost.vocab_time``) over the t·p vocabulary group, slice j of T_j tokens (b sequences,
 T_j/c per CP rank), bf16 messages: VE = reduce of the (T_j/c, h) embedding (2 ring passes); VH = broadcast
-of the normalised hidden states (scatter + all-gather, 2 passes), two all-reduces of T_j/c floats (max;
-Σexp and target), the head GEMMs ``3 · 2·T_j·h·V/(t·c·p)`` FLOPs (forward, dW, dX) and the reduce of
-dX (2 passes); VB = broadcast of the embedding gradient (2 passes). With a profile, the compute parts come
-from the fitted embedding/GEMM/loss times (the head with V/(t·p) rows). The first and last stage's F/B no
-longer include any vocabulary work.
+of the normalised hidden states (scatter + all-gather, 2 passes), one all-gather of every shard's (max,
+Σexp, target) (3 floats per token), the head GEMMs ``3 · 2·T_j·h·V/(t·c·p)`` FLOPs (forward, dW, dX) and
+the reduce of dX (2 passes); VB = broadcast of the embedding gradient (2 passes). With a profile, the
+compute parts come from the fitted embedding/GEMM/loss times (the head with V/(t·p) rows). The first and
+last stage's F/B no longer include any vocabulary work.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def analytic_vocab_time(cost: AnalyticCost, kind: Kind, j: int) -> tuple[float, 
         else:
             flops = 3 * 2 * tok * h * wl.model.vocab_size / (par.tp * par.cp * par.pp)
             compute = flops / (hw.peak_flops * hw.gemm_efficiency)
-        stats = 2 * _ring_time(tok / par.cp * 4 * 2, group, bw, hw.p2p_latency_s)  # 1 + 2 floats per token
+        # all-gather of 3 fp32 per token from every shard
+        stats = _ring_time(tok / par.cp * 3 * 4 * group, group, bw, hw.p2p_latency_s)
         return compute, 4 * hidden_pass + stats
     embed_f, embed_b = (0.0, 0.0) if prof is None else cost._profiled_ends(prof, j, head=False, embed=True)
     return (embed_f if kind is Kind.VE else embed_b), 2 * hidden_pass
