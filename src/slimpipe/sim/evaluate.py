@@ -107,8 +107,13 @@ def _with_vocab_collectives(sched: Schedule, model: CostModel) -> Schedule:
     from slimpipe.schedule.actions import COMPUTE_KINDS
     from slimpipe.schedule.vocab import add_vocab_parallel
 
+    table: dict[tuple, float] = {}  # durations depend on (kind, stage, slice) only: ask once each
+
     def duration(a) -> float:
-        return model.compute_time(a.kind, a.stage, a.seq_slice) if a.kind in COMPUTE_KINDS else 0.0
+        key = (a.kind, a.stage, a.seq_slice)
+        if key not in table:
+            table[key] = model.compute_time(*key) if a.kind in COMPUTE_KINDS else 0.0
+        return table[key]
 
     return add_vocab_parallel(sched, duration=duration)
 
