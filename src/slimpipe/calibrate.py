@@ -30,7 +30,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -280,28 +279,11 @@ def _measure_ends(cfg: ModelConfig, tokens: Sequence[int], ctx: _Ctx) -> tuple[l
 
 
 # ---- point-to-point -------------------------------------------------------------------------------------
-def _gloo_child(rank: int, world: int, tmp: str, timeout_s: float, body: Callable, args: tuple) -> None:
-    torch.set_num_threads(1)  # first: libgomp after fork hangs with more threads (platform notes §6)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
-    try:
-        result = body(rank, world, *args)
-        with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as fh:
-            pickle.dump(result, fh)
-    finally:
-        dist.destroy_process_group()
-
-
 def fork_gloo(body: Callable, world: int, *args: object, timeout_s: float = 300.0) -> list[object]:
     """``body(rank, world, *args)`` on ``world`` forked single-threaded gloo ranks; their return values."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_gloo_child, args=(world, tmp, timeout_s, body, args), nprocs=world,
-                           start_method="fork", join=True)
-        out = []
-        for r in range(world):
-            with open(os.path.join(tmp, f"rank{r}.pkl"), "rb") as fh:
-                out.append(pickle.load(fh))
-        return out
+    from slimpipe.runtime.forked import run_forked
+
+    return run_forked(body, world, *args, timeout_s=timeout_s)
 
 
 def _ping_pong(rank: int, world: int, sizes: Sequence[int]) -> list[dict]:
