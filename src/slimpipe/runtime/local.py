@@ -25,10 +25,11 @@ from slimpipe.models.base import DecoderParts
 from slimpipe.runtime.attention import MaskCache
 from slimpipe.runtime.exchange import local_exchange, with_exchange
 from slimpipe.runtime.executor import RankExecutor
-from slimpipe.runtime.optim import OptimConfig, build_optimizer, clip_coefficient, scale_grads, squared_norm
+from slimpipe.runtime.optim import OptimConfig, build_optimizer, squared_norm
 from slimpipe.runtime.p2p import LocalHub, LocalTransport
 from slimpipe.runtime.pipeline import check_tokens, executor_stats, prepare_schedule, reduce_step_stats
 from slimpipe.runtime.result import PipelineError, StepResult
+from slimpipe.runtime.steps import StepLoop
 from slimpipe.runtime.stage import RankModel, as_parts, build_rank_model, stages_of_rank
 from slimpipe.runtime.vocab import vocab_runtime, vocab_stages, with_vocab
 from slimpipe.runtime.vocab_comm import LocalCollectiveHub, LocalCollectives
@@ -39,7 +40,7 @@ from slimpipe.schedule.format import to_grid
 __all__ = ["LocalPipelineRuntime"]
 
 
-class LocalPipelineRuntime:
+class LocalPipelineRuntime(StepLoop):
     """All p ranks of one pipeline (dp = 1) in this process."""
 
     def __init__(self, model: ModelConfig | DecoderParts, schedule: Schedule, *,
@@ -111,24 +112,11 @@ class LocalPipelineRuntime:
             model.zero_grad(set_to_none=True)
 
     # ---- steps --------------------------------------------------------------------------------------
-    def forward_backward(self, tokens: torch.Tensor, *, reduce_grads: bool = False,
-                         loss_tokens: int | None = None) -> StepResult:
-        """As PipelineRuntime.forward_backward; ``reduce_grads`` sums the tied-embedding replicas' grads."""
-        res = self._run(tokens, loss_tokens)
-        if reduce_grads:
-            self._reduce_grads()
-        return res
+    def _grad_norm(self) -> float:
+        return math.sqrt(sum(float(squared_norm(m.norm_parameters(), self.device)) for m in self.models))
 
-    def train_step(self, tokens: torch.Tensor, *, loss_tokens: int | None = None) -> StepResult:
-        self.zero_grad()
-        res = self._run(tokens, loss_tokens)
-        self._reduce_grads()
-        norm = math.sqrt(sum(float(squared_norm(m.norm_parameters(), self.device)) for m in self.models))
-        coef = clip_coefficient(norm, self.optim_config.clip)
-        for model in self.models:
-            scale_grads(model.parameters(), coef)
-        self.optimizer.step()
-        return dataclasses.replace(res, grad_norm=norm)
+    def _trainable_parameters(self):
+        return (p for model in self.models for p in model.parameters())
 
     def _run(self, tokens: torch.Tensor, loss_tokens: int | None) -> StepResult:
         check_tokens(tokens, self.schedule)

@@ -9,7 +9,6 @@ micro-batches, DP replicas) give the global-batch mean and its gradient.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -21,10 +20,11 @@ from slimpipe.models.base import DecoderParts
 from slimpipe.runtime.attention import MaskCache
 from slimpipe.runtime.exchange import dist_exchange, with_exchange
 from slimpipe.runtime.executor import RankExecutor
-from slimpipe.runtime.optim import OptimConfig, build_optimizer, clip_coefficient, scale_grads, squared_norm
+from slimpipe.runtime.optim import OptimConfig, build_optimizer, squared_norm
 from slimpipe.runtime.p2p import DistTransport
 from slimpipe.runtime.parallel_state import ParallelState
 from slimpipe.runtime.result import StepResult
+from slimpipe.runtime.steps import StepLoop
 from slimpipe.runtime.stage import RankModel, as_parts, build_rank_model, stages_of_rank
 from slimpipe.runtime.vocab import vocab_runtime, vocab_stages, with_vocab
 from slimpipe.runtime.vocab_comm import DistCollectives
@@ -81,7 +81,7 @@ def executor_stats(ex: RankExecutor, elapsed: float) -> list[float]:
     return [float(pk.total), float(pk.kv), float(pk.saved), ex.busy_s, elapsed, float(cuda)]
 
 
-class PipelineRuntime:
+class PipelineRuntime(StepLoop):
     """This process's pipeline rank (see docs/runtime.md and notes/runtime_api.md)."""
 
     def __init__(self, model: ModelConfig | DecoderParts, schedule: Schedule, state: ParallelState, *,
@@ -136,25 +136,8 @@ class PipelineRuntime:
         self.model.zero_grad(set_to_none=True)
 
     # ---- steps --------------------------------------------------------------------------------------
-    def forward_backward(self, tokens: torch.Tensor, *, reduce_grads: bool = False,
-                         loss_tokens: int | None = None) -> StepResult:
-        """Run the schedule, accumulating into .grad. ``reduce_grads`` also sums tied-embedding grads and
-        all-reduces over DP (what train_step does before clipping). ``loss_tokens`` overrides the loss
-        normaliser (default: every token of the global batch, m·s·dp)."""
-        res = self._run(tokens, loss_tokens)
-        if reduce_grads:
-            self._reduce_grads()
-        return res
-
-    def train_step(self, tokens: torch.Tensor, *, loss_tokens: int | None = None) -> StepResult:
-        """zero_grad, forward_backward, grad reduction, clipping (global norm) and one AdamW step."""
-        self.zero_grad()
-        res = self._run(tokens, loss_tokens)
-        self._reduce_grads()
-        norm = self._grad_norm()
-        scale_grads(self.model.parameters(), clip_coefficient(norm, self.optim_config.clip))
-        self.optimizer.step()
-        return dataclasses.replace(res, grad_norm=norm)
+    def _trainable_parameters(self):
+        return self.model.parameters()
 
     def _run(self, tokens: torch.Tensor, loss_tokens: int | None) -> StepResult:
         check_tokens(tokens, self.schedule)
