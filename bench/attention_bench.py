@@ -3,9 +3,11 @@
 Both compute forward + backward of causal attention over the same s tokens; the sliced one goes through
 the runtime's K/V store exactly as a pipeline stage does (slice j attends to the zero-copy window of slices
 0..j, the backward hands dK/dV down). Prints time per fwd+bwd and the ratio to unsliced, plus the largest
-output difference as a sanity check. Examples::
+output difference as a sanity check. Unsliced and every ``--mask-mode`` are timed round-robin per n.
+Examples::
 
     python bench/attention_bench.py                                   # CPU, s=4096, fp32
+    OMP_NUM_THREADS=1 python bench/attention_bench.py --clock process --mask-mode auto table
     python bench/attention_bench.py --device cuda --seq 65536 --dtype bfloat16 --heads 32 --kv-heads 8 \\
         --head-dim 128 --slices 1 4 8 16 32
 """
@@ -64,16 +66,23 @@ CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 def _time(fn, device: torch.device, repeat: int, clock: str = "wall") -> float:
     """Median seconds of fn(). ``process`` (CPU time of this process) resists other load on a shared
     machine when torch runs one thread; it is meaningless on CUDA."""
+    return _time_many({"": fn}, device, repeat, clock)[""]
+
+
+def _time_many(fns: dict, device: torch.device, repeat: int, clock: str = "wall") -> dict[str, float]:
+    """Median seconds of each fn(), timed round-robin (so load changes hit every variant alike)."""
     now = CLOCKS[clock]
-    fn()  # warm-up (kernel selection, mask table)
+    for fn in fns.values():
+        fn()  # warm-up (kernel selection, mask table)
     _sync(device)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
-        t0 = now()
-        fn()
-        _sync(device)
-        times.append(now() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = now()
+            fn()
+            _sync(device)
+            times[name].append(now() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, repeat: int) -> None:
@@ -118,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--slices", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--mask-mode", default="auto",
-                    help="auto | table | bias (see slimpipe.runtime.attention)")
+    ap.add_argument("--mask-mode", nargs="+", default=["auto"],
+                    help="one or more of auto | blocks | table | bias (slimpipe.runtime.attention), timed "
+                         "side by side; auto = two fused blocks merged by log-sum-exp, table/bias = one SDPA "
+                         "call over the window with a mask")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="process: CPU time, for CPU runs with OMP_NUM_THREADS=1 on a busy machine")
     ap.add_argument("--explain", action="store_true",
@@ -135,22 +146,25 @@ def main(argv: list[str] | None = None) -> int:
     dout = torch.randn(shape_q, generator=g, device=device, dtype=dtype)
     if args.explain:
         explain(q, k, v, max(args.slices), args.repeat)
-    masks = MaskCache(args.mask_mode)
+    masks = {mode: MaskCache(mode) for mode in args.mask_mode}
     ref = unsliced(q, k, v, dout)
-    base = _time(lambda: unsliced(q, k, v, dout), device, args.repeat, args.clock)
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"torch {torch.__version__}, threads {threads}, s={args.seq}, heads {args.heads}/{args.kv_heads}, "
-          f"head_dim {args.head_dim}, {args.dtype}, mask {args.mask_mode}; {args.clock} clock, median of "
-          f"{args.repeat}\n")
-    print("| slices n | fwd+bwd ms | ÷ unsliced | max |out − unsliced| |")
-    print("|---|---|---|---|")
-    print(f"| unsliced | {base * 1e3:.1f} | 1.00 | 0 |")
+          f"head_dim {args.head_dim}, {args.dtype}; {args.clock} clock, median of {args.repeat}, "
+          "variants timed round-robin\n")
+    cols = "".join(f" {mode} ms | ÷ unsliced |" for mode in masks)
+    print(f"| slices n | unsliced ms |{cols} max |out − unsliced| |")
+    print("|---|---|" + "---|---|" * len(masks) + "---|")
     for n in args.slices:
-        out = sliced(q, k, v, dout, n, masks)
-        diff = float((out.float() - ref.float()).abs().max())
-        t = _time(lambda: sliced(q, k, v, dout, n, masks), device, args.repeat, args.clock)
-        print(f"| {n} | {t * 1e3:.1f} | {t / base:.2f} | {diff:.2e} |")
+        fns = {"unsliced": lambda: unsliced(q, k, v, dout)}
+        diff = 0.0
+        for mode, mc in masks.items():
+            diff = max(diff, float((sliced(q, k, v, dout, n, mc).float() - ref.float()).abs().max()))
+            fns[mode] = lambda mc=mc, n=n: sliced(q, k, v, dout, n, mc)
+        t = _time_many(fns, device, args.repeat, args.clock)
+        row = "".join(f" {t[mode] * 1e3:.1f} | {t[mode] / t['unsliced']:.2f} |" for mode in masks)
+        print(f"| {n} | {t['unsliced'] * 1e3:.1f} |{row} {diff:.2e} |", flush=True)
     if device.type == "cuda":
         print(f"\npeak allocated {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     return 0

@@ -40,7 +40,7 @@ from slimpipe.runtime import ParallelState, PipelineRuntime
 from slimpipe.schedule.actions import Kind
 from slimpipe.schedule.builders import build
 from slimpipe.schedule.exchange import exchanges
-from slimpipe.schedule.passes import _dry_run
+from slimpipe.schedule.dryrun import _dry_run
 
 
 def _model(args: argparse.Namespace) -> ModelConfig:

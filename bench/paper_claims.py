@@ -3,8 +3,8 @@
 For each model and (sequence length, GPU count) of the paper's setup (SlimPipe reference §14: 4 Mi tokens
 per step, H800 80 GB; 64K…512K on 128 GPUs, 2048K on 256 GPUs) two plans are searched:
 
-* **SlimPipe**: ``--schedule slimpipe``: slices n, interleaving v, vocabulary in PP on or off, recompute
-  none → partial+fc1 → full, offload α ∈ {0, 0.5, 0.75};
+* **SlimPipe**: ``--schedule slimpipe``: slices n, interleaving v, vocabulary in PP on or off, attention
+  context exchange on or off, recompute none → partial+fc1 → full, offload α ∈ {0, 0.5, 0.75};
 * **Megatron**: ``--schedule interleaved-1f1b --vocab-parallel off --max-offload 0``: Megatron-LM's
   virtual-pipeline schedule with the vocabulary on the end stages and no activation offload (r0.8 has
   neither), same t/c/p/d/recompute freedom.
@@ -29,8 +29,9 @@ from slimpipe.sim.hardware import load_hardware
 
 POINTS = ((64 << 10, 128), (128 << 10, 128), (256 << 10, 128), (512 << 10, 128), (2048 << 10, 256))
 FAMILIES = {
-    "slimpipe": dict(schedules=("slimpipe",), vocab_parallel=(False, True), offload=OFFLOAD_LADDER),
-    "megatron": dict(schedules=("interleaved-1f1b",), vocab_parallel=(False,), offload=(0.0,)),
+    "slimpipe": dict(schedules=("slimpipe",), vocab_parallel=(False, True), offload=OFFLOAD_LADDER,
+                     exchange=(False, True)),
+    "megatron": dict(schedules=("interleaved-1f1b",), vocab_parallel=(False,), offload=(0.0,), exchange=(False,)),
 }
 CLI_FLAGS = {
     "slimpipe": "--schedule slimpipe",
@@ -60,7 +61,8 @@ def _cell(res: PlanResult) -> dict[str, object]:
         return {"fits": False, "why": why, "smallest_peak_gib": res.smallest_rejected_peak_gib}
     p = res.plans[0]
     return {"fits": True, **p.to_dict(), "layout": p.layout(), "simulated": res.simulated,
-            "candidates": res.candidates, "unsimulated_gain": res.headroom_unsimulated}
+            "simulated_exchange": res.simulated_exchange, "candidates": res.candidates,
+            "unsimulated_gain": res.headroom_unsimulated}
 
 
 def _describe(c: dict[str, object]) -> str:
@@ -68,7 +70,8 @@ def _describe(c: dict[str, object]) -> str:
         return f"**{c['why']}**"
     vocab = " vocab-PP" if c["vocab_parallel"] else ""
     alpha = f" α={c['offload']:g}" if c["offload"] else ""
-    return f"{c['layout']} m{c['microbatches']} {c['recompute']}{alpha}{vocab}"
+    exchange = " exchange" if c["exchange"] else ""
+    return f"{c['layout']} m{c['microbatches']} {c['recompute']}{alpha}{vocab}{exchange}"
 
 
 def main(argv: list[str] | None = None) -> int:

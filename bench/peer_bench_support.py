@@ -54,6 +54,9 @@ class BenchOptions:
     """slimpipe builders' warm-up (auto | single | double)."""
     trace_dir: str = ""
     """Write each configuration's last timed step as a Chrome trace here (empty: none)."""
+    equal_flop: bool = False
+    """Also run every slimpipe n > 1 configuration with equal-FLOP slices (``…-eqflop`` rows: Seq1F1B's
+    computation-balanced lengths, sim.cost.seq1f1b_partition, instead of equal lengths)."""
     timeout_s: float = 900.0
     """Process-group timeout."""
 
@@ -81,6 +84,8 @@ class Variant:
     """Slices per sequence (slimpipe only)."""
     v: int = 1
     """Stages per rank."""
+    equal_flop: bool = False
+    """slimpipe: slices of equal forward FLOPs (later slices shorter) instead of equal length."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -119,6 +124,9 @@ def default_variants(opts: BenchOptions) -> list[Variant]:
     for v in (1, 2):
         out += [Variant(name=f"slimpipe-n{n}-v{v}", impl="slimpipe", schedule="slimpipe", n=n, v=v)
                 for n in opts.slices]
+        if opts.equal_flop:
+            out += [Variant(name=f"slimpipe-n{n}-v{v}-eqflop", impl="slimpipe", schedule="slimpipe", n=n, v=v,
+                            equal_flop=True) for n in opts.slices if n > 1]
     if opts.only:
         unknown = sorted(set(opts.only) - {v.name for v in out})
         if unknown:

@@ -8,6 +8,11 @@ machine noise hits all of them alike):
 * step time: ``StepResult.step_time_s`` (schedule execution, slowest rank; the optimizer step is outside
   it, as it is outside the simulator's pipeline makespan), against the simulator's makespan with the
   profile's cost model (``AnalyticCost`` + ``hardware.profile``);
+* non-compute time: step time − the busiest rank's F/B time, measured and predicted (the predicted F/B
+  time taken without message costs, so the compute prediction's own error drops out): bubbles plus what
+  messages cost, with and without the profile's message costs;
+* p2p message costs from both ranks' executor traces: the wall time of a SEND, and of a *late* RECV (one
+  posted after its SEND: gloo's rendezvous), against the profile's ``p2p_send_s`` / ``p2p_recv_s``;
 * bubble ratio: ``1 − Σ busy / (p · step time)`` from the runtime, against the simulated timeline's;
 * peak activation bytes per rank (saved-for-backward + K/V buffers + dK/dV accumulators, the runtime's
   own accounting), against a prediction that walks each rank's lowered program with the runtime's
@@ -25,6 +30,7 @@ Without ``--profile`` it first runs ``slimpipe calibrate --threads 1`` (the rank
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -37,14 +43,14 @@ import torch.distributed as dist
 
 from slimpipe.calibrate import fork_gloo
 from slimpipe.config import ConfigError, ModelConfig, ParallelConfig, load_model
-from slimpipe.schedule.actions import Kind, Schedule
+from slimpipe.schedule.actions import Kind, Schedule, parse_action
 from slimpipe.schedule.passes import lower
 from slimpipe.sim.evaluate import evaluate
 from slimpipe.sim.hardware import ActivationFootprint, Hardware, load_profile
 from slimpipe.sim.workload import Workload
 
 __all__ = ["Case", "DEFAULT_CASES", "QUICK_CASES", "predict_activation", "predict", "measure", "validate",
-           "markdown", "main"]
+           "message_costs", "markdown", "main"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -153,7 +159,30 @@ def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedu
                 rec[i].append((res, cpu_busy[i][0]))
     return [{"step_s": [r.step_time_s for r, _ in rs], "bubble": [r.bubble_ratio for r, _ in rs],
              "busy_s": [r.busy_s[rank] for r, _ in rs], "cpu_busy_s": [c for _, c in rs],
-             "act": rs[0][0].peak_activation_bytes, "loss": rs[0][0].loss} for rs in rec]
+             "act": rs[0][0].peak_activation_bytes, "loss": rs[0][0].loss,
+             "traces": [[(e.action, e.start_s, e.end_s) for e in r.trace] for r, _ in rs]} for rs in rec]
+
+
+def message_costs(traces: list[list[tuple[str, float, float]]]) -> tuple[list[float], list[float]]:
+    """(SEND wall times, late-RECV wall times) of one step from both ranks' traces (one wall clock: the
+    ranks share a machine). A RECV is late when its SEND started before the RECV did."""
+    sent: dict[tuple[bool, int, int, int], float] = {}
+    sends, late = [], []
+    for trace in traces:
+        for name, start, end in trace:
+            a = parse_action(name)
+            if a.kind in (Kind.SEND_F, Kind.SEND_B):
+                fwd = a.kind is Kind.SEND_F
+                sent[(fwd, a.stage + 1 if fwd else a.stage - 1, a.microbatch, a.seq_slice)] = start
+                sends.append(end - start)
+    for trace in traces:
+        for name, start, end in trace:
+            a = parse_action(name)
+            if a.kind in (Kind.RECV_F, Kind.RECV_B):
+                posted = sent.get((a.kind is Kind.RECV_F, a.stage, a.microbatch, a.seq_slice))
+                if posted is not None and posted < start:
+                    late.append(end - start)
+    return sends, late
 
 
 def _count_cpu_busy(ex) -> list[float]:
@@ -173,16 +202,27 @@ def measure(cases: list[Case], model: ModelConfig, schedules: list[Schedule], st
     """Median figures per case from two single-threaded gloo ranks."""
     ranks = fork_gloo(_rank_body, 2, model, schedules, cases, steps, timeout_s=1800.0)
     med = statistics.median
-    return [{"step_s": med(r0["step_s"]), "step_s_all": r0["step_s"], "bubble": med(r0["bubble"]),
-             "busy_s": [med(r0["busy_s"]), med(r1["busy_s"])],
-             "cpu_busy_s": [med(r0["cpu_busy_s"]), med(r1["cpu_busy_s"])], "act": r0["act"],
-             "loss": r0["loss"]}
-            for r0, r1 in zip(*ranks)]
+    out = []
+    for r0, r1 in zip(*ranks):
+        sends, late = [], []
+        for t0, t1 in zip(r0["traces"], r1["traces"]):
+            s, lt = message_costs([t0, t1])
+            sends, late = sends + s, late + lt
+        out.append({"step_s": med(r0["step_s"]), "step_s_all": r0["step_s"], "bubble": med(r0["bubble"]),
+                    "busy_s": [med(r0["busy_s"]), med(r1["busy_s"])],
+                    "cpu_busy_s": [med(r0["cpu_busy_s"]), med(r1["cpu_busy_s"])], "act": r0["act"],
+                    "loss": r0["loss"], "send_s": med(sends) if sends else 0.0,
+                    "late_recv_s": med(late) if late else 0.0, "late_recvs": len(late)})
+    return out
 
 
 def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int = 3) -> list[dict]:
     """One row per case: measured, predicted and their ratios."""
     preds = [predict(c, model, hw) for c in cases]
+    plain = hw  # the same profile without the p2p message costs: what the cost model charged before them
+    if hw.profile is not None:
+        plain = dataclasses.replace(hw, profile=dataclasses.replace(hw.profile, p2p_send_s=0.0, p2p_recv_s=0.0))
+    before = [predict(c, model, plain) for c in cases]
     meas = measure(cases, model, [p["schedule"] for p in preds], steps)
     ref = {c.seq_len: i for i, c in reversed(list(enumerate(cases))) if c.schedule == "1f1b"}
     rows = []
@@ -192,10 +232,16 @@ def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int 
             "case": c.label, "schedule": c.schedule, "seq_len": c.seq_len, "m": c.microbatches, "n": c.slices,
             "v": c.vpp, "measured_step_s": m["step_s"], "step_s_all": m["step_s_all"],
             "predicted_step_s": p["step_s"], "step_ratio": p["step_s"] / m["step_s"],
+            "step_ratio_without_messages": before[i]["step_s"] / m["step_s"],
+            # step − the busiest rank's F/B time: bubbles and messages, free of the compute prediction's error
+            "measured_noncompute_s": m["step_s"] - max(m["busy_s"]),
+            "predicted_noncompute_s": p["step_s"] - max(before[i]["busy_s"]),
+            "predicted_noncompute_s_without_messages": before[i]["step_s"] - max(before[i]["busy_s"]),
             "measured_bubble": m["bubble"], "predicted_bubble": p["bubble"], "measured_busy_s": m["busy_s"],
             "measured_cpu_busy_s": m["cpu_busy_s"], "predicted_busy_s": p["busy_s"],
             "cpu_busy_ratio": [pb / mb for pb, mb in zip(p["busy_s"], m["cpu_busy_s"])],
-            "measured_act": m["act"], "predicted_act": p["act"],
+            "measured_act": m["act"], "predicted_act": p["act"], "measured_send_s": m["send_s"],
+            "measured_late_recv_s": m["late_recv_s"], "late_recvs_per_step": m["late_recvs"] / steps,
             "act_ratio": [pa / ma for pa, ma in zip(p["act"], m["act"])],
             "measured_act_vs_1f1b": m["act"][0] / meas[j]["act"][0],
             "published_act_vs_1f1b": p["published_act"][0] / preds[j]["published_act"][0],
@@ -205,9 +251,11 @@ def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int 
 
 # ---- reporting -----------------------------------------------------------------------------------------
 def markdown(rows: list[dict]) -> str:
-    head = ("| s | m | schedule | step meas s | step pred s | pred/meas | bubble meas | bubble pred "
-            "| busy pred/meas CPU r0, r1 | r0 act meas MiB | act pred/meas r0, r1 | r0 act ÷ 1f1b meas "
-            "| published ÷ 1f1b |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| s | m | schedule | step meas s | step pred s | pred/meas | pred/meas w/o msg | bubble meas "
+            "| bubble pred | non-compute ms meas, pred, w/o msg | busy pred/meas CPU r0, r1 "
+            "| SEND, late RECV ms (n/step) | r0 act meas MiB "
+            "| act pred/meas r0, r1 | r0 act ÷ 1f1b meas | published ÷ 1f1b |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         ok = "" if 0.9 <= r["step_ratio"] <= 1.1 else " ✗"
@@ -215,9 +263,13 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['seq_len']} | {r['m']} | {r['case']} | {r['measured_step_s']:.3f} | "
             f"{r['predicted_step_s']:.3f} | "
-            f"{r['step_ratio']:.3f}{ok} | {r['measured_bubble']:.1%} | {r['predicted_bubble']:.1%} | "
+            f"{r['step_ratio']:.3f}{ok} | {r['step_ratio_without_messages']:.3f} | "
+            f"{r['measured_bubble']:.1%} | {r['predicted_bubble']:.1%} | "
+            f"{r['measured_noncompute_s'] * 1e3:.0f}, {r['predicted_noncompute_s'] * 1e3:.0f}, "
+            f"{r['predicted_noncompute_s_without_messages'] * 1e3:.0f} | "
             f"{r['cpu_busy_ratio'][0]:.2f}, {r['cpu_busy_ratio'][1]:.2f} | "
-            f"{r['measured_act'][0] / 2**20:.1f} | {r['act_ratio'][0]:.4f}, {r['act_ratio'][1]:.4f}{aok} | "
+            f"{r['measured_send_s'] * 1e3:.2f}, {r['measured_late_recv_s'] * 1e3:.2f} "
+            f"({r['late_recvs_per_step']:.0f}) | {r['measured_act'][0] / 2**20:.1f} | {r['act_ratio'][0]:.4f}, {r['act_ratio'][1]:.4f}{aok} | "
             f"{r['measured_act_vs_1f1b']:.3f} | {r['published_act_vs_1f1b']:.3f} |")
     return "\n".join(lines)
 
@@ -249,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()}-core CPU, gloo, torch "
             f"{torch.__version__}", "load_before": load0, "load_after": os.getloadavg(),
             "wall_s": time.time() - t0,
-            "profile": a.profile or "calibrated in-process", "model": model.name, "steps": a.steps}
+            "profile": a.profile or "calibrated in-process", "model": model.name, "steps": a.steps,
+            "profile_p2p_send_s": hw.profile.p2p_send_s if hw.profile else 0.0,
+            "profile_p2p_recv_s": hw.profile.p2p_recv_s if hw.profile else 0.0}
     table = markdown(rows)
     print(f"{meta['date']}  {meta['machine']}  load {load0[0]:.2f} → {meta['load_after'][0]:.2f}  "
           f"{meta['wall_s']:.0f} s\n{table}")

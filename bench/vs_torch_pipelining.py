@@ -15,7 +15,8 @@ inside forward/backward calls (unlike wall time, not inflated by other processes
 0's peak activation bytes (saved-for-backward tensors, deduplicated by storage, parameters and token ids
 excluded — slimpipe's own MemoryTracker on both sides — plus slimpipe's K/V buffers and dK/dV accumulators,
 since torch's SDPA saves K/V as ordinary activations); and the first-step loss, equal across
-configurations. ``--trace-dir`` writes each configuration's last step as a Chrome trace.
+configurations. ``--trace-dir`` writes each configuration's last step as a Chrome trace; ``--equal-flop``
+adds slimpipe rows with equal-FLOP (Seq1F1B-balanced) slice lengths.
 
     python bench/vs_torch_pipelining.py --seq-len 2048 --microbatches 2 --reps 3 --json out.json
 
@@ -53,6 +54,7 @@ from slimpipe.runtime.memory import MemoryTracker  # noqa: E402
 from slimpipe.runtime.optim import build_optimizer, clip_coefficient, scale_grads, squared_norm  # noqa: E402
 from slimpipe.schedule.actions import Kind, parse_action  # noqa: E402
 from slimpipe.schedule.builders import build  # noqa: E402
+from slimpipe.sim.cost import seq1f1b_partition  # noqa: E402
 
 __all__ = ["compare", "main", "TorchRunner", "SlimpipeRunner"]
 
@@ -191,8 +193,9 @@ class SlimpipeRunner:
     """One slimpipe configuration on this rank (PipelineRuntime.train_step)."""
 
     def __init__(self, variant: Variant, cfg: ModelConfig, opts: BenchOptions, state: ParallelState) -> None:
+        weights = seq1f1b_partition(cfg, opts.seq_len, variant.n) if variant.equal_flop else None
         sched = build(variant.schedule, p=state.pp, m=opts.microbatches, n=variant.n, v=variant.v,
-                      warmup=opts.warmup)
+                      warmup=opts.warmup, slice_weights=weights)
         self.rank = state.pp_rank
         self.rt = PipelineRuntime(cfg, sched, state, seed=opts.seed, optim=OptimConfig(lr=opts.lr))
         self._cpu: list[float] = []
@@ -294,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated configuration names to keep (default all)")
     ap.add_argument("--warmup", default="auto", choices=("auto", "single", "double"),
                     help="slimpipe builders' warm-up (default auto: single for 1f1b, double otherwise)")
+    ap.add_argument("--equal-flop", action="store_true",
+                    help="also run slimpipe n > 1 with equal-FLOP slices (rows named …-eqflop)")
     ap.add_argument("--json", default="", help="write the result here")
     ap.add_argument("--trace-dir", default="",
                     help="write each configuration's last step as a Chrome trace into this folder")
@@ -302,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = BenchOptions(seq_len=a.seq_len, microbatches=a.microbatches, model=a.model, steps=a.steps,
                             reps=a.reps, slices=tuple(int(x) for x in a.slices.split(",") if x),
                             only=tuple(x for x in a.only.split(",") if x), warmup=a.warmup,
-                            trace_dir=a.trace_dir)
+                            trace_dir=a.trace_dir, equal_flop=a.equal_flop)
         result = compare(opts)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -56,14 +56,15 @@ fi
 
 # ---- b: sliced vs unsliced causal attention (bench/attention_bench.py: through the runtime's K/V store) ----
 if [ "$DRY" = 1 ]; then
-  part attention 40 $PY bench/attention_bench.py --device cpu --seq 512 --slices 1 4 --repeat 2
+  part attention 40 $PY bench/attention_bench.py --device cpu --seq 512 --slices 1 4 --repeat 2 --mask-mode auto bias
 else
   # llama-1b heads (GQA 32/8, head_dim 64) at 64K; --explain says which fused kernels take the lower-right
   # mask with GQA and what expanding the K/V heads would cost instead.
   part attention 45 $PY bench/attention_bench.py --device cuda --dtype bfloat16 --seq 65536 --heads 32 \
-    --kv-heads 8 --head-dim 64 --slices 1 4 16 64 --repeat 3 --explain
+    --kv-heads 8 --head-dim 64 --slices 1 4 16 64 --repeat 3 --mask-mode auto bias --explain
   part attention_128k 35 $PY bench/attention_bench.py --device cuda --dtype bfloat16 --seq 131072 --heads 16 \
-    --kv-heads 16 --head-dim 128 --slices 1 8 32 --repeat 2
+    --kv-heads 16 --head-dim 128 --slices 1 8 32 --repeat 2 --mask-mode auto
+  part attention_gpu_tests 60 $PY -m pytest -q -m gpu tests/runtime/test_attention_window.py
 fi
 
 # ---- c: per-stage memory of llama-1b on 4 stages vs the simulator -----------------------------------------
@@ -92,8 +93,11 @@ try:
     fp = load_profile(os.path.join(out, "profile.json")).profile.footprint
     source = "profile.json"
 except Exception:  # part a failed: measure the footprint here
-    from slimpipe.calibrate import Progress, _measure_footprint
-    fp = _measure_footprint(base_cfg, 256 if dry else 2048, torch.device(dev), dt, Progress(1))
+    import time
+    from slimpipe.calibrate.measure import Progress, _Ctx
+    from slimpipe.calibrate.units import _measure_footprint
+    ctx = _Ctx(dev=torch.device(dev), dt=dt, reps=1, clock=time.perf_counter, bar=Progress(1))
+    fp = _measure_footprint(base_cfg, 256 if dry else 2048, ctx)
     source = "measured here"
 total = torch.cuda.get_device_properties(0).total_memory if dev == "cuda" else 0
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,7 @@ from slimpipe.config import ConfigError, ParallelConfig, load_model
 from slimpipe.schedule.actions import Kind
 from slimpipe.sim.cost import AnalyticCost
 from slimpipe.sim.hardware import (
-    ActivationFootprint, AttentionTime, CostProfile, Hardware, LinearTime, load_hardware, load_profile,
+    AttentionTime, CostProfile, Hardware, LinearTime, load_hardware, load_profile,
 )
 from slimpipe.sim.workload import Workload
 
@@ -61,6 +61,10 @@ def test_quick_profile_is_valid_and_fast(quick_profile) -> None:
     assert prof.attn_fwd.prefix_s + prof.attn_fwd.masked_diagonal_s > 0
     assert 1e-6 < prof.p2p_latency_s < 0.05 and prof.p2p_bandwidth > 1e7
     assert hw.intra_node_bw == pytest.approx(prof.p2p_bandwidth)  # CPU: the measured gloo link
+    # gloo message costs, measured while both ranks compute: a send posts a notice (µs…ms); a late
+    # receive waits for the busy sender's progress thread (a rendezvous round trip at least).
+    assert 0 < prof.p2p_send_s < 0.05 and 0 < prof.p2p_recv_s < 0.05
+    assert len(doc["measurements"]["p2p_messages"]) == 2  # the p2p sizes up to 1 MiB
     fp = prof.footprint
     assert fp is not None and fp.kv_per_layer == 2 * TINY.kv_dim * 4
     # fp32 activations of a tiny layer: several KiB per token; the loss stage keeps logits (256 floats).
@@ -93,6 +97,27 @@ def test_profile_reproduces_its_own_unit_times(quick_profile) -> None:
     assert 0.9 <= statistics.median(ratios) <= 1.1, rows
     # Medians of 4 samples on a shared 2-core machine: allow one straggler among the 16.
     assert sum(0.7 <= x <= 1.4 for x in ratios) >= 15, rows
+
+
+def test_profiles_without_message_costs_still_load(quick_profile) -> None:
+    """Profiles written before the message costs were measured load with both at 0 (the old model)."""
+    from slimpipe.sim.hardware import profile_from_dict
+
+    doc = json.loads(quick_profile[0].read_text())
+    for key in ("p2p_send_s", "p2p_recv_s"):
+        del doc["profile"][key]
+    prof = profile_from_dict(doc, default_name="old", source="old.json").profile
+    assert prof.p2p_send_s == prof.p2p_recv_s == 0.0
+
+
+def test_unit_consistency_ignores_message_costs(quick_profile) -> None:
+    """The runtime-unit runs use in-process queues: message costs must not enter their prediction."""
+    from slimpipe.calibrate import unit_consistency
+
+    doc = json.loads(quick_profile[0].read_text())
+    hw = load_profile(str(quick_profile[0]))
+    loud = dataclasses.replace(hw, profile=dataclasses.replace(hw.profile, p2p_send_s=1.0, p2p_recv_s=1.0))
+    assert unit_consistency(loud, doc) == unit_consistency(hw, doc)
 
 
 def _toy_profile(**changes) -> CostProfile:
@@ -134,6 +159,32 @@ def test_profiled_cost_composes_the_fitted_terms() -> None:
     assert lin.compute_time(Kind.F, 1, 0) == pytest.approx(l * flops * 1e-9 + head)
     # p2p: latency + fp32 bytes of (T, h) over the link.
     assert cost.transfer_time(Kind.SEND_F, 0, 0) == pytest.approx(5e-4 + t * h * 4 / 2e9)
+
+
+@pytest.mark.parametrize(("p", "v"), [(2, 1), (2, 2), (4, 1), (1, 2)])
+def test_message_costs_are_charged_to_the_adjacent_units(p, v) -> None:
+    """A SEND's cost lands on the unit that produced the message, a RECV's on the unit that uses it; the
+    transfer keeps the rest of the one-way latency (here none: 0.5 ms < 1 + 2 ms)."""
+    send, recv = 1e-3, 2e-3
+    hw = Hardware(name="toy", peak_flops=1e10, hbm_bytes=1e9, intra_node_bw=2e9, inter_node_bw=1e9,
+                  p2p_latency_s=5e-4)
+    wl = Workload(model=TINY, parallel=ParallelConfig(pp=p, vpp=v, slices=2), seq_len=256, global_batch=4)
+    base = AnalyticCost(wl, dataclasses.replace(hw, profile=_toy_profile()), [0.5, 0.5])
+    cost = AnalyticCost(wl, dataclasses.replace(hw, profile=_toy_profile(p2p_send_s=send, p2p_recv_s=recv)),
+                        [0.5, 0.5])
+    last = p * v - 1
+    for stage in range(p * v):
+        inbound, outbound = (stage > 0 and p > 1), (stage < last and p > 1)
+        extra_f = inbound * recv + outbound * send  # RECV_F before F, SEND_F after it
+        extra_b = outbound * recv + inbound * send  # RECV_B before B, SEND_B after it
+        for j in range(2):
+            assert cost.compute_time(Kind.F, stage, j) == pytest.approx(base.compute_time(Kind.F, stage, j)
+                                                                        + extra_f)
+            assert cost.compute_time(Kind.B, stage, j) == pytest.approx(base.compute_time(Kind.B, stage, j)
+                                                                        + extra_b)
+    bytes_ = 128 * TINY.hidden * 4
+    assert base.transfer_time(Kind.SEND_F, 0, 0) == pytest.approx(5e-4 + bytes_ / 2e9)
+    assert cost.transfer_time(Kind.SEND_F, 0, 0) == pytest.approx(bytes_ / 2e9)
 
 
 def test_presets_ignore_profile_machinery() -> None:
@@ -203,5 +254,8 @@ def test_validate_core_runs_on_two_ranks(quick_profile) -> None:
     for r in rows:
         assert r["measured_step_s"] > 0 and math.isfinite(r["step_ratio"]) and 0 <= r["measured_bubble"] < 1
         assert all(abs(x - 1) < 0.01 for x in r["act_ratio"]), r["act_ratio"]
+        # every row has p2p messages: the traces show their SEND times; the plain-profile prediction too
+        assert r["measured_send_s"] > 0 and math.isfinite(r["step_ratio_without_messages"])
+        assert r["measured_noncompute_s"] > 0 and r["predicted_noncompute_s"] > 0
     assert rows[1]["measured_act_vs_1f1b"] < 1  # slicing cuts rank 0's activation peak
     assert "| 128 | 2 | slimpipe n=4 |" in validate_sim.markdown(rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,8 +14,10 @@ import pytest
 
 from slimpipe.cli import main
 from slimpipe.config import ConfigError, ParallelConfig, load_model
-from slimpipe.planner import PlanRequest, _bounded, plan, step_time_bound
+from slimpipe.planner import PlanRequest, exchange_applies, exchange_time_bound, plan, step_time_bound
+from slimpipe.planner.search import _bounded
 from slimpipe.schedule.builders import build
+from slimpipe.schedule.exchange import exchanges
 from slimpipe.sim import Workload, evaluate, load_hardware, peak_inflight
 from slimpipe.sim.cost import seq1f1b_partition
 from slimpipe.sim.evaluate import closed_form_inflight, precheck_memory, weighted_inflight
@@ -56,24 +59,75 @@ def test_plans_are_ranked_fit_in_memory_and_have_the_schema(small_json) -> None:
         assert p["peak_memory_gib"] <= 80.0
         assert p["headroom_gib"] == pytest.approx(80.0 - p["peak_memory_gib"])
         assert 0 < p["mfu_causal"] < p["mfu"] < 1
-        assert p["exchange"] is False
+        assert isinstance(p["exchange"], bool)
+        assert not p["exchange"] or exchange_applies(p["schedule"], p["pp"], p["slices"])
 
 
-def test_plan_numbers_are_what_simulate_prints(small_json, capsys) -> None:
-    best = small_json[0]
-    argv = ["simulate", "--model", "llama-7b", "--seq-len", "32768", "--global-batch", "8", "--gpus", "8",
-            "--json", "--schedule", best["schedule"], "--recompute", best["recompute"],
-            "--offload", str(best["offload"])]
+def _check_against_simulate(plan_: dict, workload: list[str], capsys) -> None:
+    """`slimpipe simulate` with the plan's flags prints the plan's numbers."""
+    argv = ["simulate", *workload, "--json", "--schedule", plan_["schedule"], "--recompute", plan_["recompute"],
+            "--offload", str(plan_["offload"])]
     for flag in ("tp", "cp", "pp", "dp", "ep", "slices", "vpp"):
-        argv += [f"--{flag}", str(best[flag])]
-    if best["vocab_parallel"]:
+        argv += [f"--{flag}", str(plan_[flag])]
+    if plan_["vocab_parallel"]:
         argv.append("--vocab-parallel")
+    if plan_["exchange"]:
+        argv += ["--attn-balance", str(plan_["slices"])]
     code, out, err = _cli(argv, capsys)
     assert code == 0, err
     sim = json.loads(out)
-    assert sim["tokens_per_s"] == pytest.approx(best["tokens_per_s"], rel=1e-12)
-    assert sim["memory_gib"]["peak"] == pytest.approx(best["peak_memory_gib"], rel=1e-12)
-    assert sim["bubble_ratio"] == pytest.approx(best["bubble_ratio"], rel=1e-12)
+    assert sim["tokens_per_s"] == pytest.approx(plan_["tokens_per_s"], rel=1e-12)
+    assert sim["memory_gib"]["peak"] == pytest.approx(plan_["peak_memory_gib"], rel=1e-12)
+    assert sim["bubble_ratio"] == pytest.approx(plan_["bubble_ratio"], rel=1e-12)
+    assert ("exchanges_f" in sim["config"]) == plan_["exchange"]
+
+
+def test_plan_numbers_are_what_simulate_prints(small_json, capsys) -> None:
+    workload = ["--model", "llama-7b", "--seq-len", "32768", "--global-batch", "8", "--gpus", "8"]
+    _check_against_simulate(small_json[0], workload, capsys)
+
+
+# A 13-layer llama-1b on 13 GPUs at s = 13·16381 (16381 prime), B = 4: the only layouts are t1 c1 p13 d1
+# (13 is prime, B not a multiple of 13) with n = 13, v = 1 for slimpipe. Few slices over 13 ranks leave a
+# large causal imbalance, which the exchange evens out: the case where it pays in the simulator.
+EXCHANGE_SEQ = 13 * 16381
+
+
+@pytest.fixture(scope="module")
+def model13(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("model") / "llama-1b-13.json"
+    fields = dataclasses.asdict(load_model("llama-1b", num_layers=13))
+    path.write_text(json.dumps({**fields, "name": "llama-1b-13"}))
+    return str(path)
+
+
+def _exchange_plans(model13: str, capsys, *extra: str) -> list[dict]:
+    code, out, err = _cli(["plan", "--model", model13, "--seq-len", str(EXCHANGE_SEQ), "--gpus", "13",
+                           "--global-batch-tokens", str(4 * EXCHANGE_SEQ), "--schedule", "slimpipe", "--json",
+                           *extra], capsys)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_exchange_wins_is_reported_and_matches_simulate(model13, capsys) -> None:
+    plans = _exchange_plans(model13, capsys)
+    best = plans[0]
+    assert best["exchange"] is True and (best["pp"], best["slices"], best["vpp"]) == (13, 13, 1)
+    assert {p["exchange"] for p in plans} == {True, False}
+    _check_against_simulate(best, ["--model", model13, "--seq-len", str(EXCHANGE_SEQ), "--global-batch", "4",
+                                   "--gpus", "13"], capsys)
+    off = _exchange_plans(model13, capsys, "--exchange", "off")
+    assert off and not any(p["exchange"] for p in off)
+    assert best["tokens_per_s"] > off[0]["tokens_per_s"]  # the same layout without exchange is slower
+    on = _exchange_plans(model13, capsys, "--exchange", "on")
+    assert on and all(p["exchange"] for p in on) and on[0] == best
+    code, out, err = _cli(["plan", "--model", model13, "--seq-len", str(EXCHANGE_SEQ), "--gpus", "13",
+                           "--global-batch-tokens", str(4 * EXCHANGE_SEQ), "--schedule", "slimpipe",
+                           "--top", "2"], capsys)
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines() if line.startswith(" 1 ")]
+    assert rows and rows[0][13] == "on", out  # the xchg column
+    assert f"--attn-balance {best['slices']}" in out  # the reproduce line
 
 
 def test_schedule_flag_restricts_the_family_and_table_prints(capsys) -> None:
@@ -92,6 +146,8 @@ def test_schedule_flag_restricts_the_family_and_table_prints(capsys) -> None:
 @pytest.mark.parametrize(("argv", "needle"), [
     (["--model", "llama-70b", "--seq-len", "2048K", "--gpus", "8"], "exceed h800's 80.0 GiB"),
     (["--model", "llama-7b", "--seq-len", "32K", "--gpus", "6"], "no layout G = t·c·p·d"),
+    (["--model", "llama-7b", "--seq-len", "32K", "--gpus", "8", "--schedule", "1f1b", "--exchange", "on"],
+     "cannot use --exchange on (slimpipe with n > 1 and p > 1 only)"),
     (["--model", "gpt-9", "--seq-len", "32K", "--gpus", "8"], "--model 'gpt-9' is unknown"),
     (["--model", "tiny", "--seq-len", "4096", "--gpus", "0"], "--gpus='0' must be a positive integer"),
     (["--model", "tiny", "--seq-len", "4096", "--gpus", "two"], "--gpus='two' must be a positive integer"),
@@ -104,6 +160,13 @@ def test_bad_or_infeasible_requests_exit_2_with_one_line(argv, needle, capsys) -
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], err
+
+
+@pytest.mark.parametrize("field", ["exchange", "vocab_parallel"])
+@pytest.mark.parametrize("value", [(), ("on",)])
+def test_request_refuses_empty_or_non_boolean_settings(field, value) -> None:
+    with pytest.raises(ConfigError, match=f"{field}=.* must be a non-empty tuple of booleans"):
+        PlanRequest(model=load_model("tiny"), seq_len=4096, gpus=2, hardware=H800, **{field: value})
 
 
 def test_unknown_schedule_is_refused(capsys) -> None:
@@ -169,15 +232,43 @@ def test_precheck_equals_simulated_memory_and_bound_is_below_the_simulation(case
     assert bound <= ev.report.step_time_s * (1 + 1e-12)
 
 
-def test_search_finds_the_exhaustive_best() -> None:
-    req = PlanRequest(model=load_model("llama-7b"), seq_len=16384, gpus=4, hardware=H800,
-                      global_batch_tokens=8 * 16384, top=3, vocab_parallel=(True,), offload=(0.0,),
-                      schedules=("1f1b", "interleaved-1f1b", "slimpipe"))
+EXCHANGE_CASES = [  # (t, c, p, d, n, v, vocab-parallel), slimpipe, llama-7b at 64K, B = 8
+    (1, 1, 8, 1, 8, 1, False), (2, 2, 2, 1, 4, 2, True), (1, 2, 4, 1, 4, 4, True), (1, 1, 4, 2, 8, 2, False),
+]
+
+
+@pytest.mark.parametrize("case", EXCHANGE_CASES, ids=str)
+def test_exchange_bound_counts_every_rank_and_stays_below_the_simulation(case) -> None:
+    t, c, p, d, n, v, vocab = case
+    wl = Workload(model=load_model("llama-7b"), seq_len=65536, global_batch=8, recompute="full",
+                  vocab_parallel=vocab, parallel=ParallelConfig(tp=t, cp=c, pp=p, dp=d, slices=n, vpp=v))
+    plain = evaluate(wl, "slimpipe", hardware=H800).report
+    ev = evaluate(wl, "slimpipe", hardware=H800, attn_balance=n)
+    assert exchanges(ev.schedule), "the case must exchange something"
+    bound = exchange_time_bound(wl, "slimpipe", H800)
+    # The exchange only moves or adds work: the mean of the unexchanged busy times is a floor.
+    assert sum(plain.busy_s) / p + plain.dp_sync_s <= bound * (1 + 1e-12)
+    assert bound <= ev.report.step_time_s * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("which", ["llama-7b", "exchange"])
+def test_search_finds_the_exhaustive_best(which) -> None:
+    if which == "llama-7b":  # many candidates: the search must skip most of them
+        req = PlanRequest(model=load_model("llama-7b"), seq_len=16384, gpus=4, hardware=H800,
+                          global_batch_tokens=8 * 16384, top=3, vocab_parallel=(True,), offload=(0.0,),
+                          schedules=("1f1b", "interleaved-1f1b", "slimpipe"))
+    else:  # the 13-layer case where the exchange wins
+        req = PlanRequest(model=load_model("llama-1b", num_layers=13), seq_len=EXCHANGE_SEQ, gpus=13,
+                          hardware=H800, global_batch_tokens=4 * EXCHANGE_SEQ, top=3)
     res = plan(req)
-    every = sorted(evaluate(c.workload, c.schedule, hardware=H800).report.tokens_per_s
-                   for c in _bounded(req, Counter(), [0.0]))
-    assert res.candidates == len(every) > 3 * res.simulated  # the search skipped most candidates
-    assert [p.tokens_per_s for p in res.plans] == pytest.approx(every[::-1][:3], rel=1e-12)
+    every = sorted((evaluate(c.workload, c.schedule, hardware=H800,
+                             attn_balance=c.workload.parallel.slices if c.exchange else 0).report.tokens_per_s
+                    for c in _bounded(req, Counter(), [0.0])), reverse=True)
+    assert res.candidates == len(every)
+    assert res.exchange_candidates > 0
+    if which == "llama-7b":
+        assert res.candidates > 3 * res.simulated
+    assert [p.tokens_per_s for p in res.plans] == pytest.approx(every[:3], rel=1e-12)
 
 
 def test_planner_imports_without_torch() -> None:

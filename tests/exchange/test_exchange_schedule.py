@@ -15,7 +15,8 @@ from slimpipe.schedule.exchange import (
     add_exchange, balance_stats, exchange_volume, exchanges, has_exchange, strip_exchange,
 )
 from slimpipe.schedule.format import from_csv, from_json, to_csv, to_json
-from slimpipe.schedule.passes import _dry_run, dry_run, lower
+from slimpipe.schedule.dryrun import _dry_run, dry_run
+from slimpipe.schedule.passes import lower
 from slimpipe.schedule.validate import ScheduleError, validate
 from slimpipe.sim import AnalyticCost, UniformCost, Workload, load_hardware, simulate
 from slimpipe.sim.exchange import exchange_timing

@@ -8,8 +8,10 @@ import sys
 
 __all__ = ["HELP", "add_arguments", "run", "parse_count"]
 
-HELP = "find the fastest layouts (t, c, p, d, e, n, v, recompute, offload) that fit in GPU memory"
+HELP = ("find the fastest layouts (t, c, p, d, e, n, v, recompute, offload, vocab-parallel, exchange) that "
+        "fit in GPU memory")
 
+_BOTH = {"auto": (False, True), "on": (True,), "off": (False,)}
 _SUFFIX = {"k": 1 << 10, "ki": 1 << 10, "m": 1 << 20, "mi": 1 << 20}
 
 
@@ -49,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest offload fraction α to try (from 0, 0.5, 0.75; 0 disables offload)")
     parser.add_argument("--vocab-parallel", default="auto", choices=("auto", "on", "off"),
                         help="vocabulary layers sharded over t·p (on), on the end stages (off), or both")
+    parser.add_argument("--exchange", default="auto", choices=("auto", "on", "off"),
+                        help="attention context exchange (slimpipe with n > 1 and p > 1 only): on keeps only "
+                             "plans with it, off only plans without, auto tries both")
     parser.add_argument("--top", type=int, default=10, help="plans to print (default 10)")
     parser.add_argument("--max-simulations", type=int, default=32,
                         help="cap on full simulations (default 32); the output says how much faster "
@@ -69,7 +74,7 @@ def _request(args: argparse.Namespace):  # -> slimpipe.planner.PlanRequest
         top=args.top, max_simulations=args.max_simulations,
         recompute=RECOMPUTE_LADDER if args.recompute == "auto" else (args.recompute,),
         offload=tuple(a for a in OFFLOAD_LADDER if a <= args.max_offload),
-        vocab_parallel={"auto": (False, True), "on": (True,), "off": (False,)}[args.vocab_parallel],
+        vocab_parallel=_BOTH[args.vocab_parallel], exchange=_BOTH[args.exchange],
     )
 
 
@@ -100,7 +105,7 @@ def _infeasible(req, result):  # -> ConfigError
     mod = req.model
     where = f"no feasible plan for {mod.name} at s={req.seq_len} (B={req.global_batch}) on {req.gpus} GPUs"
     rej = result.rejected
-    if result.layouts == 0 and not rej.get("warm-up"):
+    if result.layouts == 0 and not rej.get("warm-up") and not rej.get("exchange"):
         return ConfigError(
             f"{where}: no layout G = t·c·p·d with t ≤ 8 dividing the heads "
             f"({mod.num_heads}/{mod.num_kv_heads}), "
@@ -114,6 +119,8 @@ def _infeasible(req, result):  # -> ConfigError
                      f"(smallest peak {result.smallest_rejected_peak_gib:.1f} GiB)")
     if rej.get("warm-up"):
         parts.append(f"{rej['warm-up']} have too few micro-batches for the warm-up (m = B/d)")
+    if rej.get("exchange"):
+        parts.append(f"{rej['exchange']} cannot use --exchange on (slimpipe with n > 1 and p > 1 only)")
     for reason in ("offload bandwidth", "schedule"):
         if rej.get(reason):
             parts.append(f"{rej[reason]} rejected by {reason}")
@@ -128,8 +135,9 @@ def _table(args: argparse.Namespace, req, result) -> str:
         f"({hw.hbm_bytes / 2**30:.1f} GiB)  schedules: {args.schedule}",
         f"searched {result.layouts} layouts; rejected "
         + (", ".join(f"{k} {v}" for k, v in sorted(result.rejected.items())) or "none")
-        + f"; {result.candidates} candidates fit (cheapest recompute/offload per layout); simulated "
-        f"{result.simulated} best-first in {result.wall_s:.1f} s",
+        + f"; {result.candidates} candidates fit (cheapest recompute/offload per layout; "
+        f"{result.exchange_candidates} with exchange); simulated {result.simulated} best-first "
+        f"({result.simulated_exchange} with exchange) in {result.wall_s:.1f} s",
     ]
     if result.not_simulated:
         gain = result.headroom_unsimulated
@@ -139,17 +147,16 @@ def _table(args: argparse.Namespace, req, result) -> str:
                      + ("by the step-time bound none can beat #1" if gain <= 0 else
                         f"by the step-time bound none is more than {100 * gain:.1f} % faster than #1"))
     lines += ["MFU = (6N + 12·L·H·Q·T)·tokens/s / (GPUs·peak); MFUc halves the attention term (causal). "
-              "Attention context exchange: not modelled (off).", ""]
+              "xchg: attention context exchange (§8, unclipped).", ""]
     head = (f"{'#':>2} {'schedule':<16} {'t':>2} {'c':>3} {'p':>3} {'d':>3} {'e':>2} {'n':>4} {'v':>3} "
-            f"{'m':>4} {'recompute':<11} {'α':>4} {'vocab':<5} {'tokens/s':>10} {'MFU%':>5} {'MFUc%':>5} "
-            f"{'bubble%':>7} "
-            f"{'peak GiB':>8} {'headroom':>8}")
+            f"{'m':>4} {'recompute':<11} {'α':>4} {'vocab':<5} {'xchg':<4} {'tokens/s':>10} {'MFU%':>5} "
+            f"{'MFUc%':>5} {'bubble%':>7} {'peak GiB':>8} {'headroom':>8}")
     lines.append(head)
     for i, p in enumerate(result.plans, 1):
         lines.append(
             f"{i:>2} {p.schedule:<16} {p.tp:>2} {p.cp:>3} {p.pp:>3} {p.dp:>3} {p.ep:>2} {p.slices:>4} "
             f"{p.vpp:>3} {p.microbatches:>4} {p.recompute:<11} {p.offload:>4.2g} "
-            f"{'on' if p.vocab_parallel else 'off':<5} {p.tokens_per_s:>10.0f} {100 * p.mfu:>5.1f} "
+            f"{_on(p.vocab_parallel):<5} {_on(p.exchange):<4} {p.tokens_per_s:>10.0f} {100 * p.mfu:>5.1f} "
             f"{100 * p.mfu_causal:>5.1f} {100 * p.bubble_ratio:>7.2f} {p.peak_memory_gib:>8.1f} "
             f"{p.headroom_gib:>8.1f}"
         )
@@ -158,3 +165,7 @@ def _table(args: argparse.Namespace, req, result) -> str:
     lines += ["", f"reproduce #1: slimpipe simulate --model {args.model} --seq-len {req.seq_len} "
               f"--global-batch {req.global_batch} {best.simulate_flags()} --gpus {req.gpus} {gpu}"]
     return "\n".join(lines) + "\n"
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"

@@ -59,14 +59,23 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (b, h, tq, d), k/v (b, h, tk, d) -> out (b, h, tq, d), lse (b, h, tq) (lse_dtype)."""
+def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+                  causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (b, h, tq, d), k/v (b, h, tk, d) -> out (b, h, tq, d), lse (b, h, tq) (lse_dtype).
+
+    ``causal``: a square causal block (tq == tk, ungrouped queries), no mask needed. On CPU k/v may also
+    have fewer heads than q (h_kv dividing h: the flash kernel's native GQA, query head i uses i // g)."""
     if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False,
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
                                                                               attn_mask=mask)
         return out, lse
-    return math_block_forward(q, k, v, mask)
+    return math_block_forward(q, k, v, _square_causal(q, k) if causal else mask)
+
+
+def _square_causal(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The additive (tk, tk) mask of a square causal block for the math fallback."""
+    tk = k.size(-2)
+    return causal_mask(0, tk, 0, 1, dtype=q.dtype, device=q.device)
 
 
 def math_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -82,13 +91,14 @@ def math_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                   lse: torch.Tensor, mask: torch.Tensor | None, *,
+                   causal: bool = False) -> tuple[torch.Tensor, ...]:
     """Gradients of one key block given the merged out/lse: (dq share, dk, dv), shapes of q, k, v."""
     if q.device.type == "cpu":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, False, attn_mask=mask)
+            dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask)
         return dq, dk, dv
-    return math_block_backward(dout, q, k, v, out, lse, mask)
+    return math_block_backward(dout, q, k, v, out, lse, _square_causal(q, k) if causal else mask)
 
 
 def math_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -4,7 +4,8 @@ Imports no torch.
 """
 from slimpipe.schedule.actions import COMM_KINDS, COMPUTE_KINDS, Action, Kind, Schedule, parse_action
 from slimpipe.schedule.format import from_csv, from_json, to_csv, to_grid, to_json
-from slimpipe.schedule.passes import DryRunResult, dry_run, lower, peak_inflight
+from slimpipe.schedule.dryrun import DryRunResult, dry_run
+from slimpipe.schedule.passes import lower, peak_inflight
 from slimpipe.schedule.validate import ScheduleError, validate
 
 __all__ = [

@@ -144,7 +144,8 @@ def add_exchange(schedule: Schedule, threshold: int, *, latency: float | None = 
     uniform durations: 1 under the double warm-up, w = 2, whose lock-step it produces, else 0; with given
     durations: 0). Units are concurrent when they start at the same time. Existing markers are replaced.
     """
-    from slimpipe.schedule.passes import _dry_run, lower, uniform_duration
+    from slimpipe.schedule.dryrun import _dry_run
+    from slimpipe.schedule.passes import lower, uniform_duration
 
     threshold = _check_threshold(threshold, schedule)
     base = lower(strip_exchange(schedule))
@@ -307,7 +308,7 @@ def balance_stats(schedule: Schedule, kind: Kind = Kind.F) -> BalanceStats:
     Groups come from the same dry run add_exchange uses (its latency from meta), so this is the imbalance
     the exchange sees; exchanges of a marked schedule are applied, an unmarked schedule gives after = before.
     """
-    from slimpipe.schedule.passes import _dry_run
+    from slimpipe.schedule.dryrun import _dry_run
 
     base = strip_exchange(schedule)
     latency = float(schedule.meta.get("exchange_latency", 1.0 if base.meta.get("w") == 2 else 0.0))

@@ -1,32 +1,18 @@
-"""Schedule → Schedule passes, and a dependency-driven dry run of the lowered programs.
+"""Schedule → Schedule passes: lowering to explicit send/recv, and in-flight counts.
 
 ``lower`` makes every cross-rank tensor handoff explicit: the runtime executes exactly the lowered
-program of its rank, and the simulator and the deadlock check read the same program.
-
-``dry_run`` executes all ranks' lowered programs against each other in O(actions): SEND never blocks, a
-RECV waits until its SEND ran (plus an optional latency), a compute action waits for its data (upstream
-activation or downstream gradient, the K/V carry of the neighbouring slice, its own forward). Each rank
-runs its program strictly in order, so a rank blocked on an action that never becomes ready is a
-deadlock, reported with the stuck actions marked. Vocabulary collectives (VE/VH/VB, schedule/vocab.py)
-complete when every rank has reached them, so a rank that never gets there is a deadlock too. It is
-deliberately low-fidelity: durations per action and one latency for every message, no bandwidth, no
-contention (slimpipe.sim models those).
+program of its rank, and the simulator and the deadlock check (schedule/dryrun.py) read the same program.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from slimpipe.schedule.actions import EXCHANGE_KINDS, VOCAB_KINDS, Action, Kind, Schedule
-from slimpipe.schedule.validate import ScheduleError
-from slimpipe.schedule.exchange import exchange_waits
-from slimpipe.schedule.vocab import has_vocab, vocab_deps, waits_for
+from slimpipe.schedule.actions import Action, Kind, Schedule
 
-__all__ = ["lower", "dry_run", "DryRunResult", "uniform_duration", "peak_inflight", "inflight_curve"]
-
-_Key = tuple[Kind, int, int, int]  # (kind, stage, micro-batch, slice)
-
+__all__ = ["lower", "uniform_duration", "peak_inflight", "inflight_curve"]
 
 _UNIFORM = {Kind.F: 1.0, Kind.B: 2.0, Kind.W: 1.0}
 
@@ -51,181 +37,60 @@ def lower(schedule: Schedule) -> Schedule:
     if schedule.is_lowered:
         return schedule
     p, last = schedule.num_ranks, schedule.num_stages - 1
-    ranks = []
-    for r, prog in enumerate(schedule.ranks):
-        out: list[Action] = []
-        for a in prog:
-            st, mb, j = a.stage, a.microbatch, a.seq_slice
-            if a.kind is Kind.F:
-                if st > 0 and (st - 1) % p != r:
-                    out.append(Action(st, Kind.RECV_F, mb, j))
-                out.append(a)
-                if st < last and (st + 1) % p != r:
-                    out.append(Action(st, Kind.SEND_F, mb, j))
-            elif a.kind is Kind.B:
-                if st < last and (st + 1) % p != r:
-                    out.append(Action(st, Kind.RECV_B, mb, j))
-                out.append(a)
-                if st > 0 and (st - 1) % p != r:
-                    out.append(Action(st, Kind.SEND_B, mb, j))
-            else:
-                out.append(a)
-        ranks.append(tuple(out))
-    return schedule.replace_ranks(tuple(ranks))
+    with _gc_paused():
+        ranks = tuple(_lower_program(prog, r, p, last) for r, prog in enumerate(schedule.ranks))
+    return schedule.replace_ranks(ranks)
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DryRunResult:
-    """When every action of a lowered schedule ran, in dependency-driven time."""
-
-    schedule: Schedule
-    """The lowered schedule that ran (start/end index its programs)."""
-    start: tuple[tuple[float, ...], ...]
-    """start[r][i]: time action i of rank r began (with unit durations: the step it ran at)."""
-    end: tuple[tuple[float, ...], ...]
-    """end[r][i] = start[r][i] + its duration."""
-    makespan: float
-    """Time the last action of any rank ended."""
-
-    def busy(self) -> tuple[float, ...]:
-        """Per rank: total duration of its actions (compute only under uniform_duration)."""
-        return tuple(sum(e - s for s, e in zip(st, en)) for st, en in zip(self.start, self.end))
-
-    def bubble_ratio(self) -> float:
-        """Idle fraction of p × makespan (0 for an empty schedule)."""
-        total = self.makespan * len(self.start)
-        return 0.0 if total == 0 else 1.0 - sum(self.busy()) / total
+_SET_FIELDS = tuple(getattr(Action, name).__set__ for name in ("stage", "kind", "microbatch", "seq_slice"))
 
 
-def _deps(a: Action, r: int, p: int, last: int, n: int) -> list[_Key]:
-    """What action a (on rank r) waits for. A RECV's dependency is its SEND (latency applies)."""
-    k, st, mb, j = a.kind, a.stage, a.microbatch, a.seq_slice
-    if k in VOCAB_KINDS:  # their data dependencies: vocab_deps
-        return []
-    if k is Kind.F:
-        d: list[_Key] = []
-        if st > 0:  # the activation from the previous stage
-            d.append((Kind.F, st - 1, mb, j) if (st - 1) % p == r else (Kind.RECV_F, st, mb, j))
-        if j > 0:  # the K/V prefix of the earlier slice
-            d.append((Kind.F, st, mb, j - 1))
-        return d
-    if k is Kind.B:
-        d = [(Kind.F, st, mb, j)]
-        if st < last:  # the output gradient from the next stage
-            d.append((Kind.B, st + 1, mb, j) if (st + 1) % p == r else (Kind.RECV_B, st, mb, j))
-        if j < n - 1:  # the dK/dV contributions of the later slice
-            d.append((Kind.B, st, mb, j + 1))
-        return d
-    if k is Kind.W:
-        return [(Kind.B, st, mb, j)]
-    if k is Kind.SEND_F:
-        return [(Kind.F, st, mb, j)]
-    if k is Kind.SEND_B:
-        return [(Kind.B, st, mb, j)]
-    if k is Kind.RECV_F:
-        return [(Kind.SEND_F, st - 1, mb, j)]
-    if k in EXCHANGE_KINDS:  # no wait here: the F/B after a marker waits for the partner's (exchange_waits)
-        return []
-    return [(Kind.SEND_B, st + 1, mb, j)]  # RECV_B
+def _lower_program(prog: tuple[Action, ...], r: int, p: int, last: int) -> tuple[Action, ...]:
+    """lower for one rank's program. Messages are built field by field through the slots: the frozen
+    dataclass __init__ (object.__setattr__ per field) costs 3× as much, and there is one per message."""
+    F, B, RECV_F, SEND_F, RECV_B, SEND_B = Kind.F, Kind.B, Kind.RECV_F, Kind.SEND_F, Kind.RECV_B, Kind.SEND_B
+    new, (set_stage, set_kind, set_mb, set_slice) = object.__new__, _SET_FIELDS
+    out: list[Action] = []
+    add = out.append
+    for a in prog:
+        k = a.kind
+        if k is not F and k is not B:
+            add(a)
+            continue
+        st, mb, j = a.stage, a.microbatch, a.seq_slice
+        before = st > 0 and (st - 1) % p != r if k is F else st < last and (st + 1) % p != r
+        after = st < last and (st + 1) % p != r if k is F else st > 0 and (st - 1) % p != r
+        if before:
+            msg = new(Action)
+            set_stage(msg, st)
+            set_kind(msg, RECV_F if k is F else RECV_B)
+            set_mb(msg, mb)
+            set_slice(msg, j)
+            add(msg)
+        add(a)
+        if after:
+            msg = new(Action)
+            set_stage(msg, st)
+            set_kind(msg, SEND_F if k is F else SEND_B)
+            set_mb(msg, mb)
+            set_slice(msg, j)
+            add(msg)
+    return tuple(out)
 
 
-def _deadlock(schedule: Schedule, cursor: list[int], blocked: dict[int, _Key], check: str) -> ScheduleError:
-    stuck = [(r, i) for r, i in enumerate(cursor) if i < len(schedule.ranks[r])]
-    lines = []
-    for r, i in stuck:
-        kind, st, mb, j = blocked[r]
-        here = schedule.ranks[r][i]
-        what = "every rank to reach it" if here.kind in VOCAB_KINDS else Action(st, kind, mb, j)
-        lines.append(f"rank {r} step {i}: {here} waits for {what}")
-    return ScheduleError(
-        check,
-        "deadlock in the dry run (SEND non-blocking, RECV waits for its SEND, compute waits for its "
-        "inputs): " + "; ".join(lines),
-        schedule, stuck,
-    )
-
-
-def _dry_run(
-    schedule: Schedule, *, duration: Callable[[Action], float] | None, latency: float, check: str
-) -> DryRunResult:
-    dur = uniform_duration if duration is None else duration
-    p, last, n = schedule.num_ranks, schedule.num_stages - 1, schedule.num_slices
-    progs = schedule.ranks
-    start: list[list[float]] = [[0.0] * len(prog) for prog in progs]
-    end: list[list[float]] = [[0.0] * len(prog) for prog in progs]
-    cursor, clock = [0] * p, [0.0] * p
-    done: dict[_Key, float] = {}  # action key -> end time
-    waiting: dict[_Key, list[int]] = {}  # action key -> ranks blocked on it
-    blocked: dict[int, _Key] = {}
-    vocab = has_vocab(schedule)
-    arrived: dict[_Key, dict[int, float]] = {}  # collective -> {rank: arrival time}
-    waits = exchange_waits(schedule)  # (rank, step) of an exchanged F/B -> the partner's marker (rendezvous)
-    ready = list(range(p))
-    while ready:
-        r = ready.pop()
-        prog, i, t_rank = progs[r], cursor[r], clock[r]
-        while i < len(prog):
-            a = prog[i]
-            t = t_rank
-            hold = None
-            for d in _deps(a, r, p, last, n) + (vocab_deps(a, last) if vocab else []) + waits.get((r, i), []):
-                e = done.get(d)
-                if e is None:
-                    hold = d
-                    break
-                if d[0] is Kind.SEND_F or d[0] is Kind.SEND_B:
-                    e += latency
-                if e > t:
-                    t = e
-            if hold is None and a.kind in VOCAB_KINDS:  # a collective: done once every rank reached it
-                key = (a.kind, a.stage, a.microbatch, a.seq_slice)
-                here = arrived.setdefault(key, {})
-                here[r] = t
-                if key not in done and len(here) == p:
-                    done[key] = max(here.values()) + dur(a)
-                    ready.extend(waiting.pop(key, ()))
-                if not waits_for(a.kind, r, p):  # posts its part and moves on (vocab.waits_for)
-                    start[r][i] = end[r][i] = t_rank = t
-                    i += 1
-                    continue
-                if key not in done:
-                    hold = key
-                else:  # waiting for the others is idle time, not part of the action
-                    t_rank = done[key]
-                    start[r][i], end[r][i] = t_rank - dur(a), t_rank
-                    i += 1
-                    continue
-            if hold is not None:
-                blocked[r] = hold
-                waiting.setdefault(hold, []).append(r)
-                break
-            t_rank = t + dur(a)
-            start[r][i], end[r][i] = t, t_rank
-            key = (a.kind, a.stage, a.microbatch, a.seq_slice)
-            done[key] = t_rank
-            ready.extend(waiting.pop(key, ()))
-            i += 1
-        cursor[r], clock[r] = i, t_rank
-    if any(i < len(prog) for i, prog in zip(cursor, progs)):
-        raise _deadlock(schedule, cursor, blocked, check)
-    return DryRunResult(
-        schedule=schedule,
-        start=tuple(map(tuple, start)),
-        end=tuple(map(tuple, end)),
-        makespan=max(clock, default=0.0),
-    )
-
-
-def dry_run(
-    schedule: Schedule, *, duration: Callable[[Action], float] | None = None, latency: float = 0.0
-) -> DryRunResult:
-    """Execute the lowered programs against each other (lowering first if needed); raise ScheduleError
-    (check ``dry_run``) with the stuck actions marked on deadlock.
-
-    duration: time of each action (default uniform_duration: F 1, B 2, communication 0). latency: time
-    from a SEND's end until its RECV may complete (p2p overlapped with compute: the sender never waits).
-    """
-    return _dry_run(lower(schedule), duration=duration, latency=latency, check="dry_run")
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: the passes allocate hundreds of thousands of acyclic objects
+    (actions, tuples, floats) and it would rescan the growing heap many times over, for nothing
+    (reference counting frees them). Restores the previous state."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def inflight_curve(schedule: Schedule, rank: int) -> list[int]:

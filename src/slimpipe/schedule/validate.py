@@ -335,7 +335,8 @@ def check_pipeline_order(schedule: Schedule) -> None:
     """Stage s+1's forward after stage s's, backward the other way, across ranks: a dry run of the lowered
     programs (SEND non-blocking, RECV waits for its SEND) must finish without deadlock."""
     # Imported here: passes imports this module for ScheduleError.
-    from slimpipe.schedule.passes import _dry_run, lower
+    from slimpipe.schedule.dryrun import _dry_run
+    from slimpipe.schedule.passes import lower
 
     _dry_run(lower(schedule), duration=None, latency=0.0, check="check_pipeline_order")
 

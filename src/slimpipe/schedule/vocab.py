@@ -30,9 +30,12 @@ Imports no torch; validate/passes are imported lazily (they import this module).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable
+from itertools import compress, islice
+from operator import attrgetter, le, not_
 
-from slimpipe.schedule.actions import NO_STAGE, VOCAB_KINDS, Action, Kind, Schedule
+from slimpipe.schedule.actions import EXCHANGE_KINDS, NO_STAGE, VOCAB_KINDS, Action, Kind, Schedule
 
 __all__ = [
     "add_vocab_parallel", "has_vocab", "vocab_deps", "waits_for", "check_vocab_collectives", "vocab_order",
@@ -40,11 +43,14 @@ __all__ = [
 
 _Key = tuple[Kind, int, int, int]  # (kind, stage, micro-batch, slice), as in passes/validate
 _KIND_ORDER = {Kind.VE: 0, Kind.VH: 1, Kind.VB: 2}  # tie-break between collectives due at the same time
+_KIND = attrgetter("kind")
+_KIND_STAGE_SLICE = attrgetter("kind", "stage", "seq_slice")
+_MICROBATCH = attrgetter("microbatch")
 
 
 def has_vocab(schedule: Schedule) -> bool:
     """Whether the schedule carries vocabulary collectives."""
-    return any(a.kind in VOCAB_KINDS for prog in schedule.ranks for a in prog)
+    return not _kinds(schedule).isdisjoint(VOCAB_KINDS)
 
 
 def vocab_deps(a: Action, last: int) -> list[_Key]:
@@ -83,16 +89,17 @@ def _due_times(lowered: Schedule, start, end, batch: bool) -> list[tuple[float, 
     per slice (nobody waits for it).
     """
     last, p = lowered.num_stages - 1, lowered.num_ranks
+    F, B, VE, VB, VH = Kind.F, Kind.B, Kind.VE, Kind.VB, Kind.VH  # locals: Enum lookups are slow
     times: dict[tuple[Kind, int, int], float] = {}
-    for r in sorted({0, p - 1}):
-        for i, a in enumerate(lowered.ranks[r]):
-            mb, j = a.microbatch, a.seq_slice
-            if r == 0 and a.kind is Kind.F and a.stage == 0:
-                times[(Kind.VE, mb, j)] = start[r][i]
-            if r == 0 and a.kind is Kind.B and a.stage == 0:
-                times[(Kind.VB, mb, j)] = end[r][i]
-            if r == p - 1 and a.kind is Kind.F and a.stage == last:
-                times[(Kind.VH, mb, j)] = end[r][i]
+    for i, a in enumerate(lowered.ranks[0]):  # stage 0 lives on rank 0
+        if a.stage == 0 and (a.kind is F or a.kind is B):
+            if a.kind is F:
+                times[(VE, a.microbatch, a.seq_slice)] = start[0][i]
+            else:
+                times[(VB, a.microbatch, a.seq_slice)] = end[0][i]
+    for i, a in enumerate(lowered.ranks[p - 1]):  # the last stage on the last rank
+        if a.stage == last and a.kind is F:
+            times[(VH, a.microbatch, a.seq_slice)] = end[p - 1][i]
     if batch:
         first_ve: dict[int, float] = {}
         last_vh: dict[int, float] = {}
@@ -112,39 +119,92 @@ def add_vocab_parallel(schedule: Schedule, *, duration: Callable[[Action], float
     """Lower the schedule (if needed) and insert VE/VH/VB for every (micro-batch, slice) into every rank.
 
     ``duration``: action durations of the placement timeline (default: passes.uniform_duration, F = 1,
-    B = 2); a cost model's durations align the collectives with where ranks really are. ``batch``: VE and
-    VH once per micro-batch (_due_times), else per slice. A schedule that already has vocabulary
-    collectives is returned unchanged (idempotent); attention-exchange markers are derived again after
-    the collectives are placed (add_exchange pairs units that start together, which lock-step preserves).
+    B = 2); a cost model's durations align the collectives with where ranks really are. It is asked once
+    per (kind, stage, slice), with one action of each: durations may not depend on the micro-batch.
+    ``batch``: VE and VH once per micro-batch (_due_times), else per slice. A schedule that already has
+    vocabulary collectives is returned unchanged (idempotent); attention-exchange markers are derived
+    again after the collectives are placed (add_exchange pairs units that start together, which lock-step
+    preserves).
     """
-    from slimpipe.schedule.exchange import EXCHANGE_META, add_exchange, has_exchange, strip_exchange
-    from slimpipe.schedule.passes import _dry_run, lower, uniform_duration
+    from slimpipe.schedule.exchange import EXCHANGE_META, add_exchange, strip_exchange
+    from slimpipe.schedule.dryrun import _dry_run
+    from slimpipe.schedule.passes import _gc_paused, lower
 
-    if has_vocab(schedule):
+    kinds = _kinds(schedule)
+    if not kinds.isdisjoint(VOCAB_KINDS):
         return schedule
-    if has_exchange(schedule):  # a marker must stay right before its compute: place first, then pair again
+    if not kinds.isdisjoint(EXCHANGE_KINDS):  # a marker must stay right before its compute: place, pair
         plain = add_vocab_parallel(strip_exchange(schedule), duration=duration, batch=batch)
         return add_exchange(plain, int(schedule.meta.get(EXCHANGE_META, 0) or 0))
-    lowered = lower(schedule)
-    dur = uniform_duration if duration is None else duration
-    fwd = [dur(a) for prog in lowered.ranks for a in prog if a.kind is Kind.F]
-    # Lock-step timeline: a tensor sent by one rank's F is used one forward later (the double warm-up's
-    # premise). With latency 0 the ranks drift apart and every collective would stall someone (p4 n8 m4:
-    # +45 % makespan against +3 % this way, docs/vocab_parallel.md).
-    latency = sum(fwd) / max(1, len(fwd))
-    timeline = _dry_run(lowered, duration=dur, latency=latency, check="add_vocab_parallel")
-    due = _due_times(lowered, timeline.start, timeline.end, batch)
-    ranks = []
-    for r, prog in enumerate(lowered.ranks):
-        ends, out, i = timeline.end[r], [], 0
-        for t, _, mb, j, kind in due:
-            while i < len(prog) and ends[i] <= t:  # everything that ended by the collective's time
-                out.append(prog[i])
-                i += 1
-            out.append(Action(NO_STAGE, kind, mb, j))
-        out.extend(prog[i:])
-        ranks.append(tuple(out))
-    return lowered.replace_ranks(tuple(ranks), vocab_parallel=True)
+    with _gc_paused():
+        lowered = lower(schedule)
+        table = None if duration is None else _table(lowered, duration)
+        # Lock-step timeline: a tensor sent by one rank's F is used one forward later (the double
+        # warm-up's premise). With latency 0 the ranks drift apart and every collective would stall
+        # someone (p4 n8 m4: +45 % makespan against +3 % this way, docs/vocab_parallel.md).
+        latency = _mean_forward(lowered, duration, table)
+        timeline = _dry_run(lowered, duration=duration, latency=latency, check="add_vocab_parallel",
+                            table=table)
+        due = _due_times(lowered, timeline.start, timeline.end, batch)
+        colls = [(t, Action(NO_STAGE, kind, mb, j)) for t, _, mb, j, kind in due]
+        ranks = tuple(_place(prog, ends, colls) for prog, ends in zip(lowered.ranks, timeline.end))
+    return lowered.replace_ranks(ranks, vocab_parallel=True)
+
+
+def _kinds(schedule: Schedule) -> set[Kind]:
+    """Every action kind the schedule uses (one C-level pass: Kind hashes as its str)."""
+    kinds: set[Kind] = set()
+    for prog in schedule.ranks:
+        kinds.update(map(_KIND, prog))
+    return kinds
+
+
+def _table(lowered: Schedule, duration: Callable[[Action], float]) -> dict[tuple[Kind, int, int], float]:
+    """``duration`` by (kind, stage, slice), asked once each, of micro-batch 0's actions (every unit has
+    one; a (kind, stage, slice) with none there sends the dry run to its reference path)."""
+    first: dict[tuple[Kind, int, int], Action] = {}
+    for prog in lowered.ranks:
+        mb0 = list(compress(prog, map(not_, map(_MICROBATCH, prog))))
+        first.update(zip(map(_KIND_STAGE_SLICE, mb0), mb0))
+    return {key: duration(a) for key, a in first.items()}
+
+
+def _mean_forward(lowered: Schedule, duration: Callable[[Action], float] | None,
+                  table: dict[tuple[Kind, int, int], float] | None) -> float:
+    """Mean duration of the F actions (summed in rank, then program order, as a plain loop would)."""
+    from slimpipe.schedule.passes import uniform_duration
+
+    fwd: list[float | None] = []
+    for prog in lowered.ranks:
+        fs = list(compress(prog, map(Kind.F.__eq__, map(_KIND, prog))))
+        if table is None:
+            fwd += [uniform_duration(fs[0])] * len(fs) if fs else []
+        else:
+            fwd += map(table.get, map(_KIND_STAGE_SLICE, fs))
+    if None in fwd:  # an F whose (kind, stage, slice) micro-batch 0 lacks: ask for each
+        fwd = [duration(a) for prog in lowered.ranks for a in prog if a.kind is Kind.F]  # type: ignore[misc]
+    return sum(fwd) / max(1, len(fwd))  # type: ignore[arg-type]
+
+
+def _place(prog: tuple[Action, ...], ends: tuple[float, ...],
+           colls: list[tuple[float, Action]]) -> tuple[Action, ...]:
+    """``prog`` with each collective (due time, action; sorted by time) after the last action that ended
+    by its time. Ends of a dry run never decrease along a program, so a bisection finds the spot."""
+    out: list[Action] = []
+    i, size = 0, len(prog)
+    monotone = all(map(le, ends, islice(ends, 1, None)))
+    for t, coll in colls:
+        if monotone:
+            k = bisect_right(ends, t, i)
+        else:  # durations < 0 (hand-made): walk as long as actions end by t
+            k = i
+            while k < size and ends[k] <= t:
+                k += 1
+        out.extend(prog[i:k])
+        out.append(coll)
+        i = k
+    out.extend(prog[i:])
+    return tuple(out)
 
 
 def vocab_order(schedule: Schedule, rank: int) -> list[tuple[int, Action]]:

@@ -24,7 +24,11 @@ built from fitted kernel times instead of ``FLOPs / (peak × efficiency)``: per 
 layers (per-shape fits, else the all-shape fit), sliced attention ``a + b·F_prefix + c·F_diagonal`` and the
 elementwise ops per token; the embedding and the loss per token; the sum is scaled by the measured
 composition factor κ and one per-action overhead is added (docs/calibrate.md). Communication terms are the
-same as without a profile; p2p activations use the profile's dtype size.
+same as without a profile; p2p activations use the profile's dtype size. A profile also charges each p2p
+message's rank time (``p2p_send_s`` on the sender, ``p2p_recv_s`` on the receiver) to the unit next to it
+(the lowering puts a SEND right after the F/B that produced it and a RECV right before the F/B that uses
+it; the simulator gives SEND/RECV actions themselves no rank time), and the transfer keeps only the rest
+of the one-way latency.
 """
 
 from __future__ import annotations
@@ -270,12 +274,26 @@ class AnalyticCost:
             prof = self.hw.profile
             if prof is not None:
                 ef, eb = self._profiled_ends(prof, j, head=has_head, embed=has_embed)
-                fwd, bwd = fwd + ef + prof.action_fwd_s, bwd + eb + prof.action_bwd_s
+                mf, mb = self._message_times(prof, stage)
+                fwd, bwd = fwd + ef + prof.action_fwd_s + mf, bwd + eb + prof.action_bwd_s + mb
             if has_head:
                 vf, vb = self._vocab_times(j)
                 fwd, bwd = fwd + vf, bwd + vb
             self._fwd[key], self._bwd[key] = fwd, bwd
         return self._fwd[key], self._bwd[key]
+
+    def _message_times(self, prof: CostProfile, stage: int) -> tuple[float, float]:
+        """(forward, backward) rank time of the p2p messages around a unit of ``stage``: F receives its
+        input unless on stage 0 and sends its output unless on the last stage; B the reverse. With p > 1
+        neighbouring stages always sit on different ranks (stage s on rank s mod p)."""
+        par = self.workload.parallel
+        if par.pp == 1:
+            return 0.0, 0.0
+        first, last = stage == 0, stage == par.pp * par.vpp - 1
+        inbound = 0.0 if first else 1.0  # RECV_F before F, SEND_B after B
+        outbound = 0.0 if last else 1.0  # SEND_F after F, RECV_B before B
+        return (inbound * prof.p2p_recv_s + outbound * prof.p2p_send_s,
+                outbound * prof.p2p_recv_s + inbound * prof.p2p_send_s)
 
     def compute_time(self, kind: Kind, stage: int, seq_slice: int) -> float:
         fwd, bwd = self._unit(stage, seq_slice)
@@ -290,7 +308,10 @@ class AnalyticCost:
         tokens = self.b * self.tokens[seq_slice] / (par.tp * par.cp)
         size = 2 if hw.profile is None else hw.profile.dtype_bytes  # bf16 unless calibrated otherwise
         nbytes = tokens * self.workload.model.hidden * size  # (b, s_j/(t·c), h)
-        return hw.p2p_latency_s + nbytes / hw.link_bw(self._span_pp)
+        latency = hw.p2p_latency_s
+        if hw.profile is not None:  # the ranks pay the send and receive overheads (compute_time)
+            latency = max(0.0, latency - hw.profile.p2p_send_s - hw.profile.p2p_recv_s)
+        return latency + nbytes / hw.link_bw(self._span_pp)
 
     def step_overhead(self) -> float:
         """Distributed-optimizer sync over the d·c copies: fp32 grad reduce-scatter + bf16 all-gather."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from slimpipe.schedule.actions import Schedule
 from slimpipe.sim.cost import AnalyticCost, CostModel, UniformCost, seq1f1b_partition
 from slimpipe.sim.hardware import Hardware
-from slimpipe.sim.memory import MemoryBreakdown, memory_model, peak_inflight
+from slimpipe.sim.memory import MemoryBreakdown, memory_model
 from slimpipe.sim.metrics import Report, summarize
 from slimpipe.sim.simulator import DeadlockError, Timeline, simulate
 from slimpipe.sim.workload import Workload

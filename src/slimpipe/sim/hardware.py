@@ -207,6 +207,14 @@ class CostProfile:
     """Measured bytes/s of the same transfer."""
     footprint: ActivationFootprint | None = None
     """Runtime activation bytes per token (None if not measured)."""
+    p2p_send_s: float = 0.0
+    """Sender's rank time per p2p message (posting the isend), measured while both ranks compute; 0 where
+    not measured (CUDA, profiles written before it was)."""
+    p2p_recv_s: float = 0.0
+    """Receiver's rank time per p2p message sent before its receive was posted: gloo's rendezvous (the
+    receiver's ready notice, the busy sender's progress thread answering, the copy); 0 where not
+    measured. With the send cost it is charged on the ranks, and the transfer keeps only the rest of the
+    one-way latency (LogP: latency = send overhead + wire + receive overhead)."""
 
     def gemm(self, in_features: int, out_features: int) -> GemmProfile | None:
         """The measured shape, if calibrated."""

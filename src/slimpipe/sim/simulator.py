@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 from slimpipe.schedule.actions import EXCHANGE_KINDS, VOCAB_KINDS, Action, Kind, Schedule
 from slimpipe.sim.cost import CostModel
-from slimpipe.schedule.exchange import has_exchange
 from slimpipe.sim.exchange import exchange_timing
-from slimpipe.schedule.vocab import has_vocab
+from slimpipe.schedule.vocab import _kinds
 from slimpipe.sim.vocab import VocabClock
 
 __all__ = ["Timeline", "DeadlockError", "simulate"]
@@ -62,12 +61,13 @@ class Timeline:
         return [(a, self.start[rank][i], self.end[rank][i]) for i, a in enumerate(prog) if a.kind in _COMPUTE]
 
 
-def _tables(schedule: Schedule, cost: CostModel) -> tuple[dict, dict]:
-    """Duration of every (kind, stage, slice) compute and transfer, asked once each."""
+def _tables(schedule: Schedule, cost: CostModel, kinds: set[Kind]) -> tuple[dict, dict]:
+    """Duration of every (kind, stage, slice) compute and transfer of the ``kinds`` the schedule uses,
+    asked once each."""
     stages, n = range(schedule.num_stages), range(schedule.num_slices)
-    dur = {(k, s, j): cost.compute_time(k, s, j) for k in _COMPUTE for s in stages for j in n}
+    dur = {(k, s, j): cost.compute_time(k, s, j) for k in _COMPUTE if k in kinds for s in stages for j in n}
     sends = (Kind.SEND_F, Kind.SEND_B)
-    xfer = {(k, s, j): cost.transfer_time(k, s, j) for k in sends for s in stages for j in n}
+    xfer = {(k, s, j): cost.transfer_time(k, s, j) for k in sends if k in kinds for s in stages for j in n}
     return dur, xfer
 
 
@@ -75,7 +75,8 @@ class _Run:
     """Mutable state of one simulation: per-rank cursors and clocks, arrival times of sent tensors."""
 
     def __init__(self, schedule: Schedule, cost: CostModel) -> None:
-        self.dur, self.xfer = _tables(schedule, cost)
+        kinds = _kinds(schedule)  # one C-level scan instead of has_exchange's and has_vocab's
+        self.dur, self.xfer = _tables(schedule, cost, kinds)
         self.m, self.n = schedule.num_microbatches, schedule.num_slices
         self.progs = schedule.ranks
         p = len(self.progs)
@@ -88,13 +89,13 @@ class _Run:
         self.ends = tuple([0.0] * len(prog) for prog in self.progs)
         self.ptr, self.clock, self.busy = [0] * p, [0.0] * p, [0.0] * p
         # Attention context exchange (sim/exchange.py): exchanged units' durations, marker rendezvous.
-        xt = exchange_timing(schedule, cost) if has_exchange(schedule) else None
+        xt = exchange_timing(schedule, cost) if not kinds.isdisjoint(EXCHANGE_KINDS) else None
         self.x_dur = xt.durations if xt else {}
         self.x_partner = xt.partner if xt else {}
         self.x_arrive: dict[tuple[int, int], float] = {}
         self.x_wait: set[tuple[int, int]] = set()
         # Vocabulary collectives (sim/vocab.py): every rank takes part, some wait for completion.
-        self.vclock = VocabClock(schedule, cost) if has_vocab(schedule) else None
+        self.vclock = VocabClock(schedule, cost) if not kinds.isdisjoint(VOCAB_KINDS) else None
 
     def _meet(self, r: int, i: int, t: float, woken: list[int]) -> float | None:
         """Rank r reached exchange marker i at t: the time both partners are there, or None (wait)."""
@@ -111,15 +112,15 @@ class _Run:
 
     def advance(self, r: int) -> list[int]:
         """Run rank r until it blocks on a RECV or finishes; return the ranks its SENDs woke up."""
-        # Hot loop: everything it touches is a local name.
+        # Hot loop: everything it touches is a local name; kinds are tested by identity, commonest first.
         F, B, W, RECV_F, RECV_B = Kind.F, Kind.B, Kind.W, Kind.RECV_F, Kind.RECV_B
         SEND_F, SEND_B = Kind.SEND_F, Kind.SEND_B
         dur, xfer, m, n, x_dur = self.dur, self.xfer, self.m, self.n, self.x_dur
         ready_f, ready_b, wait_f, wait_b = self.ready_f, self.ready_b, self.wait_f, self.wait_b
         prog, st, en = self.progs[r], self.starts[r], self.ends[r]
-        i, t, b = self.ptr[r], self.clock[r], self.busy[r]
+        i, t, b, size = self.ptr[r], self.clock[r], self.busy[r], len(prog)
         woken: list[int] = []
-        while i < len(prog):
+        while i < size:
             a = prog[i]
             k = a.kind
             if k is F or k is B or k is W:
@@ -130,23 +131,38 @@ class _Run:
                 t += d
                 b += d
                 en[i] = t
-            elif k is RECV_F or k is RECV_B:
+            elif k is RECV_F:
                 u = (a.stage * m + a.microbatch) * n + a.seq_slice
-                ready = ready_f[u] if k is RECV_F else ready_b[u]
+                ready = ready_f[u]
                 if ready < 0:  # block until the matching send wakes this rank
-                    (wait_f if k is RECV_F else wait_b)[u] = r
+                    wait_f[u] = r
                     break
                 st[i] = t
-                t = max(t, ready)
+                if ready > t:
+                    t = ready
                 en[i] = t
-            elif k is SEND_F or k is SEND_B:  # non-blocking: the tensor arrives xfer later
+            elif k is SEND_F:  # non-blocking: the tensor arrives xfer later
                 st[i] = en[i] = t
-                arrive = t + xfer[(k, a.stage, a.seq_slice)]
-                hop, ready, wait = (1, ready_f, wait_f) if k is SEND_F else (-1, ready_b, wait_b)
-                u = ((a.stage + hop) * m + a.microbatch) * n + a.seq_slice
-                ready[u] = arrive
-                if u in wait:
-                    woken.append(wait.pop(u))
+                u = ((a.stage + 1) * m + a.microbatch) * n + a.seq_slice
+                ready_f[u] = t + xfer[(k, a.stage, a.seq_slice)]
+                if u in wait_f:
+                    woken.append(wait_f.pop(u))
+            elif k is RECV_B:
+                u = (a.stage * m + a.microbatch) * n + a.seq_slice
+                ready = ready_b[u]
+                if ready < 0:
+                    wait_b[u] = r
+                    break
+                st[i] = t
+                if ready > t:
+                    t = ready
+                en[i] = t
+            elif k is SEND_B:
+                st[i] = en[i] = t
+                u = ((a.stage - 1) * m + a.microbatch) * n + a.seq_slice
+                ready_b[u] = t + xfer[(k, a.stage, a.seq_slice)]
+                if u in wait_b:
+                    woken.append(wait_b.pop(u))
             elif k in VOCAB_KINDS:  # lock-step collective over all ranks
                 got = self.vclock.reach(r, a, t, woken)  # type: ignore[union-attr]
                 if got is None:
@@ -168,13 +184,14 @@ class _Run:
 
 def simulate(schedule: Schedule, cost: CostModel) -> Timeline:
     """Run ``schedule`` (lowered first if compute-only) against ``cost``; raise DeadlockError if stuck."""
-    from slimpipe.schedule.passes import lower
+    from slimpipe.schedule.passes import _gc_paused, lower
 
     schedule = lower(schedule)  # idempotent
-    run = _Run(schedule, cost)
-    work = list(range(schedule.num_ranks - 1, -1, -1))
-    while work:
-        work.extend(run.advance(work.pop()))
+    with _gc_paused():
+        run = _Run(schedule, cost)
+        work = list(range(schedule.num_ranks - 1, -1, -1))
+        while work:
+            work.extend(run.advance(work.pop()))
     stuck = [r for r, prog in enumerate(schedule.ranks) if run.ptr[r] < len(prog)]
     if stuck:
         raise DeadlockError(_deadlock_message(schedule, stuck, run.ptr))

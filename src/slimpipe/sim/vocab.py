@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["analytic_vocab_time", "VocabClock"]
 
+_VH = Kind.VH  # a module constant: an Enum class attribute lookup is several times slower (hot path)
+
 
 def analytic_vocab_time(cost: AnalyticCost, kind: Kind, j: int) -> tuple[float, float]:
     """(per-rank compute, communication) seconds of collective ``kind`` on slice j (module docstring)."""
@@ -58,10 +60,11 @@ class VocabClock:
     """Arrivals and completions of the vocabulary collectives of one simulation."""
 
     def __init__(self, schedule: Schedule, cost: CostModel) -> None:
-        self.p = schedule.num_ranks
+        self.p = p = schedule.num_ranks
         timed = getattr(cost, "vocab_time", None)  # cost models without it (uniform): free collectives
         slices = range(schedule.num_slices)
         self.times = {(k, j): (timed(k, j) if timed else (0.0, 0.0)) for k in VOCAB_KINDS for j in slices}
+        self._waits = {(k, r): waits_for(k, r, p) for k in VOCAB_KINDS for r in range(p)}
         self._arrived: dict[tuple[Kind, int, int], dict[int, float]] = {}  # key -> {rank: arrival}
         self._done: dict[tuple[Kind, int, int], float] = {}
         self._waiting: dict[tuple[Kind, int, int], list[int]] = {}
@@ -69,18 +72,18 @@ class VocabClock:
     def reach(self, r: int, a: Action, t: float, woken: list[int]) -> tuple[float, float, float] | None:
         """Rank r is at collective ``a`` at time t: (start, end, busy) of the action on this rank, or None
         when it must wait for the others (it is woken through ``woken`` when the collective completes)."""
-        key = (a.kind, a.microbatch, a.seq_slice)
-        compute, comm = self.times[(a.kind, a.seq_slice)]
-        waits = waits_for(a.kind, r, self.p)
+        kind = a.kind
+        key = (kind, a.microbatch, a.seq_slice)
+        compute, comm = self.times[(kind, a.seq_slice)]
         done = self._done.get(key)
         if done is None:
             arrivals = self._arrived.setdefault(key, {})
-            arrivals.setdefault(r, t if a.kind is Kind.VH else t + compute)
+            arrivals.setdefault(r, t if kind is _VH else t + compute)
             if len(arrivals) == self.p:
-                lockstep = compute if a.kind is Kind.VH else 0.0  # VH computes between its collectives
+                lockstep = compute if kind is _VH else 0.0  # VH computes between its collectives
                 done = self._done[key] = max(arrivals.values()) + lockstep + comm
                 woken.extend(self._waiting.pop(key, ()))
-        if not waits:
+        if not self._waits[(kind, r)]:
             return t, t + compute, compute
         if done is None:
             self._waiting.setdefault(key, []).append(r)
