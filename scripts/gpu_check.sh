@@ -18,6 +18,11 @@
 #   OUT=/tmp/gpu_out scripts/gpu_check.sh            # on the GPU machine (PYTHONPATH=src, nothing installed)
 #   scripts/gpu_check.sh --dry-run                    # CPU, tiny sizes: exercises every code path in < 60 s
 set -u
+case "${1:-}" in
+  ""|--dry-run) ;;
+  *) echo "gpu_check.sh: unknown argument '$1'; use no argument (GPU run) or --dry-run (CPU, tiny sizes)" >&2
+     exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_out}
 mkdir -p "$OUT"
