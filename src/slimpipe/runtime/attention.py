@@ -33,7 +33,7 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention
 
-from slimpipe.runtime.exchange_attention import block_backward, block_forward
+from slimpipe.runtime.exchange_attention import block_backward, block_forward, merge
 
 __all__ = ["KVWindow", "MaskCache", "WindowBlocks", "window_attention", "recompute_backward",
            "MASK_MODES"]
@@ -138,16 +138,9 @@ def _merge(out_p: torch.Tensor, lse_p: torch.Tensor, out_d: torch.Tensor,
 
     The out layout matters: the model's ``view(b, t, H·d)`` of it is then free, so the output projection
     saves the very storage this node saves (as with plain SDPA) instead of a second copy."""
-    lse = torch.logaddexp(lse_p, lse_d)
-    w_p, w_d = torch.exp(lse_p - lse).unsqueeze(-1), torch.exp(lse_d - lse).unsqueeze(-1)  # (b, H, t, 1)
     b, h, t, d = out_p.shape
     out = out_p.new_empty(b, t, h, d)
-    view = out.transpose(1, 2)  # (b, H, t, d)
-    if out_p.dtype == lse.dtype:
-        torch.mul(out_p, w_p, out=view)
-        view.addcmul_(out_d, w_d)
-    else:  # 16-bit outputs: merge in fp32 (the lse dtype), round once
-        view.copy_(out_p.to(lse.dtype) * w_p + out_d.to(lse.dtype) * w_d)
+    _, lse = merge(out_p, lse_p, out_d, lse_d, into=out.transpose(1, 2))  # written through the view
     return out, lse
 
 
@@ -170,11 +163,11 @@ class WindowBlocks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
         qt, kt, vt, out, lse = ctx.saved_tensors
-        if qt.device.type != "cuda":
-            return WindowBlocks._blocks_backward(ctx, dout, qt, kt, vt, out, lse)
         try:
             return WindowBlocks._blocks_backward(ctx, dout, qt, kt, vt, out, lse)
         except RuntimeError as exc:  # the FA2 backward refused: recompute through SDPA, still exact
+            if qt.device.type != "cuda":
+                raise
             log.warning("fused two-block backward failed (%s); recomputing with causal_lower_right", exc)
             return (*recompute_backward(dout, qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2),
                                         ctx.start), None)
@@ -212,11 +205,11 @@ def window_attention(q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, 
                      masks: MaskCache, seq_len: int) -> torch.Tensor:
     """q (b, t, H, d) of tokens [start, start+t); k_win/v_win (b, start+t, H_kv, d); returns (b, t, H, d)."""
     if start and masks.uses_blocks(q, k_win):
-        if q.device.type != "cuda":
-            return WindowBlocks.apply(q, k_win, v_win, start)
         try:
             return WindowBlocks.apply(q, k_win, v_win, start)
         except RuntimeError as exc:  # an op this torch/GPU lacks: the single-call bias path still works
+            if q.device.type != "cuda":
+                raise
             masks.cuda_blocks = False
             log.warning("fused two-block slice attention unavailable (%s); using causal_lower_right", exc)
     end = k_win.size(1)

@@ -119,13 +119,22 @@ def math_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-          lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over the union of two disjoint key sets from the two partial results."""
+def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, *,
+          into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the union of two disjoint key sets from the two partial results.
+
+    ``into``: where to write the merged out (same shape as out_a, any strides — e.g. a transposed view
+    of the layout the caller wants); a new tensor by default. 16-bit outputs merge in the lse dtype and
+    round once."""
     lse = torch.logaddexp(lse_a, lse_b)
     wa, wb = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]
-    out = out_a.to(lse.dtype) * wa + out_b.to(lse.dtype) * wb
-    return out.to(out_a.dtype), lse
+    out = torch.empty_like(out_a) if into is None else into
+    if out_a.dtype == lse.dtype:
+        torch.mul(out_a, wa, out=out)
+        out.addcmul_(out_b, wb)
+    else:
+        out.copy_(out_a.to(lse.dtype) * wa + out_b.to(lse.dtype) * wb)
+    return out, lse
 
 
 class Pending(Protocol):

@@ -183,17 +183,7 @@ def _fast_dry_run(schedule: Schedule, durk: list[float | None], latency: float) 
                     e += latency
                 if e > t:
                     t = e
-                d = durk[key]  # done here: no exchange wait precedes a message (the commonest actions)
-                if d is None:
-                    raise _Fallback
-                t_rank = t + d
-                st_r[i], en_r[i] = t, t_rank
-                done[key] = t_rank
-                if waiting[key]:
-                    ready.extend(waiting[key])
-                    waiting[key] = None
-                i += 1
-                continue
+                deps = ()  # its one dependency is met (and no exchange wait precedes a message)
             else:  # W after its B; exchange markers wait for nothing
                 key = offset[k] + u
                 deps = (oB + u,) if k is Kind.W else ()

@@ -131,38 +131,23 @@ class _Run:
                 t += d
                 b += d
                 en[i] = t
-            elif k is RECV_F:
+            elif k is RECV_F or k is RECV_B:
                 u = (a.stage * m + a.microbatch) * n + a.seq_slice
-                ready = ready_f[u]
+                ready = ready_f[u] if k is RECV_F else ready_b[u]
                 if ready < 0:  # block until the matching send wakes this rank
-                    wait_f[u] = r
+                    (wait_f if k is RECV_F else wait_b)[u] = r
                     break
                 st[i] = t
                 if ready > t:
                     t = ready
                 en[i] = t
-            elif k is SEND_F:  # non-blocking: the tensor arrives xfer later
+            elif k is SEND_F or k is SEND_B:  # non-blocking: the tensor arrives xfer later
                 st[i] = en[i] = t
-                u = ((a.stage + 1) * m + a.microbatch) * n + a.seq_slice
-                ready_f[u] = t + xfer[(k, a.stage, a.seq_slice)]
-                if u in wait_f:
-                    woken.append(wait_f.pop(u))
-            elif k is RECV_B:
-                u = (a.stage * m + a.microbatch) * n + a.seq_slice
-                ready = ready_b[u]
-                if ready < 0:
-                    wait_b[u] = r
-                    break
-                st[i] = t
-                if ready > t:
-                    t = ready
-                en[i] = t
-            elif k is SEND_B:
-                st[i] = en[i] = t
-                u = ((a.stage - 1) * m + a.microbatch) * n + a.seq_slice
-                ready_b[u] = t + xfer[(k, a.stage, a.seq_slice)]
-                if u in wait_b:
-                    woken.append(wait_b.pop(u))
+                hop, ready_at, wait = (1, ready_f, wait_f) if k is SEND_F else (-1, ready_b, wait_b)
+                u = ((a.stage + hop) * m + a.microbatch) * n + a.seq_slice
+                ready_at[u] = t + xfer[(k, a.stage, a.seq_slice)]
+                if u in wait:
+                    woken.append(wait.pop(u))
             elif k in VOCAB_KINDS:  # lock-step collective over all ranks
                 got = self.vclock.reach(r, a, t, woken)  # type: ignore[union-attr]
                 if got is None:
