@@ -51,14 +51,14 @@ def test_plans_are_ranked_fit_in_memory_and_have_the_schema(small_json) -> None:
     assert tps == sorted(tps, reverse=True)
     for p in small_json:
         for key in ("schedule", "tp", "cp", "pp", "dp", "ep", "slices", "vpp", "recompute", "offload",
-                    "vocab_parallel", "exchange", "mfu", "mfu_causal", "tokens_per_s", "bubble_ratio",
+                    "vocab_parallel", "exchange", "mfu", "mfu_dense", "tokens_per_s", "bubble_ratio",
                     "peak_memory_gib", "headroom_gib", "microbatches"):
             assert key in p, key
         assert p["tp"] * p["cp"] * p["pp"] * p["dp"] == 8
         assert p["microbatches"] * p["dp"] == 8
         assert p["peak_memory_gib"] <= 80.0
         assert p["headroom_gib"] == pytest.approx(80.0 - p["peak_memory_gib"])
-        assert 0 < p["mfu_causal"] < p["mfu"] < 1
+        assert 0 < p["mfu"] < p["mfu_dense"] < 1
         assert isinstance(p["exchange"], bool)
         assert not p["exchange"] or exchange_applies(p["schedule"], p["pp"], p["slices"])
 
@@ -140,7 +140,7 @@ def test_schedule_flag_restricts_the_family_and_table_prints(capsys) -> None:
                for p in plans)
     code, out, err = _cli(["plan", *SMALL, "--schedule", "interleaved-1f1b", "--top", "2"], capsys)
     assert code == 0, err
-    assert "interleaved-1f1b" in out and "MFUc" in out and "reproduce #1: slimpipe simulate" in out
+    assert "interleaved-1f1b" in out and "dense%" in out and "reproduce #1: slimpipe simulate" in out
 
 
 @pytest.mark.parametrize(("argv", "needle"), [

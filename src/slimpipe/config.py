@@ -90,6 +90,24 @@ class ModelConfig:
         inactive = 3 * self.hidden * self.ffn * (self.num_experts - self.top_k) * self.num_layers
         return self.num_params(include_embedding=include_embedding) - inactive
 
+    def flops_per_token(self, seq_len: int, *, causal: bool = True) -> float:
+        """Model FLOPs of one training token (forward + backward, no recomputation): the MFU numerator.
+
+        ``6·N + 6·L·H·Q·T`` by default: what the hardware executes for causal attention (each of the T
+        queries sees (T+1)/2 keys on average; QKᵀ and AV are 4·H·Q FLOPs per query-key pair forward, 3×
+        that with the backward), N = active parameters without the input-embedding lookup (the output layer
+        once, also when tied), H·Q = heads × head_dim. ``causal=False`` is the dense PaLM/torchtitan
+        convention ``6·N + 12·L·H·Q·T`` (attention counted as if unmasked: 2× the attention work done).
+        Recomputation (flash attention's QKᵀ replay, activation recompute) is not counted: that is HFU.
+        One place for every MFU in slimpipe (train, simulate, plan).
+
+        >>> cfg = MODEL_PRESETS["tiny"]
+        >>> cfg.flops_per_token(64, causal=False) - cfg.flops_per_token(64) == 6 * 8 * 128 * 64
+        True
+        """
+        n = self.active_params(include_embedding=self.tie_embeddings)
+        return 6 * n + (6 if causal else 12) * self.num_layers * self.q_dim * seq_len
+
     def replace(self, **changes: object) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 

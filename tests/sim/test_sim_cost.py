@@ -9,7 +9,7 @@ import pytest
 from slimpipe.config import MODEL_PRESETS, ConfigError, ParallelConfig
 from slimpipe.schedule.actions import Kind
 from slimpipe.sim import (
-    AnalyticCost, Workload, layer_flops, load_hardware, model_flops_per_token, seq1f1b_partition,
+    AnalyticCost, Workload, layer_flops, load_hardware, seq1f1b_partition,
 )
 
 L70 = MODEL_PRESETS["llama-70b"]
@@ -101,11 +101,27 @@ def test_seq1f1b_partition_balances_forward_flops() -> None:
     assert seq1f1b_partition(L70, s, 1) == (1.0,)
 
 
-def test_model_flops_per_token_conventions() -> None:
+def test_flops_per_token_conventions() -> None:
     s = 65536
     n = L70.num_layers * L70.layer_params() + L70.vocab_size * L70.hidden + L70.hidden  # output counted once
-    assert model_flops_per_token(L70, s, causal=False) == 6 * n + 12 * 80 * 64 * 128 * s
-    assert model_flops_per_token(L70, s, causal=True) == 6 * n + 6 * 80 * 64 * 128 * s
+    assert L70.flops_per_token(s, causal=False) == 6 * n + 12 * 80 * 64 * 128 * s
+    assert L70.flops_per_token(s) == 6 * n + 6 * 80 * 64 * 128 * s  # executed: causal attention as run
+
+
+@pytest.mark.parametrize("model", [L70, MIX, MODEL_PRESETS["tiny"]], ids=lambda m: m.name)
+def test_executed_flops_equal_the_cost_models_work(model) -> None:
+    """The MFU numerator is the work the cost model times: 3 × the forward FLOPs of every layer over the
+    slices (causal prefix + diagonal) plus the output layer, per token, for any slicing; 6N also counts the
+    RMSNorm weights (2h per layer + h), which do no matmul work."""
+    s = 4096
+    for n in (1, 4, 16):
+        fwd = 0.0
+        for j in range(n):
+            fl = layer_flops(model, s / n, j * s / n)
+            fwd += model.num_layers * (fl.linear + fl.attention)
+        fwd += 2 * s * model.hidden * model.vocab_size  # output layer
+        norms = 2 * model.hidden * model.num_layers + model.hidden
+        assert 3 * fwd / s + 6 * norms == pytest.approx(model.flops_per_token(s), rel=1e-12)
 
 
 def test_hardware_presets_and_json(tmp_path) -> None:

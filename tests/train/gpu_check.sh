@@ -32,7 +32,7 @@ for run in ("c", "d"):
     p = o / run / "metrics.jsonl"
     if p.exists():
         last = json.loads(p.read_text().splitlines()[-1])
-        print(run, {k: last[k] for k in ("loss", "step_time_s", "tokens_per_s", "mfu", "mfu_causal",
+        print(run, {k: last[k] for k in ("loss", "step_time_s", "tokens_per_s", "mfu", "mfu_dense",
                                          "bubble_ratio", "peak_activation_bytes", "max_allocated_bytes")})
 EOF
 cat "$O/summary.txt"

@@ -146,18 +146,19 @@ def _table(args: argparse.Namespace, req, result) -> str:
         lines.append(f"{result.not_simulated} candidates not simulated ({why}): "
                      + ("by the step-time bound none can beat #1" if gain <= 0 else
                         f"by the step-time bound none is more than {100 * gain:.1f} % faster than #1"))
-    lines += ["MFU = (6N + 12·L·H·Q·T)·tokens/s / (GPUs·peak); MFUc halves the attention term (causal). "
-              "xchg: attention context exchange (§8, unclipped).", ""]
+    lines += ["MFU = executed FLOPs (6N + 6·L·H·Q·T: causal attention as run)·tokens/s / (GPUs·peak); dense = "
+              "the PaLM/torchtitan 6N + 12·L·H·Q·T convention. xchg: attention context exchange (§8, unclipped).",
+              ""]
     head = (f"{'#':>2} {'schedule':<16} {'t':>2} {'c':>3} {'p':>3} {'d':>3} {'e':>2} {'n':>4} {'v':>3} "
             f"{'m':>4} {'recompute':<11} {'α':>4} {'vocab':<5} {'xchg':<4} {'tokens/s':>10} {'MFU%':>5} "
-            f"{'MFUc%':>5} {'bubble%':>7} {'peak GiB':>8} {'headroom':>8}")
+            f"{'dense%':>6} {'bubble%':>7} {'peak GiB':>8} {'headroom':>8}")
     lines.append(head)
     for i, p in enumerate(result.plans, 1):
         lines.append(
             f"{i:>2} {p.schedule:<16} {p.tp:>2} {p.cp:>3} {p.pp:>3} {p.dp:>3} {p.ep:>2} {p.slices:>4} "
             f"{p.vpp:>3} {p.microbatches:>4} {p.recompute:<11} {p.offload:>4.2g} "
             f"{_on(p.vocab_parallel):<5} {_on(p.exchange):<4} {p.tokens_per_s:>10.0f} {100 * p.mfu:>5.1f} "
-            f"{100 * p.mfu_causal:>5.1f} {100 * p.bubble_ratio:>7.2f} {p.peak_memory_gib:>8.1f} "
+            f"{100 * p.mfu_dense:>6.1f} {100 * p.bubble_ratio:>7.2f} {p.peak_memory_gib:>8.1f} "
             f"{p.headroom_gib:>8.1f}"
         )
     best = result.plans[0]

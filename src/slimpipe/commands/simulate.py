@@ -163,8 +163,8 @@ def _table(args: argparse.Namespace, ev, elapsed: float) -> str:
         f"tokens/s      {rep.tokens_per_s:.6g}  ({rep.tokens_per_s / rep.gpus:.6g} per GPU)",
     ]
     if rep.mfu is not None:
-        lines.append(f"MFU           {100 * rep.mfu:.1f} % (6N+12·L·H·Q·T)   {100 * rep.mfu_causal:.1f} % "
-                     "(causal, 6N+6·L·H·Q·T)")
+        lines.append(f"MFU           {100 * rep.mfu:.1f} % executed (6N+6·L·H·Q·T, causal attention as run)   "
+                     f"{100 * rep.mfu_dense:.1f} % dense convention (6N+12·L·H·Q·T)")
     x = _exchange(args, ev)
     if x:
         lines.append(f"exchange      {x['exchanges_f']} F + {x['exchanges_b']} B pairs, attention moved "

@@ -126,9 +126,9 @@ class Plan:
     tokens_per_s: float
     """Global tokens per second."""
     mfu: float
-    """MFU, 6N + 12·L·H·Q·T convention."""
-    mfu_causal: float
-    """MFU, causal 6N + 6·L·H·Q·T convention."""
+    """MFU of the executed FLOPs, 6N + 6·L·H·Q·T (causal attention as run)."""
+    mfu_dense: float
+    """MFU, dense PaLM/torchtitan 6N + 12·L·H·Q·T convention."""
     bubble_ratio: float
     """Idle fraction of pipeline rank-time."""
     peak_memory_gib: float

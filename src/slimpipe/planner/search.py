@@ -70,7 +70,7 @@ def _to_plan(cand: _Candidate, ev, hbm: float) -> Plan:
                 slices=par.slices, vpp=par.vpp, microbatches=wl.microbatches, recompute=wl.recompute,
                 offload=wl.offload, vocab_parallel=wl.vocab_parallel, exchange=cand.exchange,
                 step_time_s=rep.step_time_s, tokens_per_s=rep.tokens_per_s, mfu=rep.mfu,
-                mfu_causal=rep.mfu_causal, bubble_ratio=rep.bubble_ratio, peak_memory_gib=peak / GIB,
+                mfu_dense=rep.mfu_dense, bubble_ratio=rep.bubble_ratio, peak_memory_gib=peak / GIB,
                 headroom_gib=(hbm - peak) / GIB)
 
 

@@ -19,7 +19,7 @@ See docs/simulate.md for the formulas and their assumptions.
 from __future__ import annotations
 
 from slimpipe.sim.cost import (
-    AnalyticCost, CostModel, UniformCost, layer_flops, model_flops_per_token, seq1f1b_partition,
+    AnalyticCost, CostModel, UniformCost, layer_flops, seq1f1b_partition,
 )
 from slimpipe.sim.evaluate import Evaluation, evaluate
 from slimpipe.sim.hardware import HARDWARE_PRESETS, Hardware, load_hardware
@@ -29,7 +29,7 @@ from slimpipe.sim.simulator import DeadlockError, Timeline, simulate
 from slimpipe.sim.workload import RECOMPUTE_MODES, Workload
 
 __all__ = [
-    "AnalyticCost", "CostModel", "UniformCost", "layer_flops", "model_flops_per_token", "seq1f1b_partition",
+    "AnalyticCost", "CostModel", "UniformCost", "layer_flops", "seq1f1b_partition",
     "HARDWARE_PRESETS", "Hardware", "load_hardware", "MemoryBreakdown", "memory_model", "peak_inflight",
     "MFU_CONVENTION", "Report", "memory_curve", "summarize", "DeadlockError", "Timeline", "simulate",
     "RECOMPUTE_MODES", "Workload", "Evaluation", "evaluate",

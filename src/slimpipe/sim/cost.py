@@ -45,7 +45,7 @@ from slimpipe.sim.workload import Workload
 
 __all__ = [
     "CostModel", "UniformCost", "AnalyticCost", "LayerFlops", "layer_flops", "seq1f1b_partition",
-    "model_flops_per_token", "ATTN_BWD_FACTOR",
+    "ATTN_BWD_FACTOR",
 ]
 
 ATTN_BWD_FACTOR = 2.5
@@ -108,17 +108,6 @@ def layer_flops(model: ModelConfig, tokens: float, prefix: float) -> LayerFlops:
     router = 2 * tokens * h * model.num_experts if model.num_experts > 1 else 0
     attention = 4 * q * (tokens * prefix + tokens * tokens / 2)
     return LayerFlops(linear=proj + mlp + router, attention=attention, fc1=fc1)
-
-
-def model_flops_per_token(model: ModelConfig, seq_len: int, *, causal: bool) -> float:
-    """MFU numerator per token: ``6·N + 12·L·H·Q·T`` (PaLM/torchtitan) or ``6·N + 6·L·H·Q·T`` (causal).
-
-    N counts active parameters without the input-embedding lookup (the output layer is counted once, also
-    when tied), H·Q = q heads × head_dim, T = sequence length.
-    """
-    n = model.active_params(include_embedding=model.tie_embeddings)
-    attn = (6 if causal else 12) * model.num_layers * model.q_dim * seq_len
-    return 6 * n + attn
 
 
 def _ring_time(bytes_per_gpu: float, group: int, bw: float, latency: float) -> float:

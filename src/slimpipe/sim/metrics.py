@@ -1,9 +1,10 @@
 """Step-level figures from a simulated Timeline: step time, bubble, tokens/s, MFU, memory over time.
 
-MFU conventions (always labelled in reports):
-  * ``mfu``         : FLOPs/token = 6·N + 12·L·H·Q·T (PaLM appendix B / torchtitan; attention counted as
-                      if non-causal), N = active parameters without the input embedding.
-  * ``mfu_causal``  : FLOPs/token = 6·N + 6·L·H·Q·T (attention term halved for causal masking).
+MFU conventions (``ModelConfig.flops_per_token``; always labelled in reports):
+  * ``mfu``         : the FLOPs the hardware executes: 6·N + 6·L·H·Q·T per token (causal attention counted
+                      as executed, s²/2 query-key pairs), N = active parameters without the input embedding.
+  * ``mfu_dense``   : the PaLM appendix B / torchtitan convention 6·N + 12·L·H·Q·T (attention counted as if
+                      unmasked; at long context about 2× ``mfu``, and it can exceed what the GPU can run).
   MFU = FLOPs/token × tokens/s / (GPUs × peak bf16 FLOP/s of the hardware preset, 989e12 for H100/H800).
 Recomputation is not counted (that would be HFU).
 """
@@ -14,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from slimpipe.schedule.actions import Kind
-from slimpipe.sim.cost import model_flops_per_token
 from slimpipe.sim.hardware import Hardware
 from slimpipe.sim.memory import GIB, MemoryBreakdown, activation_bytes_per_token, unit_bytes
 from slimpipe.sim.simulator import Timeline
@@ -23,8 +23,8 @@ from slimpipe.sim.workload import Workload
 __all__ = ["Report", "summarize", "memory_curve", "MFU_CONVENTION"]
 
 MFU_CONVENTION = (
-    "mfu: 6N + 12·L·H·Q·T per token (PaLM/torchtitan, N without input embedding); "
-    "mfu_causal: 6N + 6·L·H·Q·T; peak = hardware dense bf16 FLOP/s"
+    "mfu: executed FLOPs, 6N + 6·L·H·Q·T per token (causal attention as run, N without input embedding); "
+    "mfu_dense: 6N + 12·L·H·Q·T (PaLM/torchtitan, attention as if unmasked); peak = dense bf16 FLOP/s"
 )
 
 
@@ -43,9 +43,9 @@ class Report:
     tokens_per_s: float
     """Global-batch tokens per second of step time (all GPUs)."""
     mfu: float | None
-    """Model FLOPs utilisation, 12·L·H·Q·T convention; None for the uniform cost."""
-    mfu_causal: float | None
-    """Model FLOPs utilisation, causal 6·L·H·Q·T convention; None for the uniform cost."""
+    """Model FLOPs utilisation of the executed FLOPs (causal 6·L·H·Q·T term); None for the uniform cost."""
+    mfu_dense: float | None
+    """Model FLOPs utilisation, dense PaLM/torchtitan 12·L·H·Q·T term; None for the uniform cost."""
     gpus: int
     """t·c·p·d."""
     memory: tuple[MemoryBreakdown, ...]
@@ -70,7 +70,7 @@ class Report:
             "tokens_per_s": self.tokens_per_s,
             "tokens_per_s_per_gpu": self.tokens_per_s / self.gpus,
             "mfu": self.mfu,
-            "mfu_causal": self.mfu_causal,
+            "mfu_dense": self.mfu_dense,
             "mfu_convention": MFU_CONVENTION,
             "gpus": self.gpus,
             "peak_rank": self.peak_rank,
@@ -90,14 +90,14 @@ def summarize(workload: Workload, timeline: Timeline, memory: Sequence[MemoryBre
     step = timeline.makespan + dp_sync_s
     tps = workload.tokens_per_step / step if step > 0 else 0.0
     gpus = workload.parallel.gpus
-    mfu = mfu_causal = None
+    mfu = mfu_dense = None
     if hardware is not None:
         denom = gpus * hardware.peak_flops
-        mfu = model_flops_per_token(workload.model, workload.seq_len, causal=False) * tps / denom
-        mfu_causal = model_flops_per_token(workload.model, workload.seq_len, causal=True) * tps / denom
+        mfu = workload.model.flops_per_token(workload.seq_len) * tps / denom
+        mfu_dense = workload.model.flops_per_token(workload.seq_len, causal=False) * tps / denom
     return Report(
         step_time_s=step, pipeline_time_s=timeline.makespan, dp_sync_s=dp_sync_s,
-        bubble_ratio=timeline.bubble_ratio, tokens_per_s=tps, mfu=mfu, mfu_causal=mfu_causal, gpus=gpus,
+        bubble_ratio=timeline.bubble_ratio, tokens_per_s=tps, mfu=mfu, mfu_dense=mfu_dense, gpus=gpus,
         memory=tuple(memory), busy_s=timeline.busy,
         hbm_bytes=None if hardware is None else hardware.hbm_bytes,
     )

@@ -1,9 +1,10 @@
 """Per-step metrics: the rank-0 step line, a progress bar, the JSON-lines log, MFU.
 
-MFU convention (PaLM App. B, torchtitan; ``slimpipe.sim.cost.model_flops_per_token``, the simulator's):
-FLOPs per token = 6·N + 12·L·H·Q·T with N the parameters without the input embedding, H heads, Q head_dim,
-T sequence length; the attention term counts QKᵀ and AV forward + backward and ignores causal sparsity
-(``mfu_causal`` halves it). MFU = FLOPs/token · tokens/s / (processes · peak FLOP/s of one process).
+MFU convention (``ModelConfig.flops_per_token``, the simulator's and the planner's): ``mfu`` counts the FLOPs
+the hardware executes, 6·N + 6·L·H·Q·T per token (N parameters without the input embedding, H heads,
+Q head_dim, T sequence length; causal attention counted as executed, QKᵀ and AV forward + backward);
+``mfu_dense`` is the PaLM/torchtitan 6·N + 12·L·H·Q·T (attention as if unmasked). MFU = FLOPs/token ·
+tokens/s / (processes · peak FLOP/s of one process).
 """
 
 from __future__ import annotations
@@ -16,18 +17,10 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from slimpipe.config import ModelConfig
 
-__all__ = ["flops_per_token", "StepLogger", "format_step", "measure_peak_flops", "MIB"]
+__all__ = ["StepLogger", "format_step", "measure_peak_flops", "MIB"]
 
 MIB = 1 << 20
-
-
-def flops_per_token(model: ModelConfig, seq_len: int, *, causal: bool = False) -> float:
-    """Training FLOPs per token, the simulator's formula (so measured and simulated MFU compare)."""
-    from slimpipe.sim.cost import model_flops_per_token
-
-    return model_flops_per_token(model, seq_len, causal=causal)
 
 
 def measure_peak_flops(dtype: Any, device: Any) -> tuple[float, str]:

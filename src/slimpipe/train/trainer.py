@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from slimpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from slimpipe.train.launch import Watchdog, fault_hook
-from slimpipe.train.log import StepLogger, flops_per_token, measure_peak_flops
+from slimpipe.train.log import StepLogger, measure_peak_flops
 from slimpipe.train.preflight import Prepared
 
 __all__ = ["run_rank", "lr_at"]
@@ -132,7 +132,7 @@ class _Meter:
     world: int
     peak: float
     fpt: float
-    fpt_causal: float
+    fpt_dense: float
     t0: float
 
     def record(self, step: int, lr: float, res: Any, wall_s: float) -> dict[str, Any]:
@@ -141,7 +141,7 @@ class _Meter:
             "step": step, "loss": res.loss, "grad_norm": res.grad_norm, "lr": lr,
             "tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world, "step_time_s": wall_s,
             "schedule_time_s": res.step_time_s, "mfu": self.fpt * tps / (self.world * self.peak),
-            "mfu_causal": self.fpt_causal * tps / (self.world * self.peak), "bubble_ratio": res.bubble_ratio,
+            "mfu_dense": self.fpt_dense * tps / (self.world * self.peak), "bubble_ratio": res.bubble_ratio,
             "peak_activation_bytes": [int(b) for b in res.peak_activation_bytes],
             "peak_kv_bytes": [int(b) for b in res.peak_kv_bytes],
             "max_allocated_bytes": res.cuda_max_allocated, "elapsed_s": time.perf_counter() - self.t0,
@@ -155,9 +155,9 @@ def _open_outputs(prep: Prepared, world: int, device: torch.device, start: int) 
         peak, how = cfg.peak_tflops * 1e12, "--peak-tflops"
     else:
         peak, how = measure_peak_flops(_DTYPES[cfg.dtype], device)
-    fpt = flops_per_token(prep.model, cfg.seq_len)
+    fpt = prep.model.flops_per_token(cfg.seq_len)  # executed FLOPs; mfu_dense: the PaLM convention
     meter = _Meter(cfg.global_batch * cfg.seq_len, world, peak, fpt,
-                   flops_per_token(prep.model, cfg.seq_len, causal=True), time.perf_counter())
+                   prep.model.flops_per_token(cfg.seq_len, causal=False), time.perf_counter())
     logger = StepLogger(cfg.log_json, steps=cfg.steps, start_step=start, log_every=cfg.log_every,
                         progress=cfg.progress)
     config_partial = _write_config(prep, world, device, fpt, peak, how)
@@ -248,6 +248,8 @@ def _header(prep: Prepared, world: int, device: torch.device, start: int, peak: 
         f"{cfg.seq_len * cfg.global_batch:,} tokens/step | {cfg.dtype}",
         f"  {world} process(es) on {device.type}, {torch.get_num_threads()} thread(s) each | peak "
         f"{peak / 1e12:.3g} TFLOP/s per process ({how}) | out {cfg.out_dir}",
+        "  mfu = executed FLOPs 6N + 6·L·H·Q·T (causal attention as run) per token; the log's mfu_dense: "
+        "6N + 12·L·H·Q·T",
     ]
     if start:
         lines.append(f"  resumed from {prep.resume_dir} at step {start}")
