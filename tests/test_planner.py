@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -141,6 +142,26 @@ def test_schedule_flag_restricts_the_family_and_table_prints(capsys) -> None:
     code, out, err = _cli(["plan", *SMALL, "--schedule", "interleaved-1f1b", "--top", "2"], capsys)
     assert code == 0, err
     assert "interleaved-1f1b" in out and "dense%" in out and "reproduce #1: slimpipe simulate" in out
+    assert err == ""  # stderr is not a terminal here: no progress line in logs or pipes
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_plan_shows_progress_on_a_terminal_unless_quiet(quiet, monkeypatch, capsys) -> None:
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    argv = ["plan", *SMALL, "--schedule", "interleaved-1f1b", "--top", "1"] + (["--quiet"] if quiet else [])
+    assert main(argv) == 0
+    shown = term.getvalue()
+    if quiet:
+        assert shown == ""
+    else:  # the first status is drawn at once, and the line is wiped before the table is printed
+        assert shown.startswith("\rplan ") and "candidates fit" in shown and shown.endswith("\r")
+    assert "reproduce #1" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("argv", "needle"), [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 __all__ = ["HELP", "add_arguments", "run", "parse_count"]
 
@@ -59,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cap on full simulations (default 32); the output says how much faster "
                              "any unsimulated candidate could be at most")
     parser.add_argument("--json", action="store_true", help="print a JSON list of plans instead of a table")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress line on stderr (it is only drawn when stderr is a terminal)")
 
 
 def _request(args: argparse.Namespace):  # -> slimpipe.planner.PlanRequest
@@ -89,7 +92,11 @@ def run(args: argparse.Namespace) -> int:
     from slimpipe.planner import plan
 
     req = _request(args)
-    result = plan(req)
+    status = _StatusLine(sys.stderr, enabled=not args.quiet)
+    try:
+        result = plan(req, progress=status)
+    finally:
+        status.close()
     if not result.plans:
         raise _infeasible(req, result)
     if args.json:
@@ -97,6 +104,32 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(_table(args, req, result))
     return 0
+
+
+class _StatusLine:
+    """One self-overwriting progress line on a terminal's stderr, at most 10 redraws a second; silent when
+    stderr is piped or redirected (scripts, CI logs) or with --quiet."""
+
+    def __init__(self, stream, *, enabled: bool) -> None:
+        self.stream = stream
+        self.on = enabled and hasattr(stream, "isatty") and stream.isatty()
+        self.t0, self.last = time.perf_counter(), float("-inf")  # the first message is drawn at once
+        self.width = 0
+
+    def __call__(self, message: str) -> None:
+        now = time.perf_counter()
+        if not self.on or now - self.last < 0.1:
+            return
+        self.last = now
+        line = f"plan {now - self.t0:5.1f}s  {message}"[:119]
+        self.stream.write("\r" + line.ljust(self.width))
+        self.stream.flush()
+        self.width = len(line)
+
+    def close(self) -> None:
+        if self.on and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
 
 
 def _infeasible(req, result):  # -> ConfigError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from slimpipe.config import ConfigError
@@ -46,7 +47,16 @@ def _offload_hidden(wl: Workload, busy: float) -> bool:
     return moved / HOST_LINK_BW <= busy
 
 
-def _bounded(req: PlanRequest, stats: Counter, low: list) -> list[_Candidate]:
+Progress = Callable[[str], None]
+"""Receives one-line status messages while `plan` works (the CLI draws them on stderr)."""
+
+
+def _silent(_message: str) -> None:
+    pass
+
+
+def _bounded(req: PlanRequest, stats: Counter, low: list,
+             progress: Progress = _silent) -> list[_Candidate]:
     """Candidates with their step-time bound, dropping offload whose host traffic cannot be hidden."""
     out = []
     twins = True in req.exchange
@@ -60,6 +70,8 @@ def _bounded(req: PlanRequest, stats: Counter, low: list) -> list[_Candidate]:
             stats["offload bandwidth"] += 1
             continue
         out.append(_Candidate(bound_x if exchange else bound, peak, name, wl, exchange))
+        if len(out) % 64 == 0:
+            progress(f"memory pre-check: {stats['layouts']} layouts, {len(out)} candidates fit")
     return out
 
 
@@ -98,8 +110,8 @@ def _estimate(tokens: int, cand: _Candidate, gaps: dict[tuple, float]) -> float:
     return tokens / cand.bound_s / gaps.get(shape, gaps.get(coarse, prior))
 
 
-def _search(req: PlanRequest, cands: list[_Candidate],
-            stats: Counter) -> tuple[list[Plan], int, list[int], bool]:
+def _search(req: PlanRequest, cands: list[_Candidate], stats: Counter,
+            progress: Progress = _silent) -> tuple[list[Plan], int, list[int], bool]:
     """Best-first simulation: (top plans, simulations run, candidates left unsimulated, whether
     max_simulations stopped it).
 
@@ -126,6 +138,10 @@ def _search(req: PlanRequest, cands: list[_Candidate],
             break
         heapq.heappop(queue)
         cand = cands[i]
+        lead = f", best so far {max(x[0] for x in best):,.0f} tokens/s" if best else ""
+        par = cand.workload.parallel
+        progress(f"simulating {simulated + 1}/{min(req.max_simulations, len(cands))} best-first: "
+                 f"{cand.schedule} p{par.pp} n{par.slices} v{par.vpp}{lead}")
         simulated += 1
         stats["simulated exchange"] += cand.exchange
         done = _simulate(req, cand, stats)
@@ -148,13 +164,15 @@ def _search(req: PlanRequest, cands: list[_Candidate],
     return plans, simulated, [i for _, i in queue], capped
 
 
-def plan(req: PlanRequest) -> PlanResult:
-    """Enumerate, pre-check memory, bound, simulate best-first; best plans first."""
+def plan(req: PlanRequest, *, progress: Progress | None = None) -> PlanResult:
+    """Enumerate, pre-check memory, bound, simulate best-first; best plans first. ``progress`` (optional)
+    receives status lines as the search goes (`slimpipe plan` shows them on a terminal's stderr)."""
     t0 = time.perf_counter()
+    say = progress or _silent
     stats: Counter = Counter()
     low = [float("inf")]
-    cands = _bounded(req, stats, low)
-    plans, simulated, left, capped = _search(req, cands, stats)
+    cands = _bounded(req, stats, low, say)
+    plans, simulated, left, capped = _search(req, cands, stats, say)
     tokens = req.global_batch * req.seq_len
     layouts = stats.pop("layouts", 0)
     simulated_exchange = stats.pop("simulated exchange", 0)
