@@ -106,6 +106,33 @@ def test_plot_writes_image_and_trace(tmp_path, cli) -> None:
     assert code == 2 and "--measured" in err
 
 
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, cli, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ModuleNotFoundError
+    code, out, err = cli(["plot", *SMALL, "-o", str(tmp_path / "x.png")])
+    assert code == 2 and out == "" and "pip install -e '.[plot]'" in err and "--no-image" in err
+
+
+def test_plot_zooms_marks_memory_over_the_gpu_and_checks_flags_first(tmp_path, cli) -> None:
+    pytest.importorskip("matplotlib")
+    from slimpipe.plot import rank_colours
+
+    png = tmp_path / "z.png"
+    over = ["--model", "llama-7b", "--seq-len", "65536", "--global-batch", "4", "--pp", "4", "--slices", "4"]
+    code, out, err = cli(["plot", *over, "-o", str(png), "--ranks", "0,2-3", "--steps", "2:9"])
+    assert code == 0, err
+    assert png.stat().st_size > 10_000
+    assert "warning: peak 208.6 GiB on rank 0 exceeds the GPU's 80.0 GiB (3 ranks over)" in out
+    code, out, err = cli(["plot", *over, "--recompute", "full", "--gpu", "h200", "-o", str(png)])
+    assert code == 0 and "warning" not in out, err  # 92.9 GiB fits an H200's 141 GiB
+    for flag, value, needle in (("--ranks", "4", "names rank 4, but --pp=4"), ("--ranks", "a", "ranges"),
+                                ("--steps", "9:2", "A:B with integers")):
+        target = tmp_path / "never.png"
+        code, out, err = cli(["plot", *over, "-o", str(target), flag, value])
+        assert code == 2 and needle in err and not target.exists(), err
+    for p in (4, 16, 20, 32):  # one distinct colour per rank (the default cycle repeats after 10)
+        assert len(set(rank_colours(p))) == p
+
+
 def test_console_script_runs_a_calibration_style_command() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "slimpipe", "simulate", *SMALL, "--cost", "uniform", "--json"],

@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--measured", metavar="RUN.trace.json",
                      help="Chrome trace of a real run (X events, pid = rank) to draw beside the simulation")
     out.add_argument("--no-image", action="store_true", help="skip the image (with --trace: trace only)")
+    out.add_argument("--ranks", metavar="LIST", help="draw only these pipeline ranks, e.g. 0-3,15")
+    out.add_argument("--steps", metavar="A:B",
+                     help="zoom on each rank's compute steps A…B−1 (the columns of `slimpipe show`, no "
+                          "send/recv) and the time they span")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from slimpipe.config import ConfigError
     from slimpipe.trace import read_chrome_trace, write_chrome_trace
 
+    view = _view(args)  # checked before the simulation
     measured = None
     if args.measured:
         try:
@@ -42,18 +47,53 @@ def run(args: argparse.Namespace) -> int:
         write_chrome_trace(simulated_trace_events(ev), args.trace, counters=memory_counters(ev))
         written.append(args.trace)
     if not args.no_image:
-        try:
-            import matplotlib  # noqa: F401  (optional extra)
-        except ModuleNotFoundError:
-            raise ConfigError(
-                "plotting needs matplotlib: pip install 'slimpipe[plot]' (or use --no-image)"
-            ) from None
         from slimpipe.plot import plot_timeline
 
         wl = ev.workload
         title = (f"{wl.model.name} s={wl.seq_len} {ev.schedule.name} p{wl.parallel.pp} m{wl.microbatches} "
                  f"n{wl.parallel.slices} v{wl.parallel.vpp}")
-        plot_timeline(ev, args.output, measured=measured, title=title)
+        for note in plot_timeline(ev, args.output, measured=measured, title=title, view=view):
+            sys.stdout.write(f"warning: {note}\n")
         written.append(args.output)
     sys.stdout.write(f"wrote {', '.join(written) or 'nothing'}\n")
     return 0
+
+
+def _view(args: argparse.Namespace):  # -> slimpipe.plot.View
+    """--ranks and --steps as a View, checked against p and the step count; matplotlib checked too, all
+    before the simulation runs."""
+    from slimpipe.config import ConfigError
+    from slimpipe.plot import View
+
+    if not args.no_image:
+        try:
+            import matplotlib  # noqa: F401  (optional extra)
+        except ModuleNotFoundError:
+            raise ConfigError("plotting needs matplotlib: pip install -e '.[plot]' in a slimpipe checkout "
+                              "(or pip install matplotlib), or use --no-image") from None
+    ranks = steps = None
+    if args.ranks:
+        ranks = _rank_list(args.ranks, args.pp)
+    if args.steps:
+        first, sep, last = args.steps.partition(":")
+        if not (sep and first.isdigit() and last.isdigit() and int(first) < int(last)):
+            raise ConfigError(f"--steps={args.steps!r} must be A:B with integers 0 ≤ A < B, e.g. --steps 0:40")
+        steps = (int(first), int(last))
+    return View(ranks=ranks, steps=steps)
+
+
+def _rank_list(text: str, p: int) -> tuple[int, ...]:
+    """'0-3,15' → (0, 1, 2, 3, 15), each in [0, p)."""
+    from slimpipe.config import ConfigError
+
+    out: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ConfigError(f"--ranks={text!r} must be ranks or ranges like 0-3,15")
+        out += range(int(lo), int(hi if sep else lo) + 1)
+    bad = [r for r in out if r >= p]
+    if bad or not out:
+        raise ConfigError(f"--ranks={text!r} names rank {bad[0] if bad else '?'}, but --pp={p} has ranks "
+                          f"0…{p - 1}: pick ranks below {p}")
+    return tuple(dict.fromkeys(out))
