@@ -154,8 +154,8 @@ class PipelineRuntime(StepLoop):
         ex.end_step()
         elapsed = time.time() - t0
         loss = ex.loss_sum.clone()
-        if st.dp > 1:
-            dist.all_reduce(loss, group=st.dp_group)
+        if st.dp * st.cp > 1:
+            dist.all_reduce(loss, group=st.dp_cp_group)
         if st.pp > 1:  # only the last pipeline rank holds a nonzero sum
             dist.all_reduce(loss, group=st.pp_group)
         stats = torch.tensor(executor_stats(ex, elapsed), dtype=torch.float64, device=st.device)
@@ -172,10 +172,10 @@ class PipelineRuntime(StepLoop):
         tied_ends = model.tied and not self.vocab_parallel  # vocab shards are disjoint: nothing to sum
         if st.embed_group is not None and tied_ends and st.pp_rank in (0, st.pp - 1):
             dist.all_reduce(model.embed.weight.grad, group=st.embed_group)  # Megatron's embedding group
-        if st.dp > 1:
+        if st.dp * st.cp > 1:  # every replica of this shard: DP and CP ranks hold the same parameters
             grads = [p.grad for p in model.parameters()]
             flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=st.dp_group)
+            dist.all_reduce(flat, group=st.dp_cp_group)
             for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 g.copy_(synced)
 
