@@ -167,7 +167,12 @@ def load_model(name_or_path: str, **overrides: object) -> ModelConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ParallelConfig:
-    """How a run is laid out over GPUs: GPUs = t·c·p·d (experts: e divides d·c·t, inside the same GPUs)."""
+    """How a run is laid out over GPUs: GPUs = t·c·p·d.
+
+    MoE layers reuse the same GPUs (Megatron's layout): per pipeline stage the t·c·d GPUs split into
+    expert-TP (size ``etp``) × expert-parallel (e) × expert-data-parallel groups, so ``etp·e`` divides t·c·d;
+    with the default etp = t the expert groups lie inside the data(×context)-parallel ranks (e divides c·d).
+    """
 
     tp: int = 1
     """t: tensor-parallel size (with sequence parallelism)."""
@@ -179,6 +184,9 @@ class ParallelConfig:
     """d: data-parallel size."""
     ep: int = 1
     """e: expert-parallel size (MoE only)."""
+    etp: int | None = None
+    """Expert tensor-parallel size (MoE only): None = t (Megatron's default, experts sharded like the dense
+    MLP); 1 = whole experts on every GPU, the expert group then may span the TP ranks (e divides t·c·d)."""
     vpp: int = 1
     """v: virtual stages per pipeline rank."""
     slices: int = 1
@@ -191,6 +199,16 @@ class ParallelConfig:
             val = getattr(self, f)
             if not isinstance(val, int) or val < 1:
                 raise ConfigError(f"--{f.replace('_', '-')}={val!r} must be a positive integer")
+        if self.etp is not None and self.etp not in (1, self.tp):
+            raise ConfigError(
+                f"--etp={self.etp!r} must be 1 or --tp={self.tp}: experts are either sharded like the dense "
+                "MLP (the default) or whole on every GPU"
+            )
+
+    @property
+    def expert_tp(self) -> int:
+        """Expert tensor-parallel size: ``etp``, or t when unset."""
+        return self.tp if self.etp is None else self.etp
 
     @property
     def gpus(self) -> int:

@@ -27,6 +27,9 @@ SMALL = ["--model", "llama-7b", "--seq-len", "32768", "--global-batch", "4", "--
     (["--offload", "1.5"], "--offload"),
     (["--seq-len", "1000", "--slices", "3"], "--seq-len=1000 is not divisible"),
     (["--ep", "2"], "--ep=2 needs an MoE model"),
+    (["--tp", "2", "--etp", "1"], "--etp=1 needs an MoE model"),
+    (["--tp", "2", "--etp", "4"], "--etp=4 must be 1 or --tp=2"),
+    (["--model", "mixtral-8x7b", "--tp", "2", "--dp", "2", "--ep", "4"], "--etp 1"),  # 2·4 ∤ t·c·d = 4
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, needle, cli) -> None:
     base = ["simulate", "--model", "llama-7b", "--seq-len", "8192", "--global-batch", "8", "--pp", "4",
@@ -62,6 +65,17 @@ def test_model_override_changes_the_model(simulate_json) -> None:
     base = simulate_json(*SMALL)
     small_vocab = simulate_json(*SMALL, "--vocab-size", "32000")
     assert small_vocab["memory_gib"]["output"] == pytest.approx(base["memory_gib"]["output"] * 32000 / 128256)
+
+
+def test_expert_tp_flag_reaches_the_memory_model(simulate_json) -> None:
+    # Mixtral-8x7B t4 p4 e1: experts sharded over expert-TP = t by default, whole with --etp 1.
+    argv = ("--model", "mixtral-8x7b", "--seq-len", "32768", "--global-batch", "4", "--tp", "4", "--pp", "4",
+            "--slices", "4", "--vpp", "2")
+    sharded, whole = simulate_json(*argv), simulate_json(*argv, "--etp", "1")
+    assert (sharded["config"]["etp"], whole["config"]["etp"]) == (4, 1)
+    experts = 8 * 3 * 4096 * 14336 * 8 * 6 / 2**30  # 8 layers per rank, 6 B/param, GiB
+    diff = whole["memory_gib"]["params_grads"] - sharded["memory_gib"]["params_grads"]
+    assert diff == pytest.approx(experts * (1 - 1 / 4))
 
 
 def test_show_grid_csv_and_lowered(cli) -> None:

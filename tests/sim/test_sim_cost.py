@@ -139,3 +139,52 @@ def test_hardware_presets_and_json(tmp_path) -> None:
                                 "gemm_efficiency": 1.5}))
     with pytest.raises(ConfigError, match="gemm_efficiency"):
         load_hardware(str(path))
+
+
+def _moe_cost(*, t: int, d: int, e: int, etp: int | None = None) -> AnalyticCost:
+    par = ParallelConfig(tp=t, pp=4, dp=d, ep=e, etp=etp, slices=8)
+    wl = Workload(model=MIX, parallel=par, seq_len=65536, global_batch=4 * d)
+    return AnalyticCost(wl, load_hardware("h800"), [1 / 8] * 8)
+
+
+def _ring(nbytes: float, group: int, bw: float, lat: float) -> float:
+    return 0.0 if group == 1 else lat * (group - 1) + nbytes * (group - 1) / group / bw
+
+
+@pytest.mark.parametrize("t, d, e, etp", [(4, 2, 1, None), (2, 4, 2, None), (2, 4, 4, 1), (1, 8, 8, None)])
+def test_moe_communication_follows_megatrons_dispatchers(t, d, e, etp) -> None:
+    hw = load_hardware("h800")
+    cost = _moe_cost(t=t, d=d, e=e, etp=etp)
+    tok, h, k, lat = 65536 / 8, 4096, 2, hw.p2p_latency_s
+    attn, mlp, cp, ep = cost._layer_comm(0)
+    assert attn == pytest.approx(_ring(tok * h * 2, t, hw.intra_node_bw, lat))
+    expert_tp = t if etp is None else etp
+    copies = 0 if expert_tp == 1 else (k if e > 1 else 1)  # e = 1: the dense MLP's gather/scatter
+    assert mlp == pytest.approx(_ring(copies * tok * h * 2, expert_tp, hw.intra_node_bw, lat))
+    a2a = 0.0 if e == 1 else 2 * (lat + tok / t * k * h * 2 * (e - 1) / e / hw.intra_node_bw)
+    assert (cp, ep) == (0.0, pytest.approx(a2a))
+    fwd, bwd = cost._comm_times(0)
+    assert fwd == pytest.approx(2 * attn + 2 * mlp + ep) and bwd == pytest.approx(fwd)
+
+
+@pytest.mark.parametrize("t, etp", [(1, None), (4, None), (4, 1)])
+def test_per_gpu_linear_shapes_add_up_to_the_layer_flops(t, etp) -> None:
+    from slimpipe.sim.cost import _linear_shapes
+
+    # Per all-gathered token, Σ 2·share·in·out over one GPU's GEMMs is the layer's linear FLOPs / t.
+    for model in (L70, MIX):
+        per_gpu = sum(2 * share * fin * fout for fin, fout, share in _linear_shapes(model, t, t if etp is None
+                                                                                     else etp))
+        assert per_gpu == pytest.approx(layer_flops(model, 1, 0).linear / t)
+
+
+def test_expert_gradients_sync_over_the_expert_data_parallel_group() -> None:
+    hw = load_hardware("h800")
+    cost = _moe_cost(t=2, d=4, e=2)  # dense over d = 4, experts over t·d/(etp·e) = 2 replicas
+    dense_layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 4096 * 8 + 2 * 4096
+    expert_layer = 3 * 4096 * 14336 * 8
+    last = (8 * dense_layer + 128256 * 4096 + 4096) / 2  # last rank: 8 layers, norm, tied head, over t
+    experts = 8 * expert_layer / (2 * 2)
+    bw, lat = hw.link_bw(8), hw.p2p_latency_s
+    want = _ring(last * 6, 4, bw, lat) + _ring(experts * 6, 2, bw, lat)
+    assert cost.step_overhead() == pytest.approx(want, rel=1e-12)

@@ -16,8 +16,9 @@ GIB = 2**30
 L70 = MODEL_PRESETS["llama-70b"]
 
 
-def wl(model=L70, *, s, B, t=1, c=1, p=1, d=1, n=1, v=1, e=1, recompute="partial+fc1", offload=0.0, vp=False):
-    par = ParallelConfig(tp=t, cp=c, pp=p, dp=d, slices=n, vpp=v, ep=e)
+def wl(model=L70, *, s, B, t=1, c=1, p=1, d=1, n=1, v=1, e=1, etp=None, recompute="partial+fc1", offload=0.0,
+       vp=False):
+    par = ParallelConfig(tp=t, cp=c, pp=p, dp=d, slices=n, vpp=v, ep=e, etp=etp)
     return Workload(model=model, parallel=par, seq_len=s, global_batch=B, recompute=recompute,
                     offload=offload, vocab_parallel=vp)
 
@@ -106,14 +107,42 @@ def test_megatron_end_stages_hold_the_vocabulary() -> None:
     assert mem[3].params_grads - mem[1].params_grads == pytest.approx(6 * (vh + 8192 / 2))
 
 
-def test_moe_optimizer_is_sharded_over_all_copies() -> None:
+@pytest.mark.parametrize("t, d, e, etp", [(2, 4, 8, 1), (2, 8, 8, None), (8, 4, 1, None), (8, 4, 1, 1),
+                                           (4, 4, 2, None)])
+def test_moe_weights_and_optimizer_sharding(t, d, e, etp) -> None:
+    # Experts over expert-TP × e (expert-TP = t unless --etp 1), dense weights over t; the optimizer is
+    # spread over every copy either way: 12·P/(t·c·p·d).
     mix = MODEL_PRESETS["mixtral-8x7b"]
-    w = wl(mix, s=32768, B=8, t=2, p=4, d=4, e=8, n=4, vp=True, recompute="none")
-    top = memory_model(w, build("slimpipe", p=4, m=2, n=4, warmup="single"))[0]
-    assert top.optimizer == pytest.approx(12 * mix.num_params() / (2 * 4 * 4))
+    w = wl(mix, s=32768, B=8 * d, t=t, p=4, d=d, e=e, etp=etp, n=4, vp=True, recompute="none")
+    top = memory_model(w, build("slimpipe", p=4, m=8, n=4, warmup="single"))[0]
+    assert top.optimizer == pytest.approx(12 * mix.num_params() / (t * 4 * d))
     experts = 32 * 3 * 4096 * 14336 * 8
     dense = mix.num_params() - experts
-    assert top.params_grads == pytest.approx(6 * (dense / (2 * 4) + experts / (4 * 8)))
+    expert_tp = t if etp is None else etp
+    assert top.params_grads == pytest.approx(6 * (dense / (t * 4) + experts / (4 * expert_tp * e)))
+
+
+def test_mixtral_8x22b_t8_e1_param_grad_is_sharded_over_tp() -> None:
+    # The example: t8 p4 e1 d4 holds ≈ 25 GiB of param+grad (Megatron shards experts over
+    # expert-TP = t); with experts unsharded over TP (--etp 1) it is ≈ 190 GiB.
+    big = MODEL_PRESETS["mixtral-8x22b"]
+    kw = dict(s=65536, B=16, t=8, p=4, d=4, n=8, v=14, vp=True)
+    sched = build("slimpipe", p=4, m=4, n=8, v=14)
+    fixed = memory_model(wl(big, **kw), sched)[0].params_grads / GIB
+    folded = memory_model(wl(big, etp=1, **kw), sched)[0].params_grads / GIB
+    assert fixed == pytest.approx(24.6, abs=0.05)
+    assert folded == pytest.approx(190.0, abs=0.05)
+
+
+def test_expert_layout_errors_name_the_fix() -> None:
+    mix = MODEL_PRESETS["mixtral-8x7b"]
+    with pytest.raises(ValueError, match="--etp 1"):  # expert-TP 2 × e 8 does not divide t·c·d = 8
+        wl(mix, s=4096, B=4, t=2, d=4, e=8)
+    wl(mix, s=4096, B=4, t=2, d=4, e=8, etp=1)  # folded over the TP ranks it fits
+    with pytest.raises(ValueError, match="must be 1 or --tp"):
+        wl(mix, s=4096, B=4, t=4, d=4, e=2, etp=2)
+    with pytest.raises(ValueError, match="dense"):
+        wl(s=4096, B=4, t=2, etp=1)
 
 
 def test_peak_inflight_matches_the_loop_rule() -> None:

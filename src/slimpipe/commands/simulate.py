@@ -56,6 +56,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                         ("dp", "d: data parallel"), ("slices", "n: slices per sequence"),
                         ("vpp", "v: virtual stages per rank")):
         g.add_argument(f"--{flag}", type=int, default=1, help=help_ + " (default 1)")
+    g.add_argument("--etp", type=int, default=None, metavar="N",
+                   help="expert tensor-parallel size: t (default, experts sharded like the dense MLP) or 1")
     g.add_argument("--gpus", type=int, help="expected GPU count; must equal t·c·p·d")
     g = parser.add_argument_group("schedule and cost")
     g.add_argument("--schedule", default="slimpipe", choices=sorted(BUILDERS),
@@ -83,8 +85,8 @@ def evaluate_from_args(args: argparse.Namespace):  # -> slimpipe.sim.evaluate.Ev
 
     overrides = {field: getattr(args, f"model_{field}") for field in _MODEL_FIELDS.values()}
     model = load_model(_model_alias(args.model), **overrides)
-    par = ParallelConfig(tp=args.tp, cp=args.cp, pp=args.pp, dp=args.dp, ep=args.ep, vpp=args.vpp,
-                         slices=args.slices, micro_batch=args.micro_batch)
+    par = ParallelConfig(tp=args.tp, cp=args.cp, pp=args.pp, dp=args.dp, ep=args.ep, etp=args.etp,
+                         vpp=args.vpp, slices=args.slices, micro_batch=args.micro_batch)
     if args.gpus is not None and args.gpus != par.gpus:
         raise ConfigError(
             f"--gpus={args.gpus} does not match t·c·p·d = {args.tp}·{args.cp}·{args.pp}·{args.dp} = "
@@ -115,12 +117,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _etp(wl) -> str:
+    """`` etp1`` when the expert tensor-parallel size differs from t (MoE only)."""
+    par = wl.parallel
+    return f" etp{par.expert_tp}" if wl.model.num_experts > 1 and par.expert_tp != par.tp else ""
+
+
 def _config_dict(args: argparse.Namespace, ev) -> dict[str, object]:
     wl, sched = ev.workload, ev.schedule
     return {
         "model": wl.model.name, "seq_len": wl.seq_len, "global_batch": wl.global_batch,
         "microbatches": wl.microbatches, "tp": args.tp, "cp": args.cp, "pp": args.pp, "dp": args.dp,
-        "ep": args.ep, "slices": args.slices, "vpp": args.vpp, "layers_per_stage": wl.layers_per_stage,
+        "ep": args.ep, "etp": wl.parallel.expert_tp, "slices": args.slices, "vpp": args.vpp, "layers_per_stage": wl.layers_per_stage,
         "schedule": sched.name, "warmup_w": sched.meta.get("w"), "group_g": sched.meta.get("g"),
         "slice_weights": sched.slice_weights, "recompute": wl.recompute, "offload": wl.offload,
         "vocab_parallel": wl.vocab_parallel, "cost": ev.cost.name, "gpu": _hardware_label(args),
@@ -148,7 +156,7 @@ def _table(args: argparse.Namespace, ev, elapsed: float) -> str:
     unit = "s" if ev.cost.name == "analytic" else " units (F=1, B=2)"
     lines = [
         f"{wl.model.name}  s={wl.seq_len}  B={wl.global_batch} (m={wl.microbatches})  "
-        f"t{par.tp} c{par.cp} p{par.pp} d{par.dp} e{par.ep}  "
+        f"t{par.tp} c{par.cp} p{par.pp} d{par.dp} e{par.ep}{_etp(wl)}  "
         f"n{par.slices} v{par.vpp} (l={wl.layers_per_stage})  "
         f"{rep.gpus} GPUs",
         f"schedule {sched.name} (w={sched.meta.get('w')}, g={sched.meta.get('g')})  "

@@ -35,7 +35,8 @@ def layouts(req: PlanRequest) -> Iterator[tuple[int, int, int, int, int]]:
                 c = g // (t * p * d)
                 if c & (c - 1):
                     continue
-                eps = [e for e in _divisors(mod.num_experts) if (t * c * d) % e == 0]
+                # Megatron's default expert-TP = t: the expert group lies inside the c·d ranks.
+                eps = [e for e in _divisors(mod.num_experts) if (c * d) % e == 0 and mod.ffn % t == 0]
                 for e in eps if mod.num_experts > 1 else [1]:
                     yield t, c, p, d, e
 

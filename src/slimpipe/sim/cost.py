@@ -16,7 +16,13 @@ Per GPU the work is divided by t·c (TP shards weights, CP shards tokens with ba
 Communication is charged without overlap (a pessimistic, stated simplification): TP+SP 4 collectives per
 layer and direction, CP query-out all-gather/reduce-scatter, EP all-to-all, vocab-parallel collectives
 (their own actions with ``vocab_time``, sim/vocab.py);
-DP gradient/parameter sync once per step. Attention context exchange (SlimPipe §8) is not modelled: the
+DP gradient/parameter sync once per step (dense weights over the d·c replicas, experts over their own
+expert-data-parallel group). MoE layers (Megatron's dispatchers): with e = 1 and expert-TP = t the tokens are
+all-gathered and reduce-scattered around the MLP like a dense one; with e > 1 every GPU sends its k routed
+copies of its s/(t·c) tokens through an all-to-all over the e-member expert group (dispatch and combine,
+forward and backward), and with expert-TP = t > 1 the MLP's all-gather/reduce-scatter then carries the k
+copies (k times the dense volume); with expert-TP = 1 the MLP needs no TP collective. The router is a
+(h × E) GEMM on the SP-sharded tokens. Attention context exchange (SlimPipe §8) is not modelled: the
 per-slice attention imbalance stays where the schedule puts it.
 
 With a measured profile (``hardware.profile``, from ``slimpipe calibrate``) the compute part of a unit is
@@ -156,9 +162,8 @@ class AnalyticCost:
             bwd += per_gpu * fl.fc1 / gemm
         elif rec == "full":
             bwd += fwd
-        tp_one, cp, ep = self._layer_comm(j)
-        replayed = {"partial+fc1": 1, "full": 2}.get(rec, 0)  # recompute replays SP all-gathers
-        return fwd + 4 * tp_one + cp + ep, bwd + (4 + replayed) * tp_one + 2 * cp + ep
+        cf, cb = self._comm_times(j)
+        return fwd + cf, bwd + cb
 
     def _profiled_layer(self, prof: CostProfile, j: int) -> tuple[float, float]:
         """(forward, backward) of one layer on slice j from fitted kernel times (module docstring)."""
@@ -166,11 +171,10 @@ class AnalyticCost:
         m, t, c = wl.model, par.tp, par.cp
         tok = self.b * self.tokens[j] / c  # tokens per GPU (CP shards the sequence)
         fwd = bwd = 0.0
-        for fin, fout, split in _linear_shapes(m):
-            # Under TP: column-parallel layers split out, row-parallel ones split in; the router is whole.
-            shape = {"col": (fin, fout // t), "row": (fin // t, fout)}.get(split, (fin, fout))
+        for fin, fout, share in _linear_shapes(m, t, par.expert_tp):
+            shape = (fin, fout)
             g = prof.gemm(*shape)
-            flops = 2 * tok * shape[0] * shape[1]
+            flops = 2 * tok * share * fin * fout
             fwd += g.fwd(flops) if g else prof.gemm_fwd(flops)
             bwd += g.bwd(2 * flops) if g else prof.gemm_bwd(2 * flops)
         q = m.q_dim / t
@@ -188,10 +192,8 @@ class AnalyticCost:
             g = prof.gemm(m.hidden, m.ffn // t)
             flops = 2 * tok * m.hidden * m.ffn / t
             bwd += 2 * (g.fwd(flops) if g else prof.gemm_fwd(flops))  # w1 and w3 replayed
-        tp_one, cp, ep = self._layer_comm(j)
-        replayed = {"partial+fc1": 1, "full": 2}.get(rec, 0)
-        return (prof.compose_fwd * fwd + 4 * tp_one + cp + ep,
-                prof.compose_bwd * bwd + (4 + replayed) * tp_one + 2 * cp + ep)
+        cf, cb = self._comm_times(j)
+        return prof.compose_fwd * fwd + cf, prof.compose_bwd * bwd + cb
 
     def _profiled_ends(self, prof: CostProfile, j: int, *, head: bool, embed: bool) -> tuple[float, float]:
         """(forward, backward) of the embedding and/or head + loss on slice j from fitted times."""
@@ -215,21 +217,35 @@ class AnalyticCost:
             bwd += prof.compose_bwd * (gb + prof.loss_bwd(tok * vocab))
         return fwd, bwd
 
-    def _layer_comm(self, j: int) -> tuple[float, float, float]:
-        """(one TP+SP collective, CP forward exchange, EP all-to-all pair) seconds for slice j."""
+    def _comm_times(self, j: int) -> tuple[float, float]:
+        """(forward, backward) communication seconds of one layer on slice j: two TP+SP collectives around
+        attention and two around the MLP per direction (recompute replays the all-gathers of what it
+        recomputes), the CP exchange, the EP all-to-alls."""
+        attn_tp, mlp_tp, cp, ep = self._layer_comm(j)
+        replayed = {"partial+fc1": mlp_tp, "full": attn_tp + mlp_tp}.get(self.workload.recompute, 0.0)
+        return 2 * (attn_tp + mlp_tp) + cp + ep, 2 * (attn_tp + mlp_tp) + replayed + 2 * cp + ep
+
+    def _layer_comm(self, j: int) -> tuple[float, float, float, float]:
+        """(one TP+SP collective of attention, one of the MLP, CP forward exchange, EP all-to-all pair)
+        seconds for slice j."""
         wl, hw, par = self.workload, self.hw, self.workload.parallel
         model, t, c = wl.model, par.tp, par.cp
         tok = self.tokens[j] * self.b
         lat = hw.p2p_latency_s
         # TP+SP: all-gather before attention and MLP, reduce-scatter after each (backward mirrors them).
-        tp_one = _ring_time(tok / c * model.hidden * 2, t, hw.link_bw(self._span_tp), lat)
+        attn_tp = _ring_time(tok / c * model.hidden * 2, t, hw.link_bw(self._span_tp), lat)
+        mlp_tp, ep = attn_tp, 0.0
+        if model.num_experts > 1:
+            etp, e, k = par.expert_tp, par.ep, model.top_k
+            # Expert-TP = 1: tokens stay SP-sharded through whole experts; e > 1: the k routed copies.
+            volume = 0 if etp == 1 else (k if e > 1 else 1)
+            mlp_tp = _ring_time(volume * tok / c * model.hidden * 2, etp, hw.link_bw(self._span_tp), lat)
+            if e > 1:  # dispatch + combine all-to-all of the k routed copies of this GPU's tokens
+                routed = tok / (t * c) * k * model.hidden * 2
+                ep = 2 * (lat + routed * (e - 1) / e / hw.link_bw(etp * e))  # members etp GPU ids apart
         # CP query-out: all-gather Q, reduce-scatter out (+lse); backward ≈ twice (dout, q, out, dq).
         cp = 2 * _ring_time(tok * model.q_dim / t * 2, c, hw.link_bw(self._span_cp), lat)
-        ep = 0.0
-        if model.num_experts > 1 and par.ep > 1:  # dispatch + combine all-to-all of the routed tokens
-            routed = tok / (t * c) * model.top_k * model.hidden * 2
-            ep = 2 * (lat + routed * (par.ep - 1) / par.ep / hw.link_bw(par.ep))
-        return tp_one, cp, ep
+        return attn_tp, mlp_tp, cp, ep
 
     # -- vocabulary layers ------------------------------------------------------------------------
     def _vocab_times(self, j: int) -> tuple[float, float]:
@@ -304,23 +320,31 @@ class AnalyticCost:
 
     def step_overhead(self) -> float:
         """Distributed-optimizer sync over the d·c copies: fp32 grad reduce-scatter + bf16 all-gather."""
-        from slimpipe.sim.memory import params_per_gpu  # memory owns the parameter layout
+        from slimpipe.sim.memory import expert_dp, params_on_gpu  # memory owns the parameter layout
 
         wl, hw, par = self.workload, self.hw, self.workload.parallel
-        group = par.dp * par.cp
-        per_gpu = max(params_per_gpu(wl, r) for r in range(par.pp))
-        return _ring_time(per_gpu * 6, group, hw.link_bw(par.tp * group), hw.p2p_latency_s)
+        group, lat = par.dp * par.cp, hw.p2p_latency_s
+        split = [params_on_gpu(wl, r) for r in range(par.pp)]
+        dense, expert = max(x[0] for x in split), max(x[1] for x in split)
+        bw = hw.link_bw(par.tp * group)
+        # Expert weights sync over their own expert-data-parallel replicas (Megatron's expert-DP group).
+        return _ring_time(dense * 6, group, bw, lat) + _ring_time(expert * 6, round(expert_dp(par)), bw, lat)
 
 
-def _linear_shapes(model: ModelConfig) -> list[tuple[int, int, str]]:
-    """(in, out, TP split "col"/"row"/"none") of every linear layer of one block; MoE: top-k expert MLPs."""
+def _linear_shapes(model: ModelConfig, t: int, etp: int) -> list[tuple[int, int, float]]:
+    """(in, out, token share) of every linear layer of one block on one GPU, per all-gathered SP token.
+
+    Under TP column-parallel layers split out and row-parallel ones split in, over all s/c tokens; the
+    router is whole on the SP-sharded tokens (share 1/t); MoE lists the top-k expert MLPs, sharded over
+    expert-TP (expert-TP = 1: whole experts on 1/t of the tokens, balanced routing).
+    """
     h, q, kv, f = model.hidden, model.q_dim, model.kv_dim, model.ffn
-    k = model.top_k if model.num_experts > 1 else 1
-    shapes = [(h, q, "col"), (h, kv, "col"), (h, kv, "col"), (q, h, "row")]
-    shapes += k * [(h, f, "col"), (h, f, "col"), (f, h, "row")]
-    if model.num_experts > 1:
-        shapes.append((h, model.num_experts, "none"))
-    return shapes
+    shapes = [(h, q // t, 1.0), (h, kv // t, 1.0), (h, kv // t, 1.0), (q // t, h, 1.0)]
+    if model.num_experts == 1:
+        return shapes + [(h, f // t, 1.0), (h, f // t, 1.0), (f // t, h, 1.0)]
+    share = 1.0 if etp == t else 1.0 / t
+    shapes += model.top_k * [(h, f // etp, share), (h, f // etp, share), (f // etp, h, share)]
+    return shapes + [(h, model.num_experts, 1.0 / t)]
 
 
 def seq1f1b_partition(model: ModelConfig, seq_len: int, k: int, *, multiple: int = 1) -> tuple[float, ...]:

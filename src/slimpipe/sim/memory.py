@@ -24,9 +24,10 @@ Every term is in bytes for one GPU of pipeline rank r (bf16 activations, flash a
 * **params_grads** 6 B/param (bf16 weight + fp32 main grad), **optimizer** 12 B/param sharded over the d·c
   GPUs holding the same shard. Vocab-parallel: the (tied) vocabulary matrix is sharded over t·p like the
   layers. Otherwise rank 0 holds the embedding and rank p−1 the output layer (V·h each) on top of L/p layers.
-  MoE (e > 1): dense weights over t, expert weights over e (expert-TP = 1, Megatron's EP layout with
-  experts spread inside the t·c·d GPUs of a stage); expert optimizer states over t·c·d/e replicas, which
-  makes the optimizer 12·P/(t·c·p·d) for dense and MoE alike.
+  MoE: dense weights over t, expert weights over expert-TP × e (expert-TP defaults to t, as Megatron's
+  ``expert_tensor_parallel_size``: with e = 1 the experts are sharded exactly like a dense MLP); expert
+  optimizer states over the t·c·d/(expert-TP·e) expert-data-parallel replicas, which makes the optimizer
+  12·P/(t·c·p·d) for dense and MoE alike.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
+from slimpipe.config import ParallelConfig
 from slimpipe.schedule.actions import Kind, Schedule
 from slimpipe.sim.workload import Workload
 
 __all__ = [
     "MemoryBreakdown", "memory_model", "activation_bytes_per_token", "peak_inflight", "params_per_gpu",
-    "unit_bytes", "GIB",
+    "params_on_gpu", "expert_dp", "unit_bytes", "GIB",
 ]
 
 GIB = float(1 << 30)
@@ -138,7 +140,7 @@ def _param_split(workload: Workload) -> tuple[float, float, float]:
     return float(dense), float(expert), float(vocab)
 
 
-def _params_on_gpu(workload: Workload, rank: int) -> tuple[float, float]:
+def params_on_gpu(workload: Workload, rank: int) -> tuple[float, float]:
     """(dense, expert) parameter counts held by one GPU of pipeline rank ``rank``."""
     par, model = workload.parallel, workload.model
     dense, expert, vocab = _param_split(workload)
@@ -151,12 +153,17 @@ def _params_on_gpu(workload: Workload, rank: int) -> tuple[float, float]:
         if rank == par.pp - 1:
             ends += model.hidden + (vh if (par.pp > 1 or not model.tie_embeddings) else 0.0)
         dense_gpu = (per_rank_layers * dense + ends) / par.tp
-    return dense_gpu, per_rank_layers * expert / par.ep
+    return dense_gpu, per_rank_layers * expert / (par.expert_tp * par.ep)
 
 
 def params_per_gpu(workload: Workload, rank: int) -> float:
     """Parameters held by one GPU of pipeline rank ``rank`` (dense shard + expert shard)."""
-    return sum(_params_on_gpu(workload, rank))
+    return sum(params_on_gpu(workload, rank))
+
+
+def expert_dp(par: ParallelConfig) -> float:
+    """Expert-data-parallel size: the GPUs of one stage holding the same expert shard, t·c·d/(etp·e)."""
+    return par.tp * par.cp * par.dp / (par.expert_tp * par.ep)
 
 
 def _output_bytes(workload: Workload, schedule: Schedule, rank: int) -> float:
@@ -217,12 +224,12 @@ def memory_model(workload: Workload, schedule: Schedule, *, inflight: Sequence[f
     keeps_kv = workload.recompute == "full" and schedule.num_slices > 1  # later slices need earlier K/V
     out = []
     for r in range(par.pp):
-        dense, expert = _params_on_gpu(workload, r)
+        dense, expert = params_on_gpu(workload, r)
         act = per_unit * peaks[r]
         out.append(MemoryBreakdown(
             rank=r,
             params_grads=6 * (dense + expert),
-            optimizer=12 * (dense / (par.cp * par.dp) + expert * par.ep / (par.tp * par.cp * par.dp)),
+            optimizer=12 * (dense / (par.cp * par.dp) + expert / expert_dp(par)),
             activations=(1 - alpha) * act,
             output=_output_bytes(workload, schedule, r),
             recomputed=recomputed,
