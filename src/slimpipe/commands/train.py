@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from slimpipe.sim.workload import RECOMPUTE_MODES
 from slimpipe.train.config import DATA_DTYPES, DEVICES, DTYPES, TrainConfig, field_docs, load_config_file
 
 __all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "train a model with a pipeline schedule (default: the embedded stdlib demo, 2 stages, SlimPipe)"
 
-_CHOICES = {"dtype": DTYPES, "device": DEVICES, "data_dtype": DATA_DTYPES}
+_CHOICES = {"dtype": DTYPES, "device": DEVICES, "data_dtype": DATA_DTYPES, "recompute": RECOMPUTE_MODES}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ parameter name), so every pipeline layout starts from identical weights.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -35,6 +35,17 @@ class LayerContext(Protocol):
     """Global position of the slice's first token (RoPE positions are global, not per slice)."""
     shared: dict[str, object]
     """Per-slice scratch shared by the layers of one stage (e.g. RoPE tables computed once per slice)."""
+    recompute: str
+    """Activation recompute mode of the run (none, partial, partial+fc1, full; slimpipe.sim.memory's
+    definitions). ``full`` is applied by the runtime around the whole block; a block that implements the
+    partial modes lists them in a ``recompute_modes`` class attribute and runs its regions through
+    :meth:`checkpoint`."""
+
+    def checkpoint(self, fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
+        """``fn(*args)`` whose saved tensors are dropped after the forward and replayed in the backward
+        (non-reentrant ``torch.utils.checkpoint``); a replay reads this slice's K/V prefix from the store
+        and never writes it."""
+        ...
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of the slice's queries over the K/V of this and all earlier slices.
@@ -97,11 +108,15 @@ def init_parameters(parts: DecoderParts, named: Iterable[tuple[str, nn.Parameter
 class PlainContext:
     """LayerContext of an unsliced, unpipelined forward (the reference): plain causal attention."""
 
-    __slots__ = ("start", "shared")
+    __slots__ = ("start", "shared", "recompute")
 
     def __init__(self) -> None:
         self.start = 0
         self.shared: dict[str, object] = {}
+        self.recompute = "none"
+
+    def checkpoint(self, fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
+        return fn(*args)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = nn.functional.scaled_dot_product_attention(

@@ -16,11 +16,9 @@ from torch import nn
 
 from slimpipe.config import ConfigError, ModelConfig
 from slimpipe.models.base import LayerContext
+from slimpipe.models.fused import rms_norm, swiglu
 
 __all__ = ["LlamaParts", "RMSNorm", "Attention", "MLP", "Block", "Head", "rope_tables", "apply_rope"]
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -29,9 +27,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float() if x.dtype in _LOW_PRECISION else x  # the mean of squares in fp32 at least
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return out.to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)  # statistics in fp32 at least; saves x and rstd only
 
 
 def rope_tables(start: int, length: int, head_dim: int, theta: float, *, device: torch.device,
@@ -66,6 +62,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.q_dim, cfg.hidden, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        return self.wo(self.core(x, ctx))
+
+    def core(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """Normalised x (b, t, h) -> attention output before the output projection (b, t, H·d)."""
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.heads, self.head_dim)
         k = self.wk(x).view(b, t, self.kv_heads, self.head_dim)
@@ -76,7 +76,7 @@ class Attention(nn.Module):
                                           dtype=x.dtype)
         cos, sin = ctx.shared[key]  # type: ignore[misc]
         out = ctx.attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)  # (b, t, H, d)
-        return self.wo(out.reshape(b, t, self.heads * self.head_dim))
+        return out.reshape(b, t, self.heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -88,12 +88,31 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
         self.w2 = nn.Linear(cfg.ffn, cfg.hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor, ctx: LayerContext | None = None) -> torch.Tensor:
+        """x (b, t, h); with ``ctx.recompute == "partial"`` the SwiGLU output is not kept but replayed."""
+        gate, up = self.w1(x), self.w3(x)  # (b, t, f) each: the SwiGLU input every mode but full keeps
+        if ctx is not None and ctx.recompute == "partial":
+            return ctx.checkpoint(self._down, gate, up)
+        return self._down(gate, up)
+
+    def _down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.w2(swiglu(gate, up))
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block."""
+    """Pre-norm decoder block.
+
+    Recompute modes (slimpipe.sim.memory's definitions; ``ctx.recompute``, replayed per slice through
+    ``ctx.checkpoint``), kept per token: ``none`` norm-1 input and output, Q, K, V, attention output,
+    norm-2 input and output, gate and up, SwiGLU output (6h + 2·d_kv + 3f elements); ``partial`` the same
+    without the SwiGLU output; ``partial+fc1`` norm-1 input and output, Q, K, V, attention output
+    (4h + 2·d_kv); ``full`` (applied by the runtime around the whole block) the block input. The
+    partial+fc1 region starts at the block input and the attention output, which norm-1 and the attention
+    keep anyway, so it keeps nothing of its own; its replay re-runs the output projection and the residual
+    add that rebuild norm-2's input, then norm-2, fc1 and SwiGLU (early stop before fc2).
+    """
+
+    recompute_modes = ("none", "partial", "partial+fc1", "full")
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -103,8 +122,15 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), ctx)
-        return x + self.mlp(self.mlp_norm(x))
+        a = self.attn.core(self.attn_norm(x), ctx)  # (b, t, H·d)
+        if ctx.recompute == "partial+fc1":
+            return ctx.checkpoint(self._rest, x, a)
+        return self._rest(x, a, ctx)
+
+    def _rest(self, x: torch.Tensor, a: torch.Tensor, ctx: LayerContext | None = None) -> torch.Tensor:
+        """Output projection, residual, norm-2, MLP, residual."""
+        x = x + self.attn.wo(a)
+        return x + self.mlp(self.mlp_norm(x), ctx)
 
 
 class Head(nn.Module):

@@ -185,8 +185,12 @@ class _Peer:
 class RankExchange:
     """One rank's exchange state: roles, marker handlers, hooks; ``channel`` None = local runtime."""
 
-    def __init__(self, schedule: Schedule, rank: int, channel: DistChannel | None) -> None:
+    def __init__(self, schedule: Schedule, rank: int, channel: DistChannel | None, *,
+                 replays_attention: bool = False) -> None:
         self.rank, self.channel = rank, channel
+        # Full recompute replays attention in the backward: an owner's replay trades with its backward
+        # partner first (forward request at the backward's volume), then the backward request.
+        self.replays_attention = replays_attention
         self.roles = rank_roles(schedule, rank)
         self.bounds: list[int] = []
         self._armed: set[Action] = set()
@@ -238,13 +242,12 @@ class RankExchange:
         t_o = self.bounds[j + 1] - self.bounds[j]
         return torch.Size([b, hk, heads // hk * t_o, d]), torch.Size([b, hk, self.bounds[role.volume], d])
 
-    def serve_forward(self, role: Role, q: torch.Tensor, k: torch.Tensor) -> None:
-        if self.channel is None:
-            return
-        qs, ks = self._request_shapes(role, q, k)
+    def serve_forward(self, role: Role, qs: torch.Size, ks: torch.Size, dtype: torch.dtype) -> None:
+        """Compute the owner's forward block (its own forward, or the replay inside its backward)."""
+        assert self.channel is not None
         with torch.no_grad():
             t0 = time.perf_counter()
-            msg = self.channel.recv((qs.numel() + 2 * ks.numel(),), q.dtype, role.partner)
+            msg = self.channel.recv((qs.numel() + 2 * ks.numel(),), dtype, role.partner)
             self.wait_s += time.perf_counter() - t0
             oq, ok, ov = _split(msg, qs, ks, ks)
             out, lse = block_forward(oq, ok, ov, None)
@@ -263,6 +266,11 @@ class RankExchange:
             self.served += 1
             self.channel.send(_flat(*block_backward(dout, oq, ok, ov, out, lse, None)), role.partner)
 
+    def serve_replay_and_backward(self, role: Role, qs: torch.Size, ks: torch.Size, dtype: torch.dtype) -> None:
+        """The owner replays its attention (full recompute) before it asks for the backward block."""
+        self.serve_forward(role, qs, ks, dtype)
+        self.serve_backward(role, qs, ks, dtype)
+
 
 def _table_rows(slice_kv, like: torch.Tensor) -> torch.Tensor | None:
     """Rows [start, end) x keys [0, end) of the rank's causal table (CPU "table" mode), else None."""
@@ -280,10 +288,17 @@ class _UnitHooks:
 
     def attend(self, layer_id: int, q: torch.Tensor, k_win: torch.Tensor,
                v_win: torch.Tensor) -> torch.Tensor:
+        """Every layer's attention of the unit; during a recompute replay (``slice_kv.replaying``, inside
+        the unit's backward) the forward partner is not involved: the attention is traded with the
+        backward partner at the backward's volume, and no request is served."""
         rx, sk, fr, br = self.rx, self.slice_kv, self.f_role, self.b_role
+        replay = sk.replaying
         fo = fr if fr is not None and fr.owner else None
         bo = br if br is not None and br.owner else None
-        if fo is not None or bo is not None:
+        owner = fo is not None or bo is not None
+        if replay:  # same autograd node as the forward (same saved tensors), the backward's trade
+            fo = bo
+        if owner:
             job = OwnerJob(start=sk.start, end=sk.end, fwd_tokens=rx.bounds[fo.volume] if fo else 0,
                            bwd_tokens=rx.bounds[bo.volume] if bo else 0,
                            fwd_peer=_Peer(rx, fo.partner) if fo else None,
@@ -292,20 +307,25 @@ class _UnitHooks:
             out = ExchangedAttention.apply(q, k_win, v_win, job)
         else:
             out = window_attention(q, k_win, v_win, sk.start, sk.store.masks, sk.store.bounds[-1])
+        if replay or rx.channel is None:
+            return out
         if fr is not None and not fr.owner:
-            rx.serve_forward(fr, q, k_win)
-        if br is not None and not br.owner and rx.channel is not None:
+            rx.serve_forward(fr, *rx._request_shapes(fr, q, k_win), q.dtype)
+        if br is not None and not br.owner:
+            serve = rx.serve_replay_and_backward if rx.replays_attention else rx.serve_backward
             qs, ks = rx._request_shapes(br, q, k_win)
-            out = ServeBackward.apply(out, functools.partial(rx.serve_backward, br, qs, ks, q.dtype))
+            out = ServeBackward.apply(out, functools.partial(serve, br, qs, ks, q.dtype))
         return out
 
 
-def dist_exchange(schedule: Schedule, state) -> RankExchange | None:  # state: ParallelState
-    """This process's exchange over ``state.exchange_group``, or None when the schedule has no markers."""
+def dist_exchange(schedule: Schedule, state, *,  # state: ParallelState
+                  replays_attention: bool = False) -> RankExchange | None:
+    """This process's exchange over ``state.exchange_group``, or None when the schedule has no markers.
+    ``replays_attention``: the run recomputes whole blocks (attention replayed in the backward)."""
     if not has_exchange(schedule):
         return None
     return RankExchange(schedule, state.pp_rank, DistChannel(state.exchange_group, state.global_rank,
-                                                             state.device))
+                                                             state.device), replays_attention=replays_attention)
 
 
 def local_exchange(schedule: Schedule, rank: int) -> RankExchange | None:

@@ -191,17 +191,19 @@ class ExchangedAttention(torch.autograd.Function):
         out, lse = block_forward(qg, k[:, :, n:], v[:, :, n:], job.mask(n, g, q))
         if pending is not None:
             out, lse = merge(out, lse, *pending.wait())
-        ctx.save_for_backward(q, k_win, v_win, out, lse)
+        res = ungroup(out, q.size(2)).contiguous()  # (b, t, H, d)
+        # Save the returned layout (the output projection saves this very storage), regroup in backward.
+        ctx.save_for_backward(q, k_win, v_win, res, lse)
         ctx.job = job
-        return ungroup(out, q.size(2)).contiguous()
+        return res
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
-        q, k_win, v_win, out, lse = ctx.saved_tensors
+        q, k_win, v_win, res, lse = ctx.saved_tensors
         job: OwnerJob = ctx.job
         hk = k_win.size(2)
         g = q.size(2) // hk
-        qg, dog = group_queries(q, hk), group_queries(dout, hk)
+        qg, dog, out = group_queries(q, hk), group_queries(dout, hk), group_queries(res, hk)
         k, v = k_win.transpose(1, 2), v_win.transpose(1, 2)
         n = job.bwd_tokens
         pending = job.bwd_peer.backward(dog, qg, out, lse, k[:, :, :n], v[:, :, :n]) if n else None

@@ -29,6 +29,7 @@ from slimpipe.runtime.exchange import RankExchange
 from slimpipe.runtime.kv import KVStore
 from slimpipe.runtime.memory import MemoryTracker
 from slimpipe.runtime.p2p import Transport
+from slimpipe.runtime.recompute import check_recompute
 from slimpipe.runtime.result import PipelineError, TraceEvent
 from slimpipe.runtime.vocab import VocabRuntime
 from slimpipe.runtime.stage import RankModel, StageInfo, slice_bounds, stage_forward
@@ -47,8 +48,11 @@ class RankExecutor:
     def __init__(self, *, rank: int, schedule: Schedule, model: RankModel, stages: list[StageInfo],
                  transport: Transport, hidden: int, device: torch.device, dtype: torch.dtype,
                  masks: MaskCache | None = None, exchange: RankExchange | None = None,
-                 vocab: VocabRuntime | None = None) -> None:
+                 vocab: VocabRuntime | None = None, recompute: str = "none") -> None:
         self.rank, self.schedule, self.model = rank, schedule, model
+        for block in model.layers.values():
+            check_recompute(recompute, block)
+        self.recompute = recompute  # activation recompute mode (runtime/recompute.py)
         self.program = schedule.ranks[rank]
         self.stages = {st.stage: st for st in stages}
         self.transport, self.hidden, self.device, self.dtype = transport, hidden, device, dtype
@@ -78,7 +82,7 @@ class RankExecutor:
         """tokens (m, s+1) on this rank's device; normaliser = tokens of the global batch."""
         self.step, self.tokens, self.normaliser = step, tokens, float(normaliser)
         self.bounds = slice_bounds(tokens.size(1) - 1, self.schedule.slice_fractions())
-        self.store = KVStore(self.bounds, self.masks)
+        self.store = KVStore(self.bounds, self.masks, self.recompute)
         if self.exchange is not None:
             self.exchange.begin_step(self.bounds)
         self._token_ptr = tokens.untyped_storage().data_ptr()

@@ -17,11 +17,14 @@ the end of a step.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from slimpipe.runtime.attention import KVWindow, MaskCache, window_attention
+from slimpipe.runtime.recompute import replayed
 
 __all__ = ["KVStore", "KVOrderError", "SliceKV"]
 
@@ -49,10 +52,12 @@ class _Entry:
 class KVStore:
     """K/V carry across slices for every (stage, micro-batch) of one rank."""
 
-    def __init__(self, bounds: list[int], masks: MaskCache) -> None:
+    def __init__(self, bounds: list[int], masks: MaskCache, recompute: str = "none") -> None:
         self.bounds = bounds  # token boundaries of the n slices: slice j = [bounds[j], bounds[j+1])
         self.n = len(bounds) - 1
         self.masks = masks
+        self.recompute = recompute  # activation recompute mode (runtime/recompute.py)
+        self.writes = 0  # slice-layer K/V writes this step: one per (F unit, layer), never by a replay
         self._entries: dict[tuple[int, int], _Entry] = {}
         self.buffer_ptrs: set[int] = set()  # storages of live K/V buffers (memory accounting)
         self.kv_bytes = 0  # bytes of live K/V buffers
@@ -152,14 +157,30 @@ class SliceKV:
         self.shared: dict[str, object] = {}
         # Attention-exchange hook (runtime/exchange.py) when this unit trades attention with a partner rank.
         self.exchange: object | None = None
+        self.replaying = False  # inside a recompute region's replay (during this unit's backward)
 
     def layer(self, layer_id: int) -> _LayerCtx:
         return _LayerCtx(self, layer_id)
+
+    def checkpoint(self, fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
+        """fn(*args) as a recompute region of this slice (LayerContext.checkpoint)."""
+        return replayed(fn, args, self._replay)
+
+    @contextmanager
+    def _replay(self) -> Iterator[None]:
+        self.replaying = True
+        try:
+            yield
+        finally:
+            self.replaying = False
 
     def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (b, t, H, d), k/v (b, t, H_kv, d) of this slice -> (b, t, H, d)."""
         if k.size(1) != self.end - self.start:
             raise ValueError(f"slice {self.j} has {self.end - self.start} tokens, attention got {k.size(1)}")
+        if self.replaying:
+            return self._replay_attend(layer_id, q)
+        self.store.writes += 1
         lk = self.entry.layers.setdefault(layer_id, _LayerKV())
         seq = self.store.bounds[-1]
         if lk.k is None:
@@ -181,6 +202,18 @@ class SliceKV:
         return window_attention(q, k_win, v_win, start, self.store.masks, seq)
 
 
+    def _replay_attend(self, layer_id: int, q: torch.Tensor) -> torch.Tensor:
+        """A replayed forward: the window as the forward wrote it, read from the store, nothing written;
+        the recomputed k, v equal the stored rows and are not needed."""
+        lk = self.entry.layers.get(layer_id)
+        if lk is None or lk.k is None or lk.v is None:
+            raise KVOrderError(f"replay of slice {self.j} layer {layer_id}: its K/V are not in the store")
+        k_win, v_win = lk.k[:, : self.end], lk.v[:, : self.end]  # views: (b, end, H_kv, d)
+        if self.exchange is not None:
+            return self.exchange.attend(layer_id, q, k_win, v_win)  # type: ignore[attr-defined]
+        return window_attention(q, k_win, v_win, self.start, self.store.masks, self.store.bounds[-1])
+
+
 def _handed(lk: _LayerKV, which: str, start: int, end: int) -> torch.Tensor | None:
     acc = getattr(lk, which)
     return None if acc is None else acc[:, start:end]
@@ -189,12 +222,16 @@ def _handed(lk: _LayerKV, which: str, start: int, end: int) -> torch.Tensor | No
 class _LayerCtx:
     """LayerContext (slimpipe.models.base) of one layer within one slice."""
 
-    __slots__ = ("_slice", "_layer", "start", "shared")
+    __slots__ = ("_slice", "_layer", "start", "shared", "recompute")
 
     def __init__(self, slice_kv: SliceKV, layer_id: int) -> None:
         self._slice, self._layer = slice_kv, layer_id
         self.start = slice_kv.start
         self.shared = slice_kv.shared
+        self.recompute = slice_kv.store.recompute
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self._slice.attend(self._layer, q, k, v)
+
+    def checkpoint(self, fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
+        return self._slice.checkpoint(fn, *args)

@@ -46,7 +46,8 @@ class LocalPipelineRuntime(StepLoop):
     def __init__(self, model: ModelConfig | DecoderParts, schedule: Schedule, *,
                  dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu",
                  optim: OptimConfig | None = None, check_schedule: bool = True,
-                 mask_mode: str = "auto", attn_balance: int = 0, vocab_parallel: bool = False) -> None:
+                 mask_mode: str = "auto", attn_balance: int = 0, vocab_parallel: bool = False,
+                 recompute: str = "none") -> None:
         self.parts = as_parts(model)
         self.vocab_parallel = vocab_parallel  # embedding/head sharded over all ranks (docs/vocab_parallel.md)
         self.device = torch.device(device)
@@ -73,6 +74,7 @@ class LocalPipelineRuntime(StepLoop):
                 rank=r, schedule=self.schedule, model=model, stages=stages,
                 transport=LocalTransport(self.hub, r), hidden=self.parts.hidden, device=self.device,
                 dtype=dtype, masks=masks, exchange=local_exchange(self.schedule, r), vocab=vocab,
+                recompute=recompute,
             ))
         self.vocab_layout = None if not vocab_parallel else VocabLayout(
             vocab=self.parts.vocab_size, members=tuple(zip(self.models, shards)), gather=list)

@@ -87,7 +87,7 @@ class PipelineRuntime(StepLoop):
     def __init__(self, model: ModelConfig | DecoderParts, schedule: Schedule, state: ParallelState, *,
                  dtype: torch.dtype = torch.float32, seed: int = 0, optim: OptimConfig | None = None,
                  check_schedule: bool = True, mask_mode: str = "auto", attn_balance: int = 0,
-                 vocab_parallel: bool = False) -> None:
+                 vocab_parallel: bool = False, recompute: str = "none") -> None:
         self.parts = as_parts(model)
         self.state = state
         self.vocab_parallel = vocab_parallel  # embedding/head sharded over all ranks (docs/vocab_parallel.md)
@@ -112,7 +112,8 @@ class PipelineRuntime(StepLoop):
         self.executor = RankExecutor(
             rank=state.pp_rank, schedule=self.schedule, model=self.model, stages=self.stages,
             transport=DistTransport(state), hidden=self.parts.hidden, device=state.device, dtype=dtype,
-            masks=MaskCache(mask_mode), exchange=dist_exchange(self.schedule, state), vocab=self.vocab,
+            masks=MaskCache(mask_mode), vocab=self.vocab, recompute=recompute,
+            exchange=dist_exchange(self.schedule, state, replays_attention=recompute == "full"),
         )
         self.step = 0
 

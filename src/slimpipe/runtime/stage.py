@@ -124,8 +124,10 @@ def stage_forward(model: RankModel, info: StageInfo, inp: torch.Tensor, slice_kv
                   normaliser: float) -> torch.Tensor:
     """One stage over one slice: ids (b, t) or hidden (b, t, h) -> hidden (b, t, h) or the slice's loss."""
     x = model.embed(inp) if info.first else inp
+    full = slice_kv.store.recompute == "full"  # the whole block is a recompute region (any block type)
     for i in info.layers:
-        x = model.layers[str(i)](x, slice_kv.layer(i))
+        block, ctx = model.layers[str(i)], slice_kv.layer(i)
+        x = slice_kv.checkpoint(block, x, ctx) if full else block(x, ctx)
     if info.last:
         assert labels is not None
         return _loss(model, x, labels, normaliser)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimpipe.config import ConfigError
+from slimpipe.sim.workload import RECOMPUTE_MODES
 
 __all__ = ["TrainConfig", "load_config_file", "field_docs", "DTYPES", "DEVICES", "DATA_DTYPES"]
 
@@ -60,6 +61,9 @@ class TrainConfig:
     """Shard the embedding and output layer over all pipeline ranks (VE/VH/VB collectives per slice,
     docs/vocab_parallel.md): saves the end stages' vocabulary memory; pays off when V·h is large
     against a stage's layers."""
+    recompute: str = "none"
+    """Activation recompute per slice: none, partial (SwiGLU), partial+fc1 (output projection, norm-2,
+    fc1, SwiGLU) or full (the whole block; K/V stay in the store): the simulator's modes (docs/runtime.md)."""
     # --- optimisation ---------------------------------------------------------------------------
     steps: int = 12
     """Optimizer steps in the whole run (a resumed run continues up to this number)."""
@@ -122,7 +126,8 @@ class TrainConfig:
             val = getattr(self, f)
             if not isinstance(val, int) or isinstance(val, bool) or val < 0:
                 raise ConfigError(f"--{_flag(f)}={val!r} must be a non-negative integer")
-        for f, allowed in (("dtype", DTYPES), ("device", DEVICES), ("data_dtype", DATA_DTYPES)):
+        for f, allowed in (("dtype", DTYPES), ("device", DEVICES), ("data_dtype", DATA_DTYPES),
+                           ("recompute", RECOMPUTE_MODES)):
             if getattr(self, f) not in allowed:
                 raise ConfigError(f"--{_flag(f)}={getattr(self, f)!r} is unknown: use one of {', '.join(allowed)}")
         if not self.lr > 0:

@@ -107,11 +107,12 @@ def _build_runtime(prep: Prepared, device: torch.device) -> tuple[Any, int]:
     dtype = _DTYPES[cfg.dtype]
     if cfg.local_pipeline:
         rt = LocalPipelineRuntime(prep.model, prep.schedule, dtype=dtype, seed=cfg.seed, device=device, optim=optim,
-                                  attn_balance=cfg.attn_balance, vocab_parallel=cfg.vocab_parallel)
+                                  attn_balance=cfg.attn_balance, vocab_parallel=cfg.vocab_parallel,
+                                  recompute=cfg.recompute)
         return rt, 0
     state = ParallelState.create(pp=cfg.pp, dp=cfg.dp, timeout_s=cfg.timeout)
     rt = PipelineRuntime(prep.model, prep.schedule, state, dtype=dtype, seed=cfg.seed, optim=optim,
-                         attn_balance=cfg.attn_balance, vocab_parallel=cfg.vocab_parallel)
+                         attn_balance=cfg.attn_balance, vocab_parallel=cfg.vocab_parallel, recompute=cfg.recompute)
     return rt, state.dp_rank
 
 
@@ -244,7 +245,7 @@ def _header(prep: Prepared, world: int, device: torch.device, start: int, peak: 
         f"slimpipe train: {mdl.name} ({mdl.num_params() / 1e6:.1f}M params, L={mdl.num_layers} h={mdl.hidden}) "
         f"on {prep.data.name}",
         f"  layout pp={cfg.pp} dp={cfg.dp} vpp={cfg.vpp} slices={cfg.slices} schedule={cfg.schedule} "
-        f"m={cfg.microbatches} | seq {cfg.seq_len} × batch {cfg.global_batch} = "
+        f"m={cfg.microbatches}{_memory_flags(cfg)} | seq {cfg.seq_len} × batch {cfg.global_batch} = "
         f"{cfg.seq_len * cfg.global_batch:,} tokens/step | {cfg.dtype}",
         f"  {world} process(es) on {device.type}, {torch.get_num_threads()} thread(s) each | peak "
         f"{peak / 1e12:.3g} TFLOP/s per process ({how}) | out {cfg.out_dir}",
@@ -254,6 +255,10 @@ def _header(prep: Prepared, world: int, device: torch.device, start: int, peak: 
     if start:
         lines.append(f"  resumed from {prep.resume_dir} at step {start}")
     return "\n".join(lines)
+
+
+def _memory_flags(cfg: Any) -> str:
+    return f" recompute={cfg.recompute}" if cfg.recompute != "none" else ""
 
 
 def _publish(prep: Prepared, logger: StepLogger, config_partial: Path, trace: list[dict[str, Any]] | None) -> None:
