@@ -28,6 +28,7 @@ from slimpipe.runtime.attention import MaskCache
 from slimpipe.runtime.exchange import RankExchange
 from slimpipe.runtime.kv import KVStore
 from slimpipe.runtime.memory import MemoryTracker
+from slimpipe.runtime.offload import OffloadConfig, Offloader
 from slimpipe.runtime.p2p import Transport
 from slimpipe.runtime.recompute import check_recompute
 from slimpipe.runtime.result import PipelineError, TraceEvent
@@ -48,7 +49,8 @@ class RankExecutor:
     def __init__(self, *, rank: int, schedule: Schedule, model: RankModel, stages: list[StageInfo],
                  transport: Transport, hidden: int, device: torch.device, dtype: torch.dtype,
                  masks: MaskCache | None = None, exchange: RankExchange | None = None,
-                 vocab: VocabRuntime | None = None, recompute: str = "none") -> None:
+                 vocab: VocabRuntime | None = None, recompute: str = "none",
+                 offload: OffloadConfig | None = None) -> None:
         self.rank, self.schedule, self.model = rank, schedule, model
         for block in model.layers.values():
             check_recompute(recompute, block)
@@ -71,6 +73,10 @@ class RankExecutor:
             self.handlers.update(vocab.bind(self))
         self._param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.tracker = MemoryTracker(self._excluded)
+        # Activation offload (runtime/offload.py): boxes saved tensors, copies them out after F and back
+        # one backward ahead; None when α = 0.
+        self.offload = None if offload is None or not offload.ratio else Offloader(
+            offload, self.program, device, self.tracker.moved_out)
         self.store: KVStore | None = None
         self.step = 0
         self.trace: list[TraceEvent] = []
@@ -92,6 +98,8 @@ class RankExecutor:
         self._to_send_b: dict[Unit, torch.Tensor] = {}
         self._douts: dict[Unit, torch.Tensor] = {}
         self.tracker.reset()
+        if self.offload is not None:
+            self.offload.begin_step()
         self.trace, self.busy_s, self.executed = [], 0.0, 0
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         if self.vocab is not None:
@@ -120,6 +128,8 @@ class RankExecutor:
             if left:
                 raise RuntimeError(f"tensors left over at the end of the step: {left}")
             self.transport.finish()
+            if self.offload is not None:
+                self.offload.end_step()
             if self.exchange is not None:
                 self.exchange.end_step()
         except Exception as exc:
@@ -145,7 +155,7 @@ class RankExecutor:
             self.busy_s += t1 - t0
         self.executed += 1
         assert self.store is not None
-        self.tracker.sample(*self.store.nbytes())
+        self.tracker.sample(*self.store.nbytes(), self.offload.buffer_bytes() if self.offload else 0)
 
     def _error(self, idx: int, action: Action | None, exc: BaseException) -> PipelineError:
         what = f"action {idx} ({action})" if action is not None else "the end-of-step check"
@@ -186,8 +196,12 @@ class RankExecutor:
         slice_kv = self.store.begin_forward(a.stage, mb, j)
         if self.exchange is not None:
             self.exchange.on_forward(a, slice_kv)
-        with self.tracker.saving(unit):
+        if self.offload is not None:  # the next backward's activations start coming back
+            self.offload.before_forward(unit)
+        with self.tracker.saving(unit, self.offload):
             out = stage_forward(self.model, info, inp, slice_kv, labels, self.normaliser)
+        if self.offload is not None:  # the input stays held for its .grad: moving it would free nothing
+            self.offload.after_forward(unit, keep=set() if leaf is None else {leaf.untyped_storage().data_ptr()})
         self._held[unit] = (leaf, out)
         if info.last:
             self.loss_sum += out.detach().double()
@@ -209,12 +223,16 @@ class RankExecutor:
         if self.exchange is not None:
             self.exchange.on_backward(a)
         leaf, out = self._held.pop(unit)
+        if not info.last and unit not in self._douts:
+            raise RuntimeError(f"no output gradient for {a}: its RECV_B (or downstream B) has not run")
+        if self.offload is not None:  # this unit's activations back; the next backward's prefetched
+            self.offload.before_backward(unit)
         if info.last:
             torch.autograd.backward(out)  # the slice's loss, already scaled by 1/normaliser
         else:
-            if unit not in self._douts:
-                raise RuntimeError(f"no output gradient for {a}: its RECV_B (or downstream B) has not run")
             torch.autograd.backward(out, self._douts.pop(unit))
+        if self.offload is not None:
+            self.offload.after_backward(unit)
         self.store.end_backward(a.stage, a.microbatch, a.seq_slice)
         self.tracker.release(unit)
         if leaf is None:

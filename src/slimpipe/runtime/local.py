@@ -25,6 +25,7 @@ from slimpipe.models.base import DecoderParts
 from slimpipe.runtime.attention import MaskCache
 from slimpipe.runtime.exchange import local_exchange, with_exchange
 from slimpipe.runtime.executor import RankExecutor
+from slimpipe.runtime.offload import OffloadConfig, as_offload
 from slimpipe.runtime.optim import OptimConfig, build_optimizer, squared_norm
 from slimpipe.runtime.p2p import LocalHub, LocalTransport
 from slimpipe.runtime.pipeline import check_tokens, executor_stats, prepare_schedule, reduce_step_stats
@@ -47,7 +48,8 @@ class LocalPipelineRuntime(StepLoop):
                  dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu",
                  optim: OptimConfig | None = None, check_schedule: bool = True,
                  mask_mode: str = "auto", attn_balance: int = 0, vocab_parallel: bool = False,
-                 recompute: str = "none") -> None:
+                 recompute: str = "none",
+                 offload: float | OffloadConfig = 0.0) -> None:
         self.parts = as_parts(model)
         self.vocab_parallel = vocab_parallel  # embedding/head sharded over all ranks (docs/vocab_parallel.md)
         self.device = torch.device(device)
@@ -74,7 +76,7 @@ class LocalPipelineRuntime(StepLoop):
                 rank=r, schedule=self.schedule, model=model, stages=stages,
                 transport=LocalTransport(self.hub, r), hidden=self.parts.hidden, device=self.device,
                 dtype=dtype, masks=masks, exchange=local_exchange(self.schedule, r), vocab=vocab,
-                recompute=recompute,
+                recompute=recompute, offload=as_offload(offload),
             ))
         self.vocab_layout = None if not vocab_parallel else VocabLayout(
             vocab=self.parts.vocab_size, members=tuple(zip(self.models, shards)), gather=list)

@@ -20,6 +20,7 @@ from slimpipe.models.base import DecoderParts
 from slimpipe.runtime.attention import MaskCache
 from slimpipe.runtime.exchange import dist_exchange, with_exchange
 from slimpipe.runtime.executor import RankExecutor
+from slimpipe.runtime.offload import OffloadConfig, as_offload
 from slimpipe.runtime.optim import OptimConfig, build_optimizer, squared_norm
 from slimpipe.runtime.p2p import DistTransport
 from slimpipe.runtime.parallel_state import ParallelState
@@ -63,7 +64,8 @@ def check_tokens(tokens: torch.Tensor, schedule: Schedule) -> None:
 
 def reduce_step_stats(values: list[list[float]], trace, loss: float, grad_norm: float,
                       cuda: bool) -> StepResult:
-    """values[r] = [peak_total, peak_kv, peak_saved, busy_s, elapsed_s, cuda_max] of pipeline rank r."""
+    """values[r] = [peak_total, peak_kv, peak_saved, busy_s, elapsed_s, cuda_max, peak_offloaded,
+    offload copy_s, offload exposed_s] of pipeline rank r."""
     step_time = max(v[4] for v in values)
     busy = [v[3] for v in values]
     return StepResult(
@@ -72,13 +74,17 @@ def reduce_step_stats(values: list[list[float]], trace, loss: float, grad_norm: 
         peak_saved_bytes=[int(v[2]) for v in values], busy_s=busy,
         bubble_ratio=1.0 - sum(busy) / (len(values) * step_time) if step_time > 0 else 0.0,
         cuda_max_allocated=[int(v[5]) for v in values] if cuda else None,
+        peak_offloaded_bytes=[int(v[6]) for v in values],
+        offload_copy_s=[v[7] for v in values], offload_exposed_s=[v[8] for v in values],
     )
 
 
 def executor_stats(ex: RankExecutor, elapsed: float) -> list[float]:
     pk = ex.tracker.peaks()
     cuda = torch.cuda.max_memory_allocated(ex.device) if ex.device.type == "cuda" else 0
-    return [float(pk.total), float(pk.kv), float(pk.saved), ex.busy_s, elapsed, float(cuda)]
+    copy_s, exposed_s = ex.offload.copy_seconds() if ex.offload is not None else (0.0, 0.0)
+    return [float(pk.total), float(pk.kv), float(pk.saved), ex.busy_s, elapsed, float(cuda),
+            float(pk.offloaded), copy_s, exposed_s]
 
 
 class PipelineRuntime(StepLoop):
@@ -87,7 +93,8 @@ class PipelineRuntime(StepLoop):
     def __init__(self, model: ModelConfig | DecoderParts, schedule: Schedule, state: ParallelState, *,
                  dtype: torch.dtype = torch.float32, seed: int = 0, optim: OptimConfig | None = None,
                  check_schedule: bool = True, mask_mode: str = "auto", attn_balance: int = 0,
-                 vocab_parallel: bool = False, recompute: str = "none") -> None:
+                 vocab_parallel: bool = False, recompute: str = "none",
+                 offload: float | OffloadConfig = 0.0) -> None:
         self.parts = as_parts(model)
         self.state = state
         self.vocab_parallel = vocab_parallel  # embedding/head sharded over all ranks (docs/vocab_parallel.md)
@@ -112,7 +119,7 @@ class PipelineRuntime(StepLoop):
         self.executor = RankExecutor(
             rank=state.pp_rank, schedule=self.schedule, model=self.model, stages=self.stages,
             transport=DistTransport(state), hidden=self.parts.hidden, device=state.device, dtype=dtype,
-            masks=MaskCache(mask_mode), vocab=self.vocab, recompute=recompute,
+            masks=MaskCache(mask_mode), vocab=self.vocab, recompute=recompute, offload=as_offload(offload),
             exchange=dist_exchange(self.schedule, state, replays_attention=recompute == "full"),
         )
         self.step = 0

@@ -39,7 +39,8 @@ class StepResult:
     trace: list[TraceEvent]
     """Executed actions in order: this rank's (distributed) or every rank's (local runtime)."""
     peak_activation_bytes: list[int]
-    """Per pipeline rank: peak of saved activations + K/V buffers + dK/dV accumulators."""
+    """Per pipeline rank: peak of resident saved activations + K/V buffers + dK/dV accumulators (+ offload
+    restore buffers): the device memory activations hold."""
     peak_kv_bytes: list[int]
     """Per pipeline rank: peak of K/V buffers + dK/dV accumulators."""
     peak_saved_bytes: list[int]
@@ -50,3 +51,9 @@ class StepResult:
     """1 − Σ busy / (p · step_time_s)."""
     cuda_max_allocated: list[int] | None
     """Per pipeline rank torch.cuda.max_memory_allocated (local runtime: one entry, the whole process)."""
+    peak_offloaded_bytes: list[int] | None = None
+    """Per pipeline rank: peak saved-activation bytes held in host memory (activation offload; 0 without)."""
+    offload_copy_s: list[float] | None = None
+    """Per pipeline rank: seconds of offload copies (CUDA: side-stream time; CPU: synchronous copies)."""
+    offload_exposed_s: list[float] | None = None
+    """Per pipeline rank: seconds compute waited for offload copies (CPU: all of them, nothing overlaps)."""

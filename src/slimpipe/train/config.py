@@ -64,6 +64,11 @@ class TrainConfig:
     recompute: str = "none"
     """Activation recompute per slice: none, partial (SwiGLU), partial+fc1 (output projection, norm-2,
     fc1, SwiGLU) or full (the whole block; K/V stay in the store): the simulator's modes (docs/runtime.md)."""
+    offload: float = 0.0
+    """α: fraction of each unit's saved activations moved to host memory after its forward and prefetched
+    back before its backward, in [0, 1) (docs/runtime.md "Activation offload")."""
+    offload_min_bytes: int = 1 << 20
+    """Saved tensors smaller than this are never offloaded (the official threshold, 1 MiB)."""
     # --- optimisation ---------------------------------------------------------------------------
     steps: int = 12
     """Optimizer steps in the whole run (a resumed run continues up to this number)."""
@@ -122,7 +127,7 @@ class TrainConfig:
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ConfigError(f"--{_flag(f)}={val!r} must be a positive integer")
         for f in ("nproc", "threads", "lr_warmup", "checkpoint_every", "keep_checkpoints", "seed",
-                  "attn_balance"):
+                  "attn_balance", "offload_min_bytes"):
             val = getattr(self, f)
             if not isinstance(val, int) or isinstance(val, bool) or val < 0:
                 raise ConfigError(f"--{_flag(f)}={val!r} must be a non-negative integer")
@@ -136,6 +141,8 @@ class TrainConfig:
             raise ConfigError(f"--min-lr-ratio={self.min_lr_ratio!r} must be in [0, 1]")
         if self.timeout < 5:
             raise ConfigError(f"--timeout={self.timeout!r} is too short: use ≥ 5 seconds")
+        if not 0.0 <= self.offload < 1.0:
+            raise ConfigError(f"--offload={self.offload!r} must be in [0, 1): it is the offloaded fraction α")
         if self.local_pipeline and self.dp != 1:
             raise ConfigError(f"--local-pipeline runs one pipeline (got dp={self.dp}): use --dp 1")
 

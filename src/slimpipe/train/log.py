@@ -54,6 +54,9 @@ def measure_peak_flops(dtype: Any, device: Any) -> tuple[float, str]:
 def format_step(rec: dict[str, Any], steps: int) -> str:
     """One torchtitan-style line."""
     act = ", ".join(f"{b / MIB:.1f}" for b in rec["peak_activation_bytes"])
+    off = rec.get("peak_offloaded_bytes") or []
+    if any(off):  # activation offload: resident bytes above, host bytes here
+        act += "] MiB  offloaded [" + ", ".join(f"{b / MIB:.1f}" for b in off)
     width = len(str(steps))
     return (
         f"step {rec['step']:>{width}}/{steps}  loss {rec['loss']:.4f}  grad_norm {rec['grad_norm']:.3f}  "

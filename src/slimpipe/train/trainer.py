@@ -103,16 +103,18 @@ def _build_runtime(prep: Prepared, device: torch.device) -> tuple[Any, int]:
     from slimpipe.runtime import LocalPipelineRuntime, OptimConfig, ParallelState, PipelineRuntime
 
     cfg = prep.cfg
+    from slimpipe.runtime.offload import OffloadConfig
+
     optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip)
+    memory = dict(recompute=cfg.recompute, offload=OffloadConfig(ratio=cfg.offload, min_bytes=cfg.offload_min_bytes))
     dtype = _DTYPES[cfg.dtype]
     if cfg.local_pipeline:
         rt = LocalPipelineRuntime(prep.model, prep.schedule, dtype=dtype, seed=cfg.seed, device=device, optim=optim,
-                                  attn_balance=cfg.attn_balance, vocab_parallel=cfg.vocab_parallel,
-                                  recompute=cfg.recompute)
+                                  attn_balance=cfg.attn_balance, vocab_parallel=cfg.vocab_parallel, **memory)
         return rt, 0
     state = ParallelState.create(pp=cfg.pp, dp=cfg.dp, timeout_s=cfg.timeout)
     rt = PipelineRuntime(prep.model, prep.schedule, state, dtype=dtype, seed=cfg.seed, optim=optim,
-                         attn_balance=cfg.attn_balance, vocab_parallel=cfg.vocab_parallel, recompute=cfg.recompute)
+                         attn_balance=cfg.attn_balance, vocab_parallel=cfg.vocab_parallel, **memory)
     return rt, state.dp_rank
 
 
@@ -145,6 +147,7 @@ class _Meter:
             "mfu_dense": self.fpt_dense * tps / (self.world * self.peak), "bubble_ratio": res.bubble_ratio,
             "peak_activation_bytes": [int(b) for b in res.peak_activation_bytes],
             "peak_kv_bytes": [int(b) for b in res.peak_kv_bytes],
+            "peak_offloaded_bytes": [int(b) for b in res.peak_offloaded_bytes or ()],
             "max_allocated_bytes": res.cuda_max_allocated, "elapsed_s": time.perf_counter() - self.t0,
         }
 
@@ -258,7 +261,8 @@ def _header(prep: Prepared, world: int, device: torch.device, start: int, peak: 
 
 
 def _memory_flags(cfg: Any) -> str:
-    return f" recompute={cfg.recompute}" if cfg.recompute != "none" else ""
+    out = f" recompute={cfg.recompute}" if cfg.recompute != "none" else ""
+    return out + (f" offload={cfg.offload:g}" if cfg.offload else "")
 
 
 def _publish(prep: Prepared, logger: StepLogger, config_partial: Path, trace: list[dict[str, Any]] | None) -> None:
