@@ -24,19 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from slimpipe.config import ModelConfig
 from slimpipe.runtime import ParallelState, PipelineRuntime
+from slimpipe.runtime.forked import run_forked
 from slimpipe.schedule.actions import Kind
 from slimpipe.schedule.builders import build
 from slimpipe.schedule.exchange import exchanges
@@ -94,34 +91,29 @@ def _step(rt: PipelineRuntime, tokens: torch.Tensor, state: ParallelState,
             "cpu_s": [float(x[4]) for x in allr]}
 
 
-def _rank(rank: int, world: int, store: str, out_dir: str, args: argparse.Namespace) -> None:
-    torch.set_num_threads(1)  # single-threaded ranks (and libgomp after fork needs it)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=args.timeout))
-    try:
-        state = ParallelState.create(pp=world, dp=1, timeout_s=args.timeout)
-        sched = build("slimpipe", p=world, m=args.microbatches, n=args.slices, v=args.vpp, warmup=args.warmup)
-        cfg = _model(args)
-        configs = [0, *args.thresholds]
-        rts = {t: PipelineRuntime(cfg, sched, state, dtype=torch.float32, seed=0, attn_balance=t)
-               for t in configs}
-        unit_cpu: dict[str, float] = {}
-        for rt in rts.values():
-            _time_units(rt.executor, unit_cpu)
-        gen = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, 256, (args.microbatches, args.seq + 1), generator=gen)
-        rows = []
-        for rnd in range(args.rounds + 1):  # round 0 warms up (allocator, kernels) and is dropped
-            for t in configs:
-                row = _step(rts[t], tokens, state, unit_cpu)
-                if rnd > 0:
-                    rows.append({"threshold": t, "round": rnd, **row})
-        if rank == 0:
-            pairs = {t: len(exchanges(rts[t].schedule)) for t in configs}
-            with open(os.path.join(out_dir, "rows.json"), "w") as f:
-                json.dump({"rows": rows, "exchanges": pairs}, f)
-    finally:
-        dist.destroy_process_group()
+def _rank(rank: int, world: int, args: argparse.Namespace) -> dict | None:
+    """One gloo rank (slimpipe.runtime.forked: single-threaded, FileStore); rank 0 returns the rows."""
+    state = ParallelState.create(pp=world, dp=1, timeout_s=args.timeout)
+    sched = build("slimpipe", p=world, m=args.microbatches, n=args.slices, v=args.vpp, warmup=args.warmup)
+    cfg = _model(args)
+    configs = [0, *args.thresholds]
+    rts = {t: PipelineRuntime(cfg, sched, state, dtype=torch.float32, seed=0, attn_balance=t)
+           for t in configs}
+    unit_cpu: dict[str, float] = {}
+    for rt in rts.values():
+        _time_units(rt.executor, unit_cpu)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (args.microbatches, args.seq + 1), generator=gen)
+    rows = []
+    for rnd in range(args.rounds + 1):  # round 0 warms up (allocator, kernels) and is dropped
+        for t in configs:
+            row = _step(rts[t], tokens, state, unit_cpu)
+            if rnd > 0:
+                rows.append({"threshold": t, "round": rnd, **row})
+    if rank != 0:
+        return None
+    pairs = {t: len(exchanges(rts[t].schedule)) for t in configs}
+    return {"rows": rows, "exchanges": pairs}
 
 
 def _summary(data: dict, args: argparse.Namespace) -> list[dict]:
@@ -225,12 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sim:
         sys.stdout.write(simulated_table(args.thresholds))
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.time()
-        mp.start_processes(_rank, args=(args.pp, os.path.join(tmp, "store"), tmp, args), nprocs=args.pp,
-                           start_method="fork", join=True)
-        with open(os.path.join(tmp, "rows.json")) as f:
-            data = json.load(f)
+    t0 = time.time()
+    data = run_forked(_rank, args.pp, args, timeout_s=args.timeout)[0]
     summary = _summary(data, args)
     sys.stdout.write(_table(summary, args) + f"(wall {time.time() - t0:.0f} s)\n")
     if args.json:

@@ -14,17 +14,13 @@ runtime: same accounting, plus the process's torch.cuda.max_memory_allocated per
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from slimpipe.config import ParallelConfig, load_model
 from slimpipe.runtime import ParallelState, PipelineRuntime
+from slimpipe.runtime.forked import run_forked
 from slimpipe.schedule.builders import build
 from slimpipe.sim import Workload, memory_model
 
@@ -71,22 +67,16 @@ def _run_local(args: argparse.Namespace) -> dict:
     return results
 
 
-def _worker(rank: int, world: int, store: str, out_dir: str, args: argparse.Namespace) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=600))
-    try:
-        state = ParallelState.create(pp=world, dp=1, timeout_s=600.0)
-        cfg = load_model(args.model, num_layers=args.layers)
-        results = {}
-        for label, name, n, v, warmup in _rows(args):
-            sched = build(name, p=world, m=args.microbatches, n=n, v=v, warmup=warmup)
-            rt = PipelineRuntime(cfg, sched, state, dtype=getattr(torch, args.dtype))
-            results[label] = _measure(rt, _tokens(args, cfg.vocab_size))
-        if rank == 0:
-            torch.save(results, os.path.join(out_dir, "results.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, args: argparse.Namespace) -> dict:
+    """One gloo rank (slimpipe.runtime.forked: single-threaded, FileStore): every row's measurement."""
+    state = ParallelState.create(pp=world, dp=1, timeout_s=600.0)
+    cfg = load_model(args.model, num_layers=args.layers)
+    results = {}
+    for label, name, n, v, warmup in _rows(args):
+        sched = build(name, p=world, m=args.microbatches, n=n, v=v, warmup=warmup)
+        rt = PipelineRuntime(cfg, sched, state, dtype=getattr(torch, args.dtype))
+        results[label] = _measure(rt, _tokens(args, cfg.vocab_size))
+    return results
 
 
 def _predicted(args: argparse.Namespace, name: str, n: int, v: int, warmup: str) -> float:
@@ -116,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(1)  # 2 OpenMP threads on a shared 2-core machine spin-wait (50× slower)
         results = _run_local(args)
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(_worker, args=(args.pp, os.path.join(tmp, "store"), tmp, args), nprocs=args.pp,
-                               start_method="fork", join=True)
-            results = torch.load(os.path.join(tmp, "results.pt"))
+        results = run_forked(_worker, args.pp, args, timeout_s=600.0)[0]
     base_saved = results["1f1b"][0][0]
     base_pred = _predicted(args, "1f1b", 1, 1, "auto")
     print(f"model {args.model}, p={args.pp}, m={args.microbatches}, s={args.seq}, {args.dtype}; MiB per "

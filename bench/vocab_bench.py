@@ -16,11 +16,8 @@ the configurations in SIM_ROWS. Reproduce the BENCHMARKS.md tables with::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
-from datetime import timedelta
 
 import torch
 
@@ -74,38 +71,26 @@ def measure_local(args: argparse.Namespace) -> dict[bool, dict[str, list[float]]
                  "busy": [min(b) for b in busy[vp]]} for vp, rt in rts.items()}
 
 
-def _gloo_child(rank: int, world: int, store: str, out_dir: str, args: argparse.Namespace) -> None:
-    import torch.distributed as dist
-
+def _gloo_rank(rank: int, world: int, args: argparse.Namespace) -> dict[bool, float]:
+    """One gloo rank (slimpipe.runtime.forked: single-threaded, FileStore): median step time off/on."""
     from slimpipe.runtime import ParallelState, PipelineRuntime
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=900))
-    try:
-        state = ParallelState.create(pp=world, dp=1, timeout_s=900.0)
-        cfg = load_model(args.model, vocab_size=args.vocab_size, num_layers=args.layers)
-        sched = build(args.schedule, p=world, m=args.microbatches, n=args.slices, v=args.vpp)
-        rts = {vp: PipelineRuntime(cfg, sched, state, dtype=getattr(torch, args.dtype), vocab_parallel=vp)
-               for vp in (False, True)}
-        steps: dict[bool, list[float]] = {vp: [] for vp in rts}
-        for s in range(args.steps + 1):  # alternate off/on; step 0 warms up
-            for vp, rt in rts.items():
-                steps[vp].append(rt.train_step(_tokens(args, cfg.vocab_size, s)).step_time_s)
-        times = {vp: statistics.median(t[1:]) for vp, t in steps.items()}
-        if rank == 0:
-            torch.save(times, os.path.join(out_dir, "times.pt"))
-    finally:
-        dist.destroy_process_group()
+    state = ParallelState.create(pp=world, dp=1, timeout_s=900.0)
+    cfg = load_model(args.model, vocab_size=args.vocab_size, num_layers=args.layers)
+    sched = build(args.schedule, p=world, m=args.microbatches, n=args.slices, v=args.vpp)
+    rts = {vp: PipelineRuntime(cfg, sched, state, dtype=getattr(torch, args.dtype), vocab_parallel=vp)
+           for vp in (False, True)}
+    steps: dict[bool, list[float]] = {vp: [] for vp in rts}
+    for s in range(args.steps + 1):  # alternate off/on; step 0 warms up
+        for vp, rt in rts.items():
+            steps[vp].append(rt.train_step(_tokens(args, cfg.vocab_size, s)).step_time_s)
+    return {vp: statistics.median(t[1:]) for vp, t in steps.items()}
 
 
 def measure_gloo(args: argparse.Namespace) -> dict[bool, float]:
-    import torch.multiprocessing as mp
+    from slimpipe.runtime.forked import run_forked
 
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_gloo_child, args=(args.pp, os.path.join(tmp, "store"), tmp, args), nprocs=args.pp,
-                           start_method="fork", join=True)
-        return torch.load(os.path.join(tmp, "times.pt"))
+    return run_forked(_gloo_rank, args.pp, args, timeout_s=900.0)[0]
 
 
 def simulate_rows() -> list[str]:

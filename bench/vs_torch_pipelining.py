@@ -18,7 +18,7 @@ since torch's SDPA saves K/V as ordinary activations); and the first-step loss, 
 configurations. ``--trace-dir`` writes each configuration's last step as a Chrome trace; ``--equal-flop``
 adds slimpipe rows with equal-FLOP (Seq1F1B-balanced) slice lengths.
 
-    python bench/vs_torch_pipelining.py --seq-len 2048 --microbatches 2 --reps 3 --json out.json
+    python -m bench.vs_torch_pipelining --seq-len 2048 --microbatches 2 --reps 3 --json out.json
 
 torch.distributed.pipelining is imported here and nowhere else in the repository.
 """
@@ -39,22 +39,20 @@ from torch.distributed.pipelining import (
     PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble,
 )
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peer_bench_support import (  # noqa: E402  (sibling module of this script)
+from bench.peer_bench_support import (
     BenchOptions, StepStats, Variant, batch, default_variants, options_dict, parse_model, run_ranks,
     summarise, table, write_traces,
 )
-
-from slimpipe.config import ConfigError, ModelConfig  # noqa: E402
-from slimpipe.models.base import PlainContext  # noqa: E402
-from slimpipe.runtime import (  # noqa: E402
+from slimpipe.config import ConfigError, ModelConfig
+from slimpipe.models.base import PlainContext
+from slimpipe.runtime import (
     OptimConfig, ParallelState, PipelineRuntime, build_reference, stages_of_rank,
 )
-from slimpipe.runtime.memory import MemoryTracker  # noqa: E402
-from slimpipe.runtime.optim import build_optimizer, clip_coefficient, scale_grads, squared_norm  # noqa: E402
-from slimpipe.schedule.actions import Kind, parse_action  # noqa: E402
-from slimpipe.schedule.builders import build  # noqa: E402
-from slimpipe.sim.cost import seq1f1b_partition  # noqa: E402
+from slimpipe.runtime.memory import MemoryTracker
+from slimpipe.runtime.optim import build_optimizer, clip_coefficient, scale_grads, squared_norm
+from slimpipe.schedule.actions import Kind, parse_action
+from slimpipe.schedule.builders import build
+from slimpipe.sim.cost import seq1f1b_partition
 
 __all__ = ["compare", "main", "TorchRunner", "SlimpipeRunner"]
 

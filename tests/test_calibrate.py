@@ -6,11 +6,11 @@ import dataclasses
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
+from bench import validate_sim  # a script, importable for its core functions
 from slimpipe.cli import main
 from slimpipe.config import ConfigError, ParallelConfig, load_model
 from slimpipe.schedule.actions import Kind
@@ -20,9 +20,6 @@ from slimpipe.sim.hardware import (
 )
 from slimpipe.sim.workload import Workload
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-import validate_sim  # noqa: E402  (bench script, importable for its core functions)
 
 TINY = load_model("tiny")
 

@@ -9,27 +9,23 @@ accounting), and slicing lowers slimpipe's peak.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from slimpipe.runtime import build_reference, reference_loss
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 MODEL = "tiny:num_layers=4,hidden=32,ffn=64,num_heads=4,num_kv_heads=2,head_dim=8,vocab_size=64"
 ONLY = ("torch-1f1b", "torch-interleaved-1f1b", "torch-interleaved-zb", "slimpipe-1f1b", "slimpipe-n4-v1",
         "slimpipe-n2-v2")
 
 
 def _load():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("vs_torch_pipelining", BENCH / "vs_torch_pipelining.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod, sys.modules["peer_bench_support"]
+    """The bench script and its support module (imported here: torch.distributed.pipelining is slow)."""
+    import bench.peer_bench_support
+    import bench.vs_torch_pipelining
+
+    return bench.vs_torch_pipelining, bench.peer_bench_support
 
 
 @pytest.mark.dist

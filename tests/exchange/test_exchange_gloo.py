@@ -3,7 +3,7 @@
 Each test forks one process group and runs the grid's configurations in it. Every rank returns its loss,
 its gradients (after the tied-embedding sum), its executed trace and how many blocks it handed over and
 served; the parent checks loss and every gradient against the unsliced single-process reference (float64,
-1e-10 relative, see runtime_support.RTOL), the trace against the rank's marked program, and that each
+1e-10 relative, see tests.support.models.RTOL), the trace against the rank's marked program, and that each
 owner block was served by its helper (sent on one side = served on the other, per exchange and layer).
 """
 
@@ -14,7 +14,8 @@ import functools
 import pytest
 import torch
 
-from runtime_support import RTOL, max_rel_error, model, reference_grads, run_dist, tokens
+from tests.support.dist import run_dist
+from tests.support.models import RTOL, max_rel_error, model, tokens, unsliced_reference
 from slimpipe.runtime import ParallelState, PipelineRuntime
 from slimpipe.runtime.exchange import with_exchange
 from slimpipe.schedule.builders import build
@@ -55,7 +56,7 @@ def _worker(rank: int, world: int, cases: list) -> dict:
 def _reference(case):
     cfg, sched = _case(case)
     rows = sched.num_microbatches * case[4]
-    return reference_grads(cfg, tokens(rows, seed=rows), seed=SEED)
+    return unsliced_reference(cfg, rows, token_seed=rows, seed=SEED)
 
 
 def _check(results: list[dict], cases: list) -> None:

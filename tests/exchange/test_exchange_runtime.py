@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
-from runtime_support import RTOL, max_rel_error, model, reference_grads, tokens
+from tests.support.models import RTOL, max_rel_error, model, reference_grads, tokens
 from slimpipe.config import ConfigError
 from slimpipe.runtime import LocalPipelineRuntime
 from slimpipe.runtime.exchange import rank_roles, with_exchange

@@ -13,7 +13,8 @@ import functools
 import pytest
 import torch
 
-from runtime_support import RTOL, max_rel_error, model, reference_grads, run_dist, tokens
+from tests.support.dist import run_dist
+from tests.support.models import RTOL, max_rel_error, model, tokens, unsliced_reference
 from slimpipe.runtime import OptimConfig, ParallelState, PipelineRuntime, build_reference, reference_loss
 from slimpipe.runtime.optim import build_optimizer
 from slimpipe.schedule.builders import build
@@ -66,7 +67,7 @@ def _worker(rank: int, world: int, pp: int, cases: list) -> dict:
 def _reference(case, dp: int):
     cfg, sched = _case_model(case)
     rows = sched.num_microbatches * dp
-    return reference_grads(cfg, tokens(rows, SEQ, seed=rows), seed=SEED)
+    return unsliced_reference(cfg, rows, seq=SEQ, token_seed=rows, seed=SEED)
 
 
 def _check(results: list[dict], cases: list, dp: int) -> None:

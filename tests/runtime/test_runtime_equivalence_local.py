@@ -1,7 +1,7 @@
 """Gradient equivalence on the local executor: every builder over the whole (p, n, m, v, dp) grid.
 
 For each valid configuration the loss and every parameter gradient on every rank must equal those of the
-unsliced, unpipelined reference on the same global batch (float64, RTOL in runtime_support). dp = 2 is two
+unsliced, unpipelined reference on the same global batch (float64, RTOL in tests/support/models.py). dp = 2 is two
 local pipelines on halves of the global batch whose gradients are summed (loss_tokens = global count),
 which is what the DP all-reduce computes.
 """
@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from runtime_support import RTOL, SEQ, max_rel_error, model, reference_grads, tokens
+from tests.support.models import RTOL, SEQ, max_rel_error, model, tokens, unsliced_reference
 from slimpipe.config import ConfigError
 from slimpipe.runtime import LocalPipelineRuntime
 from slimpipe.schedule.builders import BUILDERS, build
@@ -47,7 +47,7 @@ GRID_DP2 = [c for c in GRID if c[3] <= 2 and c[2] <= 4]
 @functools.lru_cache(maxsize=None)
 def _reference(layers: int, rows: int, tied: bool, seq: int) -> tuple[float, dict[str, torch.Tensor]]:
     cfg = model(layers, tie_embeddings=tied)
-    return reference_grads(cfg, tokens(rows, seq, seed=rows), seed=SEED)
+    return unsliced_reference(cfg, rows, seq=seq, token_seed=rows, seed=SEED)
 
 
 def _pipeline_grads(cfg, sched, toks: torch.Tensor, dp: int) -> tuple[float, list[dict[str, torch.Tensor]]]:
@@ -74,7 +74,7 @@ def _check(name: str, p: int, n: int, m: int, v: int, dp: int, *, tied: bool = F
     if kv_heads == 2:
         ref_loss, ref = _reference(layers, m * dp, tied, seq)
     else:
-        ref_loss, ref = reference_grads(cfg, tokens(m * dp, seq, seed=m * dp), seed=SEED)
+        ref_loss, ref = unsliced_reference(cfg, m * dp, seq=seq, token_seed=m * dp, seed=SEED)
     loss, per_rank = _pipeline_grads(cfg, sched, tokens(m * dp, seq, seed=m * dp), dp)
     assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), (loss, ref_loss)
     for r, grads in enumerate(per_rank):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.multiprocessing import ProcessRaisedException
 
-from runtime_support import model, run_dist, tokens
+from tests.support.dist import run_dist
+from tests.support.models import model, tokens
 from slimpipe.runtime import KVOrderError, LocalPipelineRuntime, ParallelState, PipelineError, PipelineRuntime
 from slimpipe.schedule.actions import Action, Kind, Schedule
 from slimpipe.schedule.builders import build

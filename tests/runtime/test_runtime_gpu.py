@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime_support import RTOL, max_rel_error, model, reference_grads, tokens
+from tests.support.models import RTOL, max_rel_error, model, reference_grads, tokens
 from slimpipe.runtime import LocalPipelineRuntime
 from slimpipe.runtime.attention import MaskCache
 from slimpipe.runtime.kv import KVStore
 from slimpipe.schedule.builders import build
-from test_runtime_attention import _explicit, _sliced
+from tests.runtime.test_runtime_attention import _explicit, _sliced
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

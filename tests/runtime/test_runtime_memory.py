@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from runtime_support import run_dist, tokens
+from tests.support.dist import run_dist
+from tests.support.models import tokens
 from slimpipe.config import MODEL_PRESETS, ParallelConfig
 from slimpipe.runtime import ParallelState, PipelineRuntime
 from slimpipe.runtime.memory import MemoryTracker

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from runtime_support import RTOL, max_rel_error, model, tokens
+from tests.support.models import RTOL, max_rel_error, model, tokens
 from slimpipe.config import ConfigError
 from slimpipe.models import LlamaParts
 from slimpipe.runtime import LocalPipelineRuntime, build_reference, reference_loss, stages_of_rank

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from schedule_rules import group_size
+from tests.support.schedule import group_size
 
 from slimpipe.config import ConfigError
 from slimpipe.schedule import peak_inflight

@@ -1,11 +1,11 @@
 """Every builder over p ∈ {1,2,3,4,8}, m ∈ {1..2p+1}, n ∈ {1,2,4,8}, v ∈ {1,2}: either it refuses with
-ConfigError exactly where the documented rule says so (schedule_rules.must_refuse), or the schedule
+ConfigError exactly where the documented rule says so (tests.support.schedule.must_refuse), or the schedule
 validates, lowers, passes comm matching (per channel) and dry-runs without deadlock."""
 
 from __future__ import annotations
 
 import pytest
-from schedule_rules import must_refuse
+from tests.support.schedule import must_refuse
 
 from slimpipe.config import ConfigError
 from slimpipe.schedule import ScheduleError, dry_run, lower, validate

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from schedule_rules import act
+from tests.support.schedule import act
 
 from slimpipe.schedule import Kind, dry_run, lower, validate
 from slimpipe.schedule.actions import COMM_KINDS, Schedule

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from schedule_rules import must_refuse, warmup_w
+from tests.support.schedule import must_refuse, warmup_w
 
 from slimpipe.config import ConfigError
 from slimpipe.schedule import ScheduleError, dry_run, from_csv, from_json, lower, to_csv, to_json, validate

@@ -7,7 +7,7 @@ that owns that invariant (called directly) and by validate() (which reports that
 from __future__ import annotations
 
 import pytest
-from schedule_rules import act, with_program
+from tests.support.schedule import act, with_program
 
 from slimpipe.schedule import Kind, ScheduleError, dry_run, lower, validate
 from slimpipe.schedule.actions import Action, Schedule

@@ -10,7 +10,7 @@ import pytest
 
 from slimpipe.train.checkpoint import resolve_checkpoint
 from slimpipe.train import TrainConfig, train
-from train_helpers import TINY, losses, read_log, run_training
+from tests.support.train import TINY, losses, read_log, run_training
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
 

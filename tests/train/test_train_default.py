@@ -16,7 +16,7 @@ import pytest
 from slimpipe.cli import main
 from slimpipe.schedule.actions import parse_action
 from slimpipe.train.config import TrainConfig, load_config_file
-from train_helpers import read_log
+from tests.support.train import read_log
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
 

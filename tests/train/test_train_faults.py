@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from slimpipe.train import TrainConfig, train
-from train_helpers import TINY
+from tests.support.train import TINY
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(120)]
 

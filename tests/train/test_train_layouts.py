@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import losses, run_training
+from tests.support.train import losses, run_training
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
 

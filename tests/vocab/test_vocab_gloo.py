@@ -9,7 +9,7 @@ import torch
 
 from slimpipe.runtime import OptimConfig, ParallelState, PipelineRuntime
 from slimpipe.schedule.builders import build
-from vocab_support import (
+from tests.support.vocab import (
     RTOL, SEED, TINY, case_model, case_tokens, full_grads, max_rel_error, reference, run_dist,
 )
 

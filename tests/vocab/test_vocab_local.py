@@ -12,7 +12,7 @@ from slimpipe.runtime.optim import build_optimizer
 from slimpipe.schedule.actions import VOCAB_KINDS
 from slimpipe.schedule.builders import build
 from slimpipe.schedule.vocab import add_vocab_parallel
-from vocab_support import (
+from tests.support.vocab import (
     RTOL, SEED, TINY, VOCAB, case_model, case_tokens, full_grads, max_rel_error, reference,
 )
 

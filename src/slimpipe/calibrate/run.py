@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import statistics
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.multiprocessing as mp
 
 from slimpipe.calibrate.comm import _measure_p2p
 from slimpipe.calibrate.fit import (
@@ -25,6 +21,7 @@ from slimpipe.calibrate.measure import (
 )
 from slimpipe.calibrate.units import _measure_footprint, _measure_units
 from slimpipe.config import ConfigError, ModelConfig
+from slimpipe.runtime.forked import run_forked
 from slimpipe.sim.hardware import PROFILE_FORMAT, ActivationFootprint, CostProfile, Hardware
 
 __all__ = ["CalibrateOptions", "calibrate", "GRIDS"]
@@ -99,20 +96,9 @@ def _measure_compute(rank: int, cfg: ModelConfig, grid: dict, dev: torch.device,
     return m, _measure_footprint(cfg, int(grid["foot_tokens"]), ctx)
 
 
-def _fork_child(rank: int, tmp: str, fn: Callable, args: tuple) -> None:
-    with open(os.path.join(tmp, f"out{rank}.pkl"), "wb") as fh:
-        pickle.dump(fn(rank, *args), fh)
-
-
-def _fork_all(fn: Callable, n: int, *args: object) -> list:
-    """``fn(rank, *args)`` in n forked processes at once; their results by rank."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_fork_child, args=(tmp, fn, args), nprocs=n, start_method="fork", join=True)
-        out = []
-        for r in range(n):
-            with open(os.path.join(tmp, f"out{r}.pkl"), "rb") as fh:
-                out.append(pickle.load(fh))
-        return out
+def _compute_rank(rank: int, world: int, *args: object) -> tuple[dict, ActivationFootprint]:
+    """_measure_compute as a body of slimpipe.runtime.forked.run_forked (no process group)."""
+    return _measure_compute(rank, *args)
 
 
 def _check(opts: CalibrateOptions) -> None:
@@ -137,8 +123,8 @@ def _measure_all(opts: CalibrateOptions, grid: dict, dev: torch.device,
         m: dict[str, object] = {"p2p": link, "p2p_messages": messages}
         bar.step("p2p")
         if opts.concurrency > 1:
-            m_rest, footprint = _fork_all(_measure_compute, opts.concurrency, opts.model, grid, dev, bar,
-                                          opts.threads or 1)[0]
+            m_rest, footprint = run_forked(_compute_rank, opts.concurrency, opts.model, grid, dev, bar,
+                                           opts.threads or 1, gloo=False, start_method="fork")[0]
         else:
             m_rest, footprint = _measure_compute(0, opts.model, grid, dev, bar, 0)
         m.update(m_rest)

@@ -1,6 +1,6 @@
 """The pipeline runtime: executes lowered slimpipe schedules on torch (distributed or in one process).
 
-Public surface (see notes/runtime_api.md and docs/runtime.md)::
+Public surface (see docs/runtime.md)::
 
     state = ParallelState.create(pp=2, dp=2, timeout_s=60.0)     # after init_process_group
     rt = PipelineRuntime(model_cfg, schedule, state, dtype=torch.float32, seed=0, optim=OptimConfig())

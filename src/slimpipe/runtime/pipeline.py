@@ -88,7 +88,7 @@ def executor_stats(ex: RankExecutor, elapsed: float) -> list[float]:
 
 
 class PipelineRuntime(StepLoop):
-    """This process's pipeline rank (see docs/runtime.md and notes/runtime_api.md)."""
+    """This process's pipeline rank (see docs/runtime.md)."""
 
     def __init__(self, model: ModelConfig | DecoderParts, schedule: Schedule, state: ParallelState, *,
                  dtype: torch.dtype = torch.float32, seed: int = 0, optim: OptimConfig | None = None,

@@ -1,4 +1,4 @@
-"""Fixtures for the simulator tests: run the `slimpipe` CLI in-process and parse its output."""
+"""`slimpipe` CLI fixtures (registered for every test by tests/conftest.py): run it in-process, parse its output."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from collections.abc import Callable
 import pytest
 
 from slimpipe.cli import main
+
+__all__ = ["cli", "simulate_json"]
 
 
 @pytest.fixture

@@ -1,18 +1,13 @@
-"""Helpers of the vocab-parallel tests: a tiny model with an odd vocabulary (padded shards), references."""
+"""The vocab-parallel tests' helpers: a tiny model with an odd vocabulary (padded shards), references."""
 
 from __future__ import annotations
 
-import functools
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-from runtime_support import RTOL, max_rel_error, reference_grads, run_dist  # noqa: E402
-
-from slimpipe.config import ModelConfig  # noqa: E402
-from slimpipe.schedule.builders import build  # noqa: E402
+from slimpipe.config import ModelConfig
+from slimpipe.schedule.builders import build
+from tests.support.dist import run_dist
+from tests.support.models import RTOL, max_rel_error, unsliced_reference
 
 __all__ = ["RTOL", "VOCAB", "SEQ", "SEED", "case_model", "case_tokens", "reference", "full_grads",
            "max_rel_error", "run_dist"]
@@ -34,10 +29,11 @@ def case_tokens(rows: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (rows, SEQ + 1), generator=torch.Generator().manual_seed(rows))
 
 
-@functools.lru_cache(maxsize=None)
 def reference(layers: int, tied: bool, rows: int) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss and gradients of the unsliced single-process model (float64) on case_tokens(rows)."""
-    return reference_grads(TINY.replace(num_layers=layers, tie_embeddings=tied), case_tokens(rows), seed=SEED)
+    """Loss and gradients of the unsliced single-process model (float64) on case_tokens(rows), once per
+    session."""
+    return unsliced_reference(TINY.replace(num_layers=layers, tie_embeddings=tied), rows, seq=SEQ,
+                              vocab=VOCAB, token_seed=rows, seed=SEED)
 
 
 def full_grads(per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
