@@ -211,7 +211,7 @@ def test_closed_form_inflight_matches_the_builders() -> None:
                                 closed_form_inflight(name, p, m, n, v)
                             continue
                         got = closed_form_inflight(name, p, m, n, v)
-                        assert got == (peak_inflight(ref), ref.meta["w"], ref.meta["g"]), (name, p, m, n, v)
+                        assert got == (peak_inflight(ref), ref.meta.w, ref.meta.g), (name, p, m, n, v)
 
 
 def test_weighted_inflight_matches_built_seq1f1b() -> None:
@@ -227,7 +227,7 @@ def test_weighted_inflight_matches_built_seq1f1b() -> None:
                         weighted_inflight("seq1f1b", p, m, n, 1, weights)
                     continue
                 peaks, w, g = weighted_inflight("seq1f1b", p, m, n, 1, weights)
-                assert peaks == pytest.approx(peak_inflight(ref)) and (w, g) == (ref.meta["w"], ref.meta["g"])
+                assert peaks == pytest.approx(peak_inflight(ref)) and (w, g) == (ref.meta.w, ref.meta.g)
 
 
 CASES = [  # (schedule, t, c, p, d, n, v, recompute, α, vocab-parallel), llama-7b at 16K, B = 8

@@ -10,7 +10,7 @@ from tests.support.models import RTOL, max_rel_error, model, reference_grads, to
 from slimpipe.config import ConfigError
 from slimpipe.runtime import LocalPipelineRuntime
 from slimpipe.runtime.exchange import rank_roles, with_exchange
-from slimpipe.runtime.exchange_attention import (
+from slimpipe.runtime.block_attention import (
     block_backward, block_forward, causal_mask, group_queries, math_block_backward, math_block_forward, merge,
     ungroup,
 )

@@ -77,7 +77,7 @@ def test_threshold_clips_and_zero_is_off():
 def test_markers_round_trip_and_parse():
     marked = add_exchange(build("slimpipe", p=4, m=2, n=8, v=2), 3)
     assert from_csv(to_csv(marked)) == marked and from_json(to_json(marked)) == marked
-    assert from_csv(to_csv(marked)).meta["attn_balance"] == 3
+    assert from_csv(to_csv(marked)).meta.attn_balance == 3
     assert str(parse_action("3XOWN_F1.4")) == "3XOWN_F1.4"
     assert parse_action("0XHELP_B2.7") == Action(0, Kind.XHELP_B, 2, 7)
 

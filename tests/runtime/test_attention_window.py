@@ -8,7 +8,7 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 from slimpipe.runtime.attention import MaskCache, WindowBlocks, recompute_backward, window_attention
-from slimpipe.runtime.exchange_attention import block_backward, block_forward, math_block_forward
+from slimpipe.runtime.block_attention import block_backward, block_forward, math_block_forward
 from slimpipe.runtime.kv import KVStore
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}

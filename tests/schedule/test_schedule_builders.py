@@ -110,7 +110,7 @@ def test_slimpipe_peak_formula(p: int) -> None:
                         s = build("slimpipe", p=p, m=m, n=n, v=v, warmup=warmup)
                     except ConfigError:
                         continue
-                    w = s.meta["w"]
+                    w = s.meta.w
                     g = group_size(p, n, v)
                     first = n * v if n % g == 0 else (v - 1) * min(g, m * n) + n  # first group may be short
                     want = tuple(min(m * n * v, first + w * (p - 1 - r)) for r in range(p))

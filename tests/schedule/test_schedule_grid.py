@@ -67,8 +67,8 @@ def test_grid_rule_is_not_vacuous() -> None:
 
 def test_auto_falls_back_to_single_on_a_partial_last_group() -> None:
     # p=8 m=10 v=2 (g = 8, last group of 2): the double warm-up deadlocked here (a builders.py fix).
-    assert build("interleaved-1f1b", p=8, m=10, v=2).meta["w"] == 1
-    assert build("interleaved-1f1b", p=8, m=16, v=2).meta["w"] == 2
+    assert build("interleaved-1f1b", p=8, m=10, v=2).meta.w == 1
+    assert build("interleaved-1f1b", p=8, m=16, v=2).meta.w == 2
     validate(lower(build("slimpipe", p=8, m=10, n=1, v=2)))
     # The loop with w = 2 forced on that partial group is a real deadlock, not a validator artefact.
     with pytest.raises(ScheduleError, match="deadlock"):

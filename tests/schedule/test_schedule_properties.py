@@ -33,9 +33,9 @@ def test_random_configuration(cfg: tuple[str, int, int, int, int, str]) -> None:
         return
     s = build(name, p=p, m=m, n=n, v=v, warmup=warmup)
     if name == "seq1f1b" and warmup == "auto":
-        assert s.meta["w"] == 1  # Seq1F1B's own (single) warm-up
+        assert s.meta.w == 1  # Seq1F1B's own (single) warm-up
     elif name != "gpipe":
-        assert s.meta["w"] == warmup_w(warmup, p, m, n, v)
+        assert s.meta.w == warmup_w(warmup, p, m, n, v)
     low = lower(s)
     validate(s)
     validate(low)

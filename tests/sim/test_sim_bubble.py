@@ -50,7 +50,7 @@ def test_uniform_bubble_matches_closed_form(name: str, p: int) -> None:
                             validate(sched)
                         continue
                     cf = closed_form(p, m, n, v)
-                    w = sched.meta["w"]
+                    w = sched.meta.w
                     if _closed_form_applies(name, p, m, n, v, w):
                         assert bubble == pytest.approx(cf, abs=1e-12), (name, p, m, n, v, warmup)
                     else:

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         peaks = ", ".join(f"{x:g}" for x in peak_inflight(sched))
         sys.stdout.write(
             f"{sched.name}: p={sched.num_ranks} m={sched.num_microbatches} n={sched.num_slices} "
-            f"v={sched.virtual_stages} w={sched.meta.get('w')} g={sched.meta.get('g')}; "
+            f"v={sched.virtual_stages} w={sched.meta.w} g={sched.meta.g}; "
             f"peak in-flight units per rank: {peaks}\n" + fmt.to_grid(sched).rstrip("\n") + "\n"
         )
     return 0

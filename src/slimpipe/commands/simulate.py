@@ -129,7 +129,7 @@ def _config_dict(args: argparse.Namespace, ev) -> dict[str, object]:
         "model": wl.model.name, "seq_len": wl.seq_len, "global_batch": wl.global_batch,
         "microbatches": wl.microbatches, "tp": args.tp, "cp": args.cp, "pp": args.pp, "dp": args.dp,
         "ep": args.ep, "etp": wl.parallel.expert_tp, "slices": args.slices, "vpp": args.vpp, "layers_per_stage": wl.layers_per_stage,
-        "schedule": sched.name, "warmup_w": sched.meta.get("w"), "group_g": sched.meta.get("g"),
+        "schedule": sched.name, "warmup_w": sched.meta.w, "group_g": sched.meta.g,
         "slice_weights": sched.slice_weights, "recompute": wl.recompute, "offload": wl.offload,
         "vocab_parallel": wl.vocab_parallel, "cost": ev.cost.name, "gpu": _hardware_label(args),
         "attn_balance": args.attn_balance, **_exchange(args, ev),
@@ -159,7 +159,7 @@ def _table(args: argparse.Namespace, ev, elapsed: float) -> str:
         f"t{par.tp} c{par.cp} p{par.pp} d{par.dp} e{par.ep}{_etp(wl)}  "
         f"n{par.slices} v{par.vpp} (l={wl.layers_per_stage})  "
         f"{rep.gpus} GPUs",
-        f"schedule {sched.name} (w={sched.meta.get('w')}, g={sched.meta.get('g')})  "
+        f"schedule {sched.name} (w={sched.meta.w}, g={sched.meta.g})  "
         f"recompute {wl.recompute}  "
         f"offload {wl.offload}  vocab-parallel {'on' if wl.vocab_parallel else 'off'}  "
         f"attn-balance {args.attn_balance or 'off'}  cost {ev.cost.name}"

@@ -16,7 +16,7 @@ slice's own K/V plus the dK/dV that later slices already handed down. That is ex
 Kernels (``MaskCache.mode``). ``auto``/``blocks``: slice 0 is plain square-causal SDPA; a later slice
 (``WindowBlocks``) runs two fused calls, the prefix block (keys [0, start), UNMASKED) and its own diagonal
 block (keys [start, end), square causal, ``is_causal=True``), merged by log-sum-exp, and its backward runs
-the fused backward of each block with the merged out/lse (exchange_attention's helpers; exact, see there).
+the fused backward of each block with the merged out/lse (runtime/block_attention.py; exact, see there).
 The causal kernel skips the masked half of the diagonal block and nothing reads a mask, so slicing costs
 what the unsliced causal attention costs. CPU: ATen's flash kernel (every dtype, native GQA). CUDA: the
 FA2 op (fp16/bf16, head_dim ≤ 256 and a multiple of 8, GQA native); anything else falls back to ``bias``.
@@ -33,7 +33,7 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention
 
-from slimpipe.runtime.exchange_attention import block_backward, block_forward, merge
+from slimpipe.runtime.block_attention import block_backward, block_forward, merge
 
 __all__ = ["KVWindow", "MaskCache", "WindowBlocks", "window_attention", "recompute_backward",
            "MASK_MODES"]

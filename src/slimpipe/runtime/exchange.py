@@ -3,7 +3,7 @@ exchange channel (docs/exchange.md; the pairing is slimpipe.schedule.exchange).
 
 For each exchanged unit a rank is the **owner** (the longer K/V prefix) or the **helper**, in the forward
 (``XOWN_F``/``XHELP_F`` before its F), the backward (``XOWN_B``/``XHELP_B`` before its B), or both. The F of
-a unit with a role installs a hook on its K/V slice context (``SliceKV.exchange``), so every layer's
+a unit with a role installs an AttentionHook (runtime/ports.py) on its K/V slice context, so every layer's
 attention of that unit goes through :meth:`_UnitHooks.attend`:
 
 * owner (forward or backward): :class:`ExchangedAttention` — forward: isend q and the K/V of the earliest
@@ -38,11 +38,12 @@ import torch.distributed as dist
 
 from slimpipe.config import ConfigError
 from slimpipe.runtime.attention import window_attention
-from slimpipe.runtime.exchange_attention import (
-    ExchangedAttention, OwnerJob, ServeBackward, block_backward, block_forward, lse_dtype,
-)
+from slimpipe.runtime.block_attention import block_backward, block_forward, lse_dtype
+from slimpipe.runtime.exchange_attention import ExchangedAttention, OwnerJob, ServeBackward
+from slimpipe.runtime.kv import SliceKV
+from slimpipe.runtime.ports import AttentionHook
 from slimpipe.schedule.actions import EXCHANGE_KINDS, Action, Kind, Schedule
-from slimpipe.schedule.exchange import EXCHANGE_META, add_exchange, exchanges, has_exchange
+from slimpipe.schedule.exchange import add_exchange, exchanges, has_exchange
 
 __all__ = [
     "Role", "RankExchange", "DistChannel", "rank_roles", "with_exchange", "dist_exchange", "local_exchange",
@@ -91,7 +92,7 @@ def with_exchange(schedule: Schedule, attn_balance: int) -> Schedule:
     A schedule that already carries markers is run as it is; a different nonzero attn_balance is an error.
     """
     if has_exchange(schedule):
-        given = int(schedule.meta.get(EXCHANGE_META, 0) or 0)
+        given = schedule.meta.attn_balance
         if attn_balance and attn_balance != given:
             raise ConfigError(f"attn_balance={attn_balance} but the schedule already carries exchange "
                               f"markers for attn_balance={given}: pass attn_balance=0 or the unmarked "
@@ -197,7 +198,7 @@ class RankExchange:
         self.wait_s = 0.0  # time blocked on the partner (owner: replies; helper: requests), per step
         self.sent = self.served = 0  # blocks handed to partners / computed for partners, per step
 
-    def handlers(self) -> dict[Kind, object]:
+    def handlers(self) -> dict[Kind, Callable[[Action], None]]:
         return {k: self._arm for k in EXCHANGE_KINDS}
 
     def begin_step(self, bounds: list[int]) -> None:
@@ -223,12 +224,13 @@ class RankExchange:
             self._armed.discard(marker)
         return role
 
-    def on_forward(self, a: Action, slice_kv) -> None:
-        """Before F(a): install the per-layer hook if the unit has a forward or backward role."""
+    def on_forward(self, a: Action, slice_kv: SliceKV) -> AttentionHook | None:
+        """Before F(a): the per-layer attention hook if the unit has a forward or backward role."""
         f_role = self._consume(Kind.F, a)
         b_role = self.roles.get((Kind.B, a.unit))
-        if f_role is not None or b_role is not None:
-            slice_kv.exchange = _UnitHooks(self, slice_kv, f_role, b_role)
+        if f_role is None and b_role is None:
+            return None
+        return _UnitHooks(self, slice_kv, f_role, b_role)
 
     def on_backward(self, a: Action) -> None:
         """Before B(a): its marker must have run (the work itself was wired by the F's hook)."""
@@ -272,7 +274,7 @@ class RankExchange:
         self.serve_backward(role, qs, ks, dtype)
 
 
-def _table_rows(slice_kv, like: torch.Tensor) -> torch.Tensor | None:
+def _table_rows(slice_kv: SliceKV, like: torch.Tensor) -> torch.Tensor | None:
     """Rows [start, end) x keys [0, end) of the rank's causal table (CPU "table" mode), else None."""
     masks, seq = slice_kv.store.masks, slice_kv.store.bounds[-1]
     if not masks.uses_table(like.device):
@@ -281,9 +283,9 @@ def _table_rows(slice_kv, like: torch.Tensor) -> torch.Tensor | None:
 
 
 class _UnitHooks:
-    """SliceKV.exchange of one exchanged unit: every layer's attention goes through attend()."""
+    """The AttentionHook of one exchanged unit: every layer's attention goes through attend()."""
 
-    def __init__(self, rx: RankExchange, slice_kv, f_role: Role | None, b_role: Role | None) -> None:
+    def __init__(self, rx: RankExchange, slice_kv: SliceKV, f_role: Role | None, b_role: Role | None) -> None:
         self.rx, self.slice_kv, self.f_role, self.b_role = rx, slice_kv, f_role, b_role
 
     def attend(self, layer_id: int, q: torch.Tensor, k_win: torch.Tensor,

@@ -67,7 +67,7 @@ class RankExecutor:
         }
         self.exchange = exchange  # attention context exchange (runtime/exchange.py): marker handlers + hooks
         if exchange is not None:
-            self.handlers.update(exchange.handlers())  # type: ignore[arg-type]
+            self.handlers.update(exchange.handlers())
         self.vocab = vocab  # vocabulary parallelism (runtime/vocab.py): VE/VH/VB handlers
         if vocab is not None:
             self.handlers.update(vocab.bind(self))
@@ -97,6 +97,8 @@ class RankExecutor:
         self._to_send_f: dict[Unit, torch.Tensor] = {}
         self._to_send_b: dict[Unit, torch.Tensor] = {}
         self._douts: dict[Unit, torch.Tensor] = {}
+        self._head_in: dict[tuple[int, int], torch.Tensor] = {}  # (mb, slice) -> last stage output, for VH
+        self._embed_grad: dict[tuple[int, int], torch.Tensor] = {}  # (mb, slice) -> stage-0 input grad, VB
         self.tracker.reset()
         if self.offload is not None:
             self.offload.begin_step()
@@ -123,7 +125,8 @@ class RankExecutor:
             assert self.store is not None
             self.store.check_drained()
             stash = {"inputs": self._inputs, "held": self._held, "to_send_f": self._to_send_f,
-                     "to_send_b": self._to_send_b, "douts": self._douts}
+                     "to_send_b": self._to_send_b, "douts": self._douts, "head_in": self._head_in,
+                     "embed_grad": self._embed_grad}
             left = {name: sorted(d) for name, d in stash.items() if d}
             if left:
                 raise RuntimeError(f"tensors left over at the end of the step: {left}")
@@ -195,7 +198,7 @@ class RankExecutor:
         assert self.store is not None
         slice_kv = self.store.begin_forward(a.stage, mb, j)
         if self.exchange is not None:
-            self.exchange.on_forward(a, slice_kv)
+            slice_kv.attention_hook = self.exchange.on_forward(a, slice_kv)
         if self.offload is not None:  # the next backward's activations start coming back
             self.offload.before_forward(unit)
         with self.tracker.saving(unit, self.offload):
@@ -207,9 +210,11 @@ class RankExecutor:
             self.loss_sum += out.detach().double()
             return
         nxt = out.detach()
-        # Same-rank handoff (p = 1) needs no message; with vocab parallelism the last stage's output goes
-        # to VH through the pseudo-stage num_stages.
-        if a.stage == self.last_stage or self.schedule.rank_of(a.stage + 1) == self.rank:
+        # Same-rank handoff (p = 1) needs no message; with vocab parallelism the last stage's output
+        # waits for VH (take_head_input).
+        if a.stage == self.last_stage:
+            self._head_in[(mb, j)] = nxt.requires_grad_()
+        elif self.schedule.rank_of(a.stage + 1) == self.rank:
             self._inputs[(a.stage + 1, mb, j)] = nxt.requires_grad_()
         else:
             self._to_send_f[unit] = nxt
@@ -240,10 +245,31 @@ class RankExecutor:
         grad = leaf.grad
         if grad is None:
             raise RuntimeError(f"{a}: the stage input received no gradient")
-        if a.stage == 0 or self.schedule.rank_of(a.stage - 1) == self.rank:  # stage 0: VB's pseudo-stage −1
+        if a.stage == 0:  # vocab parallelism: the embedding's gradient, for VB (take_embedding_grad)
+            self._embed_grad[(a.microbatch, a.seq_slice)] = grad
+        elif self.schedule.rank_of(a.stage - 1) == self.rank:
             self._douts[(a.stage - 1, a.microbatch, a.seq_slice)] = grad
         else:
             self._to_send_b[unit] = grad
+
+    # ---- EndsPort (runtime/ports.py): what the vocabulary-parallel ends read and hand over -------------
+    def put_embedding(self, mb: int, j: int, x: torch.Tensor) -> None:
+        self._inputs[(0, mb, j)] = x
+
+    def take_embedding_grad(self, mb: int, j: int) -> torch.Tensor:
+        return self._embed_grad.pop((mb, j))
+
+    def take_head_input(self, mb: int, j: int) -> torch.Tensor:
+        return self._head_in.pop((mb, j))
+
+    def put_head_grad(self, mb: int, j: int, grad: torch.Tensor) -> None:
+        self._douts[(self.last_stage, mb, j)] = grad
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+
+    def add_busy(self, seconds: float) -> None:
+        self.busy_s += seconds
 
     def _send_f(self, a: Action) -> None:
         self.transport.send("fwd", _pop(self._to_send_f, a, "F").contiguous(), self._peer(a))

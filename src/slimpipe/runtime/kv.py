@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slimpipe.runtime.attention import KVWindow, MaskCache, window_attention
+from slimpipe.runtime.ports import AttentionHook
 from slimpipe.runtime.recompute import replayed
 
 __all__ = ["KVStore", "KVOrderError", "SliceKV"]
@@ -155,8 +156,8 @@ class SliceKV:
         self.store, self.entry, self.j = store, entry, j
         self.start, self.end = store.bounds[j], store.bounds[j + 1]
         self.shared: dict[str, object] = {}
-        # Attention-exchange hook (runtime/exchange.py) when this unit trades attention with a partner rank.
-        self.exchange: object | None = None
+        # Set by the executor when a feature takes over this unit's attention (the exchange: runtime/ports.py).
+        self.attention_hook: AttentionHook | None = None
         self.replaying = False  # inside a recompute region's replay (during this unit's backward)
 
     def layer(self, layer_id: int) -> _LayerCtx:
@@ -197,8 +198,8 @@ class SliceKV:
             lk.prefix[self.j] = (kp, vp)
         k_win = KVWindow.apply(k, kp, lk.k, start, functools.partial(_handed, lk, "acc_k", start, self.end))
         v_win = KVWindow.apply(v, vp, lk.v, start, functools.partial(_handed, lk, "acc_v", start, self.end))
-        if self.exchange is not None:
-            return self.exchange.attend(layer_id, q, k_win, v_win)  # type: ignore[attr-defined]
+        if self.attention_hook is not None:
+            return self.attention_hook.attend(layer_id, q, k_win, v_win)
         return window_attention(q, k_win, v_win, start, self.store.masks, seq)
 
 
@@ -209,8 +210,8 @@ class SliceKV:
         if lk is None or lk.k is None or lk.v is None:
             raise KVOrderError(f"replay of slice {self.j} layer {layer_id}: its K/V are not in the store")
         k_win, v_win = lk.k[:, : self.end], lk.v[:, : self.end]  # views: (b, end, H_kv, d)
-        if self.exchange is not None:
-            return self.exchange.attend(layer_id, q, k_win, v_win)  # type: ignore[attr-defined]
+        if self.attention_hook is not None:
+            return self.attention_hook.attend(layer_id, q, k_win, v_win)
         return window_attention(q, k_win, v_win, self.start, self.store.masks, self.store.bounds[-1])
 
 

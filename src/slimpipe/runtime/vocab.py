@@ -6,7 +6,8 @@ layer are cut along the vocabulary into p shards of ``rows = ceil(V/p)`` rows; r
 -inf). Parameter names stay global (``embed.weight``, ``head.weight``: this rank's rows; ``norm.weight`` on
 the last rank), and :mod:`slimpipe.runtime.vocab_state` converts shards to and from the full tensors
 (model and optimizer state), so checkpoints stay layout-free. Stages then hold only their layers: stage 0
-takes its input from VE, the last stage hands its output to VH (the executor's pseudo-stages −1 and p·v).
+takes its input from VE, the last stage hands its output to VH, both through the executor's EndsPort
+(runtime/ports.py).
 
 The three actions (schedule/vocab.py), as programs over :mod:`slimpipe.runtime.vocab_comm`:
 
@@ -35,6 +36,7 @@ from torch import nn
 
 from slimpipe.config import ConfigError
 from slimpipe.models.base import DecoderParts, init_parameters, param_generator
+from slimpipe.runtime.ports import EndsPort
 from slimpipe.runtime.stage import RankModel, StageInfo
 from slimpipe.runtime.vocab_comm import Collective, Driver, Program
 from slimpipe.schedule.actions import Action, Kind, Schedule
@@ -166,12 +168,17 @@ class VocabRuntime:
 
     def __init__(self, model: RankModel, shard: VocabShard, *, rank: int, p: int, driver: Driver) -> None:
         self.model, self.shard, self.rank, self.p, self.driver = model, shard, rank, p, driver
-        self.ex = None  # the RankExecutor, set by bind()
+        self._port: EndsPort | None = None  # the RankExecutor, set by bind()
 
-    def bind(self, executor) -> dict[Kind, Callable[[Action], None]]:
-        """Attach to ``executor``; its handler table entries for the vocabulary kinds."""
-        self.ex = executor
-        self.head_stage = executor.schedule.num_stages  # pseudo-stage after the last: VH's input slot
+    @property
+    def ex(self) -> EndsPort:
+        if self._port is None:
+            raise RuntimeError("VocabRuntime used before bind(executor)")
+        return self._port
+
+    def bind(self, executor: EndsPort) -> dict[Kind, Callable[[Action], None]]:
+        """Attach to ``executor`` (through its EndsPort); its handler table entries for the vocabulary kinds."""
+        self._port = executor
         return {Kind.VE: self._post, Kind.VH: self._post, Kind.VB: self._post}
 
     def begin_step(self) -> None:
@@ -180,7 +187,7 @@ class VocabRuntime:
 
     def end_step(self) -> None:
         self.driver.finish()
-        self.ex.busy_s += self.clock[0]
+        self.ex.add_busy(self.clock[0])
 
     def complete(self, a: Action) -> bool:
         """Whether the executor may go past ``a`` (in-process driver: the others have posted too)."""
@@ -205,11 +212,11 @@ class VocabRuntime:
         total = yield Collective(op="reduce", tensor=part, root=0, p2p=True)
         if self.rank == 0:
             assert total is not None
-            self.ex._inputs[(0, mb, j)] = total.requires_grad_()  # the input leaf of F(0, mb, j)
+            self.ex.put_embedding(mb, j, total.requires_grad_())  # the input leaf of F(0, mb, j)
 
     def _embed_backward(self, mb: int, j: int) -> Program:
         h, ex = self.model.embed.weight.size(1), self.ex
-        grad = ex._douts.pop((-1, mb, j)).contiguous() if self.rank == 0 else None  # (1, t, h)
+        grad = ex.take_embedding_grad(mb, j).contiguous() if self.rank == 0 else None  # (1, t, h)
         grad = yield Collective(op="broadcast", tensor=grad, root=0, shape=(1, len(self._ids(mb, j)), h),
                                 dtype=ex.dtype, p2p=True)
         assert grad is not None
@@ -224,7 +231,7 @@ class VocabRuntime:
         t, h = len(self._ids(mb, j)), self.model.embed.weight.size(1)
         x = y = None
         if self.rank == last:
-            x = ex._inputs.pop((self.head_stage, mb, j))  # (1, t, h) the last stage's output, a leaf
+            x = ex.take_head_input(mb, j)  # (1, t, h) the last stage's output, a leaf
             with torch.enable_grad():
                 y = self.model.norm(x)
         y_all = yield Collective(op="broadcast", tensor=None if y is None else y.detach().contiguous(),
@@ -248,7 +255,7 @@ class VocabRuntime:
         sumexp = (stats[:, 1] * rescale).sum(dim=0)
         if self.rank == last:  # everyone knows the loss; one rank accounts it
             loss = torch.log(sumexp) + gmax - stats[:, 2].sum(dim=0)
-            ex.loss_sum += loss.sum().double() / ex.normaliser
+            ex.add_loss(loss.sum().double() / ex.normaliser)
         g = e.mul_((rescale[self.rank] / sumexp)[:, None])  # softmax on the shard, − onehot, / token count
         rows = torch.arange(t, device=g.device)[mask]
         g[rows, local[mask]] -= 1.0
@@ -264,7 +271,7 @@ class VocabRuntime:
         if self.rank == last:
             assert dy is not None and x is not None and y is not None
             torch.autograd.backward(y, dy)  # through the final norm
-            ex._douts[(self.head_stage - 1, mb, j)] = x.grad  # output gradient of B(last, mb, j)
+            ex.put_head_grad(mb, j, x.grad)  # output gradient of B(last, mb, j)
 
 
 def _key(a: Action) -> tuple[str, int, int]:

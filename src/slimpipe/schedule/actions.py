@@ -18,13 +18,14 @@ collectives (``VE0.2``, ``VH0.2``, ``VB0.2``: docs/vocab_parallel.md) run on eve
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from enum import Enum
 
 __all__ = [
-    "Kind", "Action", "Schedule", "parse_action", "COMPUTE_KINDS", "COMM_KINDS", "VOCAB_KINDS", "NO_STAGE",
-    "EXCHANGE_KINDS",
+    "Kind", "Action", "Schedule", "ScheduleMeta", "parse_action", "COMPUTE_KINDS", "COMM_KINDS",
+    "VOCAB_KINDS", "NO_STAGE", "EXCHANGE_KINDS",
 ]
 
 
@@ -111,6 +112,40 @@ def parse_action(text: str) -> Action:
     return Action(NO_STAGE if stage is None else int(stage), Kind(kind), int(mb), int(sl or 0))
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScheduleMeta:
+    """What a schedule carries besides its programs. Builders set w and g; the passes set the rest, and
+    the exchange pass, the vocabulary pass and the runtime read them."""
+
+    w: int | None = None
+    """Warm-up factor the builder used (1 single, 2 double; None: no steady state, GPipe)."""
+    g: int | None = None
+    """Group size: (micro-batch, slice) pairs a rank forwards per virtual stage before switching."""
+    attn_balance: int = 0
+    """Attention context exchange threshold: most slices one exchange moves (0: no exchange)."""
+    vocab_parallel: bool = False
+    """The vocabulary collectives (VE/VH/VB) were placed (schedule/vocab.py)."""
+    exchange_latency: float | None = None
+    """p2p latency of the dry run that paired the exchange (None: the pass's default for w)."""
+
+    def to_dict(self) -> dict[str, object]:
+        """The fields that are set (w and g when not None, the others when not default), for JSON."""
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), f.default
+            if value != default:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ScheduleMeta:
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"schedule metadata has unknown keys {unknown}: keep only "
+                             f"{[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**data)  # type: ignore[arg-type]  (JSON values; the fields check their own types)
+
+
 @dataclass(frozen=True, slots=True)
 class Schedule:
     """Per-rank ordered action lists plus the metadata that describes them.
@@ -134,8 +169,8 @@ class Schedule:
     """ranks[r] = the ordered program of pipeline rank r."""
     slice_weights: tuple[float, ...] | None = None
     """Relative token length of each slice (sums to 1); None means n equal slices (Seq1F1B sets it)."""
-    meta: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
-    """Builder parameters worth keeping (warm-up factor w, group size g, ...); informational only."""
+    meta: ScheduleMeta = field(default_factory=ScheduleMeta, compare=False, hash=False)
+    """Builder parameters (w, g) and what the passes added (exchange threshold, vocabulary collectives)."""
 
     @property
     def num_stages(self) -> int:
@@ -161,7 +196,7 @@ class Schedule:
         return self.slice_weights
 
     def replace_ranks(self, ranks: tuple[tuple[Action, ...], ...], **meta: object) -> Schedule:
-        """A copy with other per-rank programs (what passes return)."""
+        """A copy with other per-rank programs (what passes return); ``meta``: ScheduleMeta fields to change."""
         return Schedule(
             name=self.name,
             num_ranks=self.num_ranks,
@@ -170,7 +205,7 @@ class Schedule:
             num_slices=self.num_slices,
             ranks=ranks,
             slice_weights=self.slice_weights,
-            meta={**self.meta, **meta},
+            meta=dataclasses.replace(self.meta, **meta) if meta else self.meta,
         )
 
     def compute_only(self) -> Schedule:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from slimpipe.config import ConfigError
-from slimpipe.schedule.actions import Action, Kind, Schedule
+from slimpipe.schedule.actions import Action, Kind, Schedule, ScheduleMeta
 
 __all__ = ["build", "BUILDERS", "WARMUPS", "group_size", "warmup_factor", "slice_1f1b"]
 
@@ -120,7 +120,7 @@ def slice_1f1b(
     weights = None if slice_weights is None else tuple(float(x) for x in slice_weights)
     return Schedule(
         name=name, num_ranks=p, virtual_stages=v, num_microbatches=m, num_slices=n,
-        ranks=tuple(ranks), slice_weights=weights, meta={"w": w, "g": g},
+        ranks=tuple(ranks), slice_weights=weights, meta=ScheduleMeta(w=w, g=g),
     )
 
 

@@ -16,7 +16,7 @@ exchange nothing.
 
 Each exchange becomes two markers, one on each rank, right before the rank's own F (or B), naming the
 PARTNER's unit: ``3XOWN_F1.4`` before ``0F1.7`` on rank 0 and ``0XHELP_F1.7`` before ``3F1.4`` on rank 3.
-The volume follows from the two slice indices and the threshold kept in ``meta["attn_balance"]``
+The volume follows from the two slice indices and the threshold kept in ``meta.attn_balance``
 (:func:`exchange_volume`). ``check_exchange`` (part of ``validate``) checks that markers come in matching
 pairs, in the same order on both ranks of a pair; the dry run treats a pair as a rendezvous (each of the
 two computes waits until the other rank reached its marker), so an exchange that cannot happen is a
@@ -27,6 +27,7 @@ Imports no torch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,11 +37,8 @@ from slimpipe.schedule.actions import EXCHANGE_KINDS, Action, Kind, Schedule
 
 __all__ = [
     "Exchange", "add_exchange", "strip_exchange", "has_exchange", "exchanges", "exchange_volume",
-    "exchange_waits", "check_exchange", "balance_stats", "BalanceStats", "EXCHANGE_META",
+    "exchange_waits", "check_exchange", "balance_stats", "BalanceStats",
 ]
-
-EXCHANGE_META = "attn_balance"
-"""Schedule.meta key holding the threshold (most slices one exchange moves)."""
 
 _Key = tuple[Kind, int, int, int]  # (kind, stage, micro-batch, slice), as in passes/validate
 # marker kind -> (compute kind it precedes, owner?, the partner's marker kind)
@@ -89,9 +87,9 @@ def has_exchange(schedule: Schedule) -> bool:
 
 def strip_exchange(schedule: Schedule) -> Schedule:
     """The same schedule without exchange markers (and without the threshold in meta)."""
-    if EXCHANGE_META not in schedule.meta and not has_exchange(schedule):
+    if not schedule.meta.attn_balance and not has_exchange(schedule):
         return schedule
-    meta = {k: v for k, v in schedule.meta.items() if k != EXCHANGE_META}
+    meta = dataclasses.replace(schedule.meta, attn_balance=0)
     ranks = tuple(tuple(a for a in prog if a.kind not in EXCHANGE_KINDS) for prog in schedule.ranks)
     return Schedule(name=schedule.name, num_ranks=schedule.num_ranks, virtual_stages=schedule.virtual_stages,
                     num_microbatches=schedule.num_microbatches, num_slices=schedule.num_slices, ranks=ranks,
@@ -152,7 +150,7 @@ def add_exchange(schedule: Schedule, threshold: int, *, latency: float | None = 
     if threshold == 0 or base.num_ranks < 2:
         return base
     if latency is None:
-        latency = 1.0 if base.meta.get("w") == 2 and duration is None else 0.0
+        latency = 1.0 if base.meta.w == 2 and duration is None else 0.0
     dur = duration or uniform_duration
     timeline = _dry_run(base, duration=dur, latency=latency, check="add_exchange")
     units: dict[Kind, list[tuple[float, int, Action]]] = {Kind.F: [], Kind.B: []}
@@ -174,7 +172,7 @@ def add_exchange(schedule: Schedule, threshold: int, *, latency: float | None = 
                 out.append(marker)
             out.append(a)
         ranks.append(tuple(out))
-    return base.replace_ranks(tuple(ranks), **{EXCHANGE_META: threshold, "exchange_latency": latency})
+    return base.replace_ranks(tuple(ranks), attn_balance=threshold, exchange_latency=latency)
 
 
 def _own_actions(schedule: Schedule) -> dict[tuple[int, int], tuple[int, Action]]:
@@ -218,7 +216,7 @@ def exchanges(schedule: Schedule,
         own = _own_actions(schedule)
     if not own:
         return []
-    p, threshold = schedule.num_ranks, int(schedule.meta.get(EXCHANGE_META, 0) or 0)
+    p, threshold = schedule.num_ranks, schedule.meta.attn_balance
     # (rank, marker) -> (marker step, own step, own action)
     where = {_key(r, schedule.ranks[r][i]): (i, k, a) for (r, i), (k, a) in own.items()}
     out = []
@@ -311,7 +309,9 @@ def balance_stats(schedule: Schedule, kind: Kind = Kind.F) -> BalanceStats:
     from slimpipe.schedule.dryrun import _dry_run
 
     base = strip_exchange(schedule)
-    latency = float(schedule.meta.get("exchange_latency", 1.0 if base.meta.get("w") == 2 else 0.0))
+    latency = schedule.meta.exchange_latency
+    if latency is None:
+        latency = 1.0 if base.meta.w == 2 else 0.0
     timeline = _dry_run(base if base.is_lowered else _lower(base), duration=None, latency=latency,
                         check="balance_stats")
     moved: dict[tuple[int, Action], float] = {}

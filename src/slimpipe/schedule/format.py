@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Sequence
 
-from slimpipe.schedule.actions import Action, Schedule, parse_action
+from slimpipe.schedule.actions import Action, Schedule, ScheduleMeta, parse_action
 
 __all__ = ["to_grid", "to_csv", "from_csv", "to_json", "from_json", "FORMAT_TAG"]
 
@@ -89,7 +89,7 @@ def _meta_dict(schedule: Schedule) -> dict[str, object]:
         "m": schedule.num_microbatches,
         "n": schedule.num_slices,
         "slice_weights": None if schedule.slice_weights is None else list(schedule.slice_weights),
-        "meta": dict(schedule.meta),
+        "meta": schedule.meta.to_dict(),
     }
 
 
@@ -113,7 +113,7 @@ def _from_parts(ranks: Sequence[Sequence[str]], meta: dict[str, object]) -> Sche
         num_slices=int(n),  # type: ignore[arg-type]
         ranks=progs,
         slice_weights=None if weights is None else tuple(float(x) for x in weights),
-        meta=dict(extra),  # type: ignore[arg-type]
+        meta=ScheduleMeta.from_dict(dict(extra)),  # type: ignore[arg-type]
     )
 
 

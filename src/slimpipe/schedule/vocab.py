@@ -126,7 +126,7 @@ def add_vocab_parallel(schedule: Schedule, *, duration: Callable[[Action], float
     again after the collectives are placed (add_exchange pairs units that start together, which lock-step
     preserves).
     """
-    from slimpipe.schedule.exchange import EXCHANGE_META, add_exchange, strip_exchange
+    from slimpipe.schedule.exchange import add_exchange, strip_exchange
     from slimpipe.schedule.dryrun import _dry_run
     from slimpipe.schedule.passes import _gc_paused, lower
 
@@ -135,7 +135,7 @@ def add_vocab_parallel(schedule: Schedule, *, duration: Callable[[Action], float
         return schedule
     if not kinds.isdisjoint(EXCHANGE_KINDS):  # a marker must stay right before its compute: place, pair
         plain = add_vocab_parallel(strip_exchange(schedule), duration=duration, batch=batch)
-        return add_exchange(plain, int(schedule.meta.get(EXCHANGE_META, 0) or 0))
+        return add_exchange(plain, schedule.meta.attn_balance)
     with _gc_paused():
         lowered = lower(schedule)
         table = None if duration is None else _table(lowered, duration)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimpipe.schedule.actions import Schedule
+from slimpipe.schedule.actions import Schedule, ScheduleMeta
 from slimpipe.sim.cost import AnalyticCost, CostModel, UniformCost, seq1f1b_partition
 from slimpipe.sim.hardware import Hardware
 from slimpipe.sim.memory import MemoryBreakdown, memory_model
@@ -89,7 +89,7 @@ def evaluate(workload: Workload, schedule_name: str, *, hardware: Hardware, cost
     try:
         timeline = simulate(sched, model)
     except DeadlockError as exc:
-        g = sched.meta.get("g")
+        g = sched.meta.g
         raise ConfigError(
             f"the {schedule_name} schedule for p={par.pp}, m={workload.microbatches}, n={par.slices}, "
             f"v={par.vpp} deadlocks ({str(exc).split('; ')[1]}): use m·n divisible by g={g} "
@@ -172,7 +172,7 @@ def precheck_memory(workload: Workload, name: str) -> list[MemoryBreakdown]:
                    else weighted_inflight(name, p, m, n, v, weights))
     # memory_model reads only the shape (p, v, n, slice lengths, g, name) when the in-flight counts are given.
     shape = Schedule(name=name, num_ranks=p, virtual_stages=v, num_microbatches=m, num_slices=n,
-                     ranks=tuple(() for _ in range(p)), slice_weights=weights, meta={"w": w, "g": g})
+                     ranks=tuple(() for _ in range(p)), slice_weights=weights, meta=ScheduleMeta(w=w, g=g))
     return memory_model(workload, shape, inflight=peaks)
 
 

@@ -196,7 +196,7 @@ def _kv_grad_bytes(workload: Workload, schedule: Schedule) -> float:
     if n == 1:
         return 0.0
     par, model = workload.parallel, workload.model
-    g = schedule.meta.get("g")
+    g = schedule.meta.g
     if not isinstance(g, int):
         from slimpipe.schedule.builders import group_size
 

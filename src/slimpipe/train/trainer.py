@@ -234,7 +234,7 @@ def _write_config(prep: Prepared, world: int, device: torch.device, fpt: float, 
             "world": world, "microbatches": cfg.microbatches, "device": str(device),
             "backend": "nccl" if device.type == "cuda" else "gloo", "threads": torch.get_num_threads(),
             "params": prep.model.num_params(), "flops_per_token": fpt, "peak_flops": peak, "peak_source": how,
-            "data": prep.data.name, "data_tokens": prep.data.num_tokens, "schedule_meta": dict(prep.schedule.meta),
+            "data": prep.data.name, "data_tokens": prep.data.num_tokens, "schedule_meta": prep.schedule.meta.to_dict(),
             "resumed_from": str(prep.resume_dir) if prep.resume_dir else None, "torch": torch.__version__,
         },
     }

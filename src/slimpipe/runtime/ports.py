@@ -1,0 +1,65 @@
+"""The small typed ports through which features plug into the executor (instead of writing its fields).
+
+* :class:`AttentionHook` — replaces one slice's window attention, layer by layer. The attention context
+  exchange (runtime/exchange.py) returns one from ``on_forward`` for an exchanged unit; the executor
+  installs it on the unit's :class:`~slimpipe.runtime.kv.SliceKV`.
+* :class:`EndsPort` — what the vocabulary-parallel ends (runtime/vocab.py: VE/VH/VB) read from and hand to
+  the executor of their rank: the embedding output that becomes F(stage 0)'s input, the gradient B(stage 0)
+  produced for it, the last stage's output that VH consumes and the output gradient VH returns for
+  B(last stage), plus the step's tokens, slice bounds, loss and busy-time accumulators.
+  :class:`~slimpipe.runtime.executor.RankExecutor` implements it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+__all__ = ["AttentionHook", "EndsPort"]
+
+
+class AttentionHook(Protocol):
+    """One unit's attention, layer by layer, in place of the local window attention."""
+
+    def attend(self, layer_id: int, q: torch.Tensor, k_win: torch.Tensor,
+               v_win: torch.Tensor) -> torch.Tensor:
+        """q (b, t, H, d) over the slice's K/V window k_win/v_win (b, end, H_kv, d) -> (b, t, H, d)."""
+        ...
+
+
+class EndsPort(Protocol):
+    """The executor as the vocabulary-parallel ends see it (one rank, one step)."""
+
+    tokens: torch.Tensor
+    """(m, s+1) token ids of this step."""
+    bounds: list[int]
+    """Slice boundaries in tokens: slice j is [bounds[j], bounds[j+1])."""
+    dtype: torch.dtype
+    """Activation dtype."""
+    normaliser: float
+    """Tokens of the global batch (the loss is a sum divided by this)."""
+
+    def put_embedding(self, mb: int, j: int, x: torch.Tensor) -> None:
+        """The embedded slice (1, t, h), a leaf requiring grad: the input of F(stage 0, mb, j)."""
+        ...
+
+    def take_embedding_grad(self, mb: int, j: int) -> torch.Tensor:
+        """The gradient B(stage 0, mb, j) produced for its input (1, t, h)."""
+        ...
+
+    def take_head_input(self, mb: int, j: int) -> torch.Tensor:
+        """The last stage's output of (mb, j) (1, t, h), a leaf requiring grad."""
+        ...
+
+    def put_head_grad(self, mb: int, j: int, grad: torch.Tensor) -> None:
+        """The output gradient (1, t, h) of B(last stage, mb, j)."""
+        ...
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """Add a (float64, already normalised) loss term to the step's loss."""
+        ...
+
+    def add_busy(self, seconds: float) -> None:
+        """Add compute time spent outside the executor's own actions."""
+        ...
