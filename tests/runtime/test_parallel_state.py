@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch.distributed as dist
 
-from runtime_support import run_dist
+from tests.support.dist import run_dist
 from slimpipe.runtime import ParallelState
 
 pytestmark = pytest.mark.dist
