@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from runtime_support import RTOL, max_rel_error, model, reference_grads, run_dist, tokens
+from tests.support.dist import run_dist
+from tests.support.models import RTOL, max_rel_error, model, reference_grads, tokens
 from slimpipe.config import ConfigError, ParallelConfig
 from slimpipe.runtime import LocalPipelineRuntime, ParallelState, PipelineRuntime
 from slimpipe.runtime.exchange import with_exchange
