@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime_support import model, run_dist, tokens
+from tests.support.dist import run_dist
+from tests.support.models import model, tokens
 from slimpipe.config import ConfigError
 from slimpipe.runtime import LocalPipelineRuntime, ParallelState, PipelineRuntime
 from slimpipe.runtime.offload import OffloadConfig, offload_gaps
