@@ -22,6 +22,7 @@ from slimpipe.schedule.exchange import exchanges
 from slimpipe.sim import Workload, evaluate, load_hardware, peak_inflight
 from slimpipe.sim.cost import seq1f1b_partition
 from slimpipe.sim.evaluate import closed_form_inflight, precheck_memory, weighted_inflight
+from slimpipe.sim.exchange import exchange_buffer_bound
 
 REPO = Path(__file__).resolve().parents[1]
 H800 = load_hardware("h800")
@@ -52,7 +53,7 @@ def test_plans_are_ranked_fit_in_memory_and_have_the_schema(small_json) -> None:
     assert tps == sorted(tps, reverse=True)
     for p in small_json:
         for key in ("schedule", "tp", "cp", "pp", "dp", "ep", "slices", "vpp", "recompute", "offload",
-                    "vocab_parallel", "exchange", "mfu", "mfu_dense", "tokens_per_s", "bubble_ratio",
+                    "vocab_parallel", "exchange", "slice_split", "mfu", "mfu_dense", "tokens_per_s", "bubble_ratio",
                     "peak_memory_gib", "headroom_gib", "microbatches"):
             assert key in p, key
         assert p["tp"] * p["cp"] * p["pp"] * p["dp"] == 8
@@ -67,7 +68,7 @@ def test_plans_are_ranked_fit_in_memory_and_have_the_schema(small_json) -> None:
 def _check_against_simulate(plan_: dict, workload: list[str], capsys) -> None:
     """`slimpipe simulate` with the plan's flags prints the plan's numbers."""
     argv = ["simulate", *workload, "--json", "--schedule", plan_["schedule"], "--recompute", plan_["recompute"],
-            "--offload", str(plan_["offload"])]
+            "--offload", str(plan_["offload"]), "--slice-split", plan_["slice_split"]]
     for flag in ("tp", "cp", "pp", "dp", "ep", "slices", "vpp"):
         argv += [f"--{flag}", str(plan_[flag])]
     if plan_["vocab_parallel"]:
@@ -111,20 +112,27 @@ def _exchange_plans(model13: str, capsys, *extra: str) -> list[dict]:
 
 
 def test_exchange_wins_is_reported_and_matches_simulate(model13, capsys) -> None:
-    plans = _exchange_plans(model13, capsys)
+    plans = _exchange_plans(model13, capsys, "--slice-split", "equal")  # the exchange needs equal slices
     best = plans[0]
     assert best["exchange"] is True and (best["pp"], best["slices"], best["vpp"]) == (13, 13, 1)
     assert {p["exchange"] for p in plans} == {True, False}
     _check_against_simulate(best, ["--model", model13, "--seq-len", str(EXCHANGE_SEQ), "--global-batch", "4",
                                    "--gpus", "13"], capsys)
-    off = _exchange_plans(model13, capsys, "--exchange", "off")
+    off = _exchange_plans(model13, capsys, "--exchange", "off", "--slice-split", "equal")
     assert off and not any(p["exchange"] for p in off)
     assert best["tokens_per_s"] > off[0]["tokens_per_s"]  # the same layout without exchange is slower
     on = _exchange_plans(model13, capsys, "--exchange", "on")
-    assert on and all(p["exchange"] for p in on) and on[0] == best
+    assert on and all(p["exchange"] and p["slice_split"] == "equal" for p in on) and on[0] == best
+    both = _exchange_plans(model13, capsys)  # equal and equal-FLOP slices: a superset of the search above
+    assert {p["slice_split"] for p in both} == {"equal", "equal-flop"}
+    assert both[0]["tokens_per_s"] >= best["tokens_per_s"]
+    assert all(p["slice_split"] == "equal" for p in both if p["exchange"])
+    flop = next(p for p in both if p["slice_split"] == "equal-flop")
+    _check_against_simulate(flop, ["--model", model13, "--seq-len", str(EXCHANGE_SEQ), "--global-batch", "4",
+                                   "--gpus", "13"], capsys)
     code, out, err = _cli(["plan", "--model", model13, "--seq-len", str(EXCHANGE_SEQ), "--gpus", "13",
                            "--global-batch-tokens", str(4 * EXCHANGE_SEQ), "--schedule", "slimpipe",
-                           "--top", "2"], capsys)
+                           "--slice-split", "equal", "--top", "2"], capsys)
     assert code == 0, err
     rows = [line.split() for line in out.splitlines() if line.startswith(" 1 ")]
     assert rows and rows[0][13] == "on", out  # the xchg column
@@ -214,24 +222,29 @@ def test_closed_form_inflight_matches_the_builders() -> None:
                         assert got == (peak_inflight(ref), ref.meta.w, ref.meta.g), (name, p, m, n, v)
 
 
-def test_weighted_inflight_matches_built_seq1f1b() -> None:
+@pytest.mark.parametrize("name", ["seq1f1b", "slimpipe", "gpipe"])
+def test_weighted_inflight_matches_the_built_schedules(name) -> None:
     model = load_model("llama-7b")
     for p in (1, 2, 4):
         for m in (1, 2, 5):
             for n in (2, 4, 8):
                 weights = seq1f1b_partition(model, 65536, n, multiple=8)
-                try:
-                    ref = build("seq1f1b", p=p, m=m, n=n, slice_weights=weights)
-                except ConfigError:
-                    with pytest.raises(ConfigError):
-                        weighted_inflight("seq1f1b", p, m, n, 1, weights)
-                    continue
-                peaks, w, g = weighted_inflight("seq1f1b", p, m, n, 1, weights)
-                assert peaks == pytest.approx(peak_inflight(ref)) and (w, g) == (ref.meta.w, ref.meta.g)
+                for v in ((1,) if name == "seq1f1b" else (1, 2, 3)):
+                    try:
+                        ref = build(name, p=p, m=m, n=n, v=v, slice_weights=weights)
+                    except ConfigError:
+                        with pytest.raises(ConfigError):
+                            weighted_inflight(name, p, m, n, v, weights)
+                        continue
+                    peaks, w, g = weighted_inflight(name, p, m, n, v, weights)
+                    assert peaks == pytest.approx(peak_inflight(ref)), (p, m, n, v)
+                    assert (w, g) == (ref.meta.w, ref.meta.g)
 
 
-CASES = [  # (schedule, t, c, p, d, n, v, recompute, α, vocab-parallel), llama-7b at 16K, B = 8
+CASES = [  # (schedule, t, c, p, d, n, v, recompute, α, vocab-parallel[, split]), llama-7b at 16K, B = 8
     ("slimpipe", 2, 2, 2, 1, 4, 2, "partial+fc1", 0.5, True),
+    ("slimpipe", 2, 2, 2, 1, 4, 2, "partial+fc1", 0.5, True, "equal-flop"),
+    ("slimpipe", 1, 1, 4, 2, 8, 1, "full", 0.0, False, "equal-flop"),
     ("slimpipe", 1, 1, 4, 2, 8, 1, "none", 0.0, False),
     ("interleaved-1f1b", 2, 1, 4, 1, 1, 2, "full", 0.0, False),
     ("1f1b", 1, 2, 4, 1, 1, 1, "none", 0.0, True),
@@ -240,15 +253,17 @@ CASES = [  # (schedule, t, c, p, d, n, v, recompute, α, vocab-parallel), llama-
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:1] + c[10:])))
 def test_precheck_equals_simulated_memory_and_bound_is_below_the_simulation(case) -> None:
-    name, t, c, p, d, n, v, rec, alpha, vocab = case
+    name, t, c, p, d, n, v, rec, alpha, vocab, *rest = case
+    split = rest[0] if rest else "auto"
     wl = Workload(model=load_model("llama-7b"), seq_len=16384, global_batch=8, recompute=rec, offload=alpha,
                   vocab_parallel=vocab, parallel=ParallelConfig(tp=t, cp=c, pp=p, dp=d, slices=n, vpp=v))
-    ev = evaluate(wl, name, hardware=H800)
-    pre = precheck_memory(wl, name)
+    ev = evaluate(wl, name, hardware=H800, slice_split=split)
+    assert (ev.schedule.slice_weights is not None) == (split == "equal-flop" or name == "seq1f1b")
+    pre = precheck_memory(wl, name, split)
     assert [mb.peak for mb in pre] == pytest.approx([mb.peak for mb in ev.memory], rel=1e-12)
-    bound, busy = step_time_bound(wl, name, H800)
+    bound, busy = step_time_bound(wl, name, H800, split)
     assert busy == pytest.approx(ev.report.busy_s[p - 1])
     assert bound <= ev.report.step_time_s * (1 + 1e-12)
 
@@ -266,6 +281,10 @@ def test_exchange_bound_counts_every_rank_and_stays_below_the_simulation(case) -
     plain = evaluate(wl, "slimpipe", hardware=H800).report
     ev = evaluate(wl, "slimpipe", hardware=H800, attn_balance=n)
     assert exchanges(ev.schedule), "the case must exchange something"
+    # The memory model counts the exchange buffers, below the planner's bound of them.
+    extra = [x.exchange for x in ev.memory]
+    assert 0 < max(extra) <= exchange_buffer_bound(wl)
+    assert [x.peak - x.exchange for x in ev.memory] == pytest.approx([x.peak for x in plain.memory], rel=1e-12)
     bound = exchange_time_bound(wl, "slimpipe", H800)
     # The exchange only moves or adds work: the mean of the unexchanged busy times is a floor.
     assert sum(plain.busy_s) / p + plain.dp_sync_s <= bound * (1 + 1e-12)
@@ -282,7 +301,7 @@ def test_search_finds_the_exhaustive_best(which) -> None:
         req = PlanRequest(model=load_model("llama-1b", num_layers=13), seq_len=EXCHANGE_SEQ, gpus=13,
                           hardware=H800, global_batch_tokens=4 * EXCHANGE_SEQ, top=3)
     res = plan(req)
-    every = sorted((evaluate(c.workload, c.schedule, hardware=H800,
+    every = sorted((evaluate(c.workload, c.schedule, hardware=H800, slice_split=c.split,
                              attn_balance=c.workload.parallel.slices if c.exchange else 0).report.tokens_per_s
                     for c in _bounded(req, Counter(), [0.0])), reverse=True)
     assert res.candidates == len(every)

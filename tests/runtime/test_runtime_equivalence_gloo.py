@@ -39,6 +39,7 @@ PP2_DP2 = [
 ]
 PP2 = [
     ("slimpipe", 2, 2, 2, 2, False, None), ("seq1f1b", 2, 8, 2, 1, False, None),
+    ("slimpipe", 2, 4, 2, 2, False, (0.4, 0.3, 0.2, 0.1)),  # --slice-split equal-flop shape, interleaved
     ("1f1b", 2, 1, 3, 1, True, None),
 ]
 PP1_DP2 = [("slimpipe", 1, 4, 2, 2, False, None), ("gpipe", 1, 2, 1, 1, True, None)]

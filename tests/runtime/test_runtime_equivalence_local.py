@@ -125,3 +125,4 @@ def test_head_layouts(kv_heads: int) -> None:
 @pytest.mark.parametrize("weights", [(0.4, 0.3, 0.2, 0.1), (0.1, 0.2, 0.3, 0.4), (0.5, 0.25, 0.125, 0.125)])
 def test_unequal_slices(weights) -> None:
     _check("seq1f1b", 2, 4, 2, 1, dp=1, weights=weights, seq=37)  # 37 tokens: bounds need rounding
+    _check("slimpipe", 2, 4, 2, 2, dp=1, weights=weights, seq=37)  # --slice-split equal-flop, interleaved

@@ -53,7 +53,7 @@ def test_simulate_table_and_json(simulate_json, cli) -> None:
     for key in ("step_time_s", "bubble_ratio", "tokens_per_s", "mfu", "mfu_dense", "memory_gib", "ranks"):
         assert key in got
     assert set(got["memory_gib"]) == {"peak", "params_grads", "optimizer", "activations", "output",
-                                      "recomputed", "kv_cache", "kv_grad", "offloaded"}
+                                      "recomputed", "kv_cache", "kv_grad", "offloaded", "exchange"}
     assert 0 < got["mfu"] < got["mfu_dense"] < 1
     assert got["memory_gib"]["peak"] == max(r["memory_gib"]["peak"] for r in got["ranks"])
     assert got["tokens_per_s"] == pytest.approx(4 * 32768 / got["step_time_s"])

@@ -64,10 +64,24 @@ def _checkpoint(tmp: Path, *, model: str = "tiny", seed: int = 0, step: int = 2)
     (["--dtype", "fp8"], ["--dtype"]),
     (["--lr", "-1"], ["--lr=-1"]),
     (["--timeout", "1"], ["--timeout"]),
+    (["--slice-split", "halves"], ["--slice-split='halves' is unknown"]),
+    (["--slice-split", "equal-flop", "--attn-balance", "2"], ["equal slices"]),
 ])
 def test_bad_layout_and_names(argv: list[str], needles: list[str], tmp_path: Path,
                               capsys: pytest.CaptureFixture[str]) -> None:
     _fails([*TINY, "--out-dir", str(tmp_path / "run"), *argv], capsys, *needles)
+
+
+def test_slice_split_reaches_the_schedule(tmp_path: Path) -> None:
+    from slimpipe.train.config import TrainConfig
+    from slimpipe.train.preflight import preflight
+
+    base = dict(model="tiny", data="synthetic", seq_len=2048, steps=2, out_dir=str(tmp_path / "r"))
+    equal = preflight(TrainConfig(**base), check_outputs=False).schedule
+    flop = preflight(TrainConfig(**base, slice_split="equal-flop"), check_outputs=False).schedule
+    seq = preflight(TrainConfig(**base, schedule="seq1f1b"), check_outputs=False).schedule
+    assert equal.slice_weights is None
+    assert flop.slice_weights == seq.slice_weights and flop.slice_weights[0] > flop.slice_weights[-1]
 
 
 def test_launcher_world_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -13,6 +13,7 @@ HELP = ("find the fastest layouts (t, c, p, d, e, n, v, recompute, offload, voca
         "fit in GPU memory")
 
 _BOTH = {"auto": (False, True), "on": (True,), "off": (False,)}
+_SPLIT = {"equal": "eq", "equal-flop": "flop"}
 _SUFFIX = {"k": 1 << 10, "ki": 1 << 10, "m": 1 << 20, "mi": 1 << 20}
 
 
@@ -55,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exchange", default="auto", choices=("auto", "on", "off"),
                         help="attention context exchange (slimpipe with n > 1 and p > 1 only): on keeps only "
                              "plans with it, off only plans without, auto tries both")
+    parser.add_argument("--slice-split", default="auto", choices=("auto", "equal", "equal-flop"),
+                        help="slimpipe slices: equal token counts, equal-FLOP (long early, short late), or "
+                             "auto: both (seq1f1b always uses its equal-FLOP segments)")
     parser.add_argument("--top", type=int, default=10, help="plans to print (default 10)")
     parser.add_argument("--max-simulations", type=int, default=32,
                         help="cap on full simulations (default 32); the output says how much faster "
@@ -78,6 +82,7 @@ def _request(args: argparse.Namespace):  # -> slimpipe.planner.PlanRequest
         recompute=RECOMPUTE_LADDER if args.recompute == "auto" else (args.recompute,),
         offload=tuple(a for a in OFFLOAD_LADDER if a <= args.max_offload),
         vocab_parallel=_BOTH[args.vocab_parallel], exchange=_BOTH[args.exchange],
+        slice_split=("equal", "equal-flop") if args.slice_split == "auto" else (args.slice_split,),
     )
 
 
@@ -180,17 +185,17 @@ def _table(args: argparse.Namespace, req, result) -> str:
                      + ("by the step-time bound none can beat #1" if gain <= 0 else
                         f"by the step-time bound none is more than {100 * gain:.1f} % faster than #1"))
     lines += ["MFU = executed FLOPs (6N + 6·L·H·Q·T: causal attention as run)·tokens/s / (GPUs·peak); dense = "
-              "the PaLM/torchtitan 6N + 12·L·H·Q·T convention. xchg: attention context exchange (§8, unclipped).",
-              ""]
+              "the PaLM/torchtitan 6N + 12·L·H·Q·T convention. xchg: attention context exchange (§8, unclipped); "
+              "split: eq = equal slices, flop = equal-FLOP slices.", ""]
     head = (f"{'#':>2} {'schedule':<16} {'t':>2} {'c':>3} {'p':>3} {'d':>3} {'e':>2} {'n':>4} {'v':>3} "
-            f"{'m':>4} {'recompute':<11} {'α':>4} {'vocab':<5} {'xchg':<4} {'tokens/s':>10} {'MFU%':>5} "
+            f"{'m':>4} {'recompute':<11} {'α':>4} {'vocab':<5} {'xchg':<4} {'split':<5} {'tokens/s':>10} {'MFU%':>5} "
             f"{'dense%':>6} {'bubble%':>7} {'peak GiB':>8} {'headroom':>8}")
     lines.append(head)
     for i, p in enumerate(result.plans, 1):
         lines.append(
             f"{i:>2} {p.schedule:<16} {p.tp:>2} {p.cp:>3} {p.pp:>3} {p.dp:>3} {p.ep:>2} {p.slices:>4} "
             f"{p.vpp:>3} {p.microbatches:>4} {p.recompute:<11} {p.offload:>4.2g} "
-            f"{_on(p.vocab_parallel):<5} {_on(p.exchange):<4} {p.tokens_per_s:>10.0f} {100 * p.mfu:>5.1f} "
+            f"{_on(p.vocab_parallel):<5} {_on(p.exchange):<4} {_SPLIT[p.slice_split]:<5} {p.tokens_per_s:>10.0f} {100 * p.mfu:>5.1f} "
             f"{100 * p.mfu_dense:>6.1f} {100 * p.bubble_ratio:>7.2f} {p.peak_memory_gib:>8.1f} "
             f"{p.headroom_gib:>8.1f}"
         )

@@ -34,7 +34,7 @@ def _model_alias(name: str) -> str:
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags shared by `simulate` and `plot`."""
     from slimpipe.schedule.builders import BUILDERS, WARMUPS
-    from slimpipe.sim.evaluate import COSTS
+    from slimpipe.sim.evaluate import COSTS, SLICE_SPLITS
     from slimpipe.sim.workload import RECOMPUTE_MODES
 
     g = parser.add_argument_group("model")
@@ -64,8 +64,10 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                    help="builder (default slimpipe)")
     g.add_argument("--warmup", default="auto", choices=WARMUPS,
                    help="auto: single for unsliced non-interleaved (1F1B), the authors' double otherwise; seq1f1b single")
-    g.add_argument("--equal-slices", action="store_true",
-                   help="seq1f1b: equal instead of equal-FLOP segments")
+    g.add_argument("--slice-split", default="auto", choices=SLICE_SPLITS,
+                   help="equal token counts or equal-FLOP slices (long early, short late: each slice's "
+                        "prefix-aware work total/n); auto: equal-flop for seq1f1b, equal otherwise")
+    g.add_argument("--equal-slices", action="store_true", help="same as --slice-split equal")
     g.add_argument("--gpu", default="h800", help="hardware preset (h100, h800, h200, a100) or .json")
     g.add_argument("--profile", default=None, metavar="FILE",
                    help="measured profile from `slimpipe calibrate` (replaces --gpu)")
@@ -97,7 +99,8 @@ def evaluate_from_args(args: argparse.Namespace):  # -> slimpipe.sim.evaluate.Ev
                   recompute=args.recompute, offload=args.offload, vocab_parallel=args.vocab_parallel)
     hardware = load_profile(args.profile) if args.profile else load_hardware(args.gpu)
     return evaluate(wl, args.schedule, hardware=hardware, cost=args.cost, warmup=args.warmup,
-                    equal_slices=args.equal_slices, attn_balance=args.attn_balance)
+                    equal_slices=args.equal_slices, attn_balance=args.attn_balance,
+                    slice_split=args.slice_split)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +133,7 @@ def _config_dict(args: argparse.Namespace, ev) -> dict[str, object]:
         "microbatches": wl.microbatches, "tp": args.tp, "cp": args.cp, "pp": args.pp, "dp": args.dp,
         "ep": args.ep, "etp": wl.parallel.expert_tp, "slices": args.slices, "vpp": args.vpp, "layers_per_stage": wl.layers_per_stage,
         "schedule": sched.name, "warmup_w": sched.meta.w, "group_g": sched.meta.g,
+        "slice_split": "equal" if sched.slice_weights is None else "equal-flop",
         "slice_weights": sched.slice_weights, "recompute": wl.recompute, "offload": wl.offload,
         "vocab_parallel": wl.vocab_parallel, "cost": ev.cost.name, "gpu": _hardware_label(args),
         "attn_balance": args.attn_balance, **_exchange(args, ev),
@@ -159,7 +163,8 @@ def _table(args: argparse.Namespace, ev, elapsed: float) -> str:
         f"t{par.tp} c{par.cp} p{par.pp} d{par.dp} e{par.ep}{_etp(wl)}  "
         f"n{par.slices} v{par.vpp} (l={wl.layers_per_stage})  "
         f"{rep.gpus} GPUs",
-        f"schedule {sched.name} (w={sched.meta.w}, g={sched.meta.g})  "
+        f"schedule {sched.name} (w={sched.meta.w}, g={sched.meta.g}"
+        + (", equal-flop slices" if sched.slice_weights is not None else "") + ")  "
         f"recompute {wl.recompute}  "
         f"offload {wl.offload}  vocab-parallel {'on' if wl.vocab_parallel else 'off'}  "
         f"attn-balance {args.attn_balance or 'off'}  cost {ev.cost.name}"
@@ -180,9 +185,9 @@ def _table(args: argparse.Namespace, ev, elapsed: float) -> str:
                      "concurrent attention max/min F {:.2f}→{:.2f}, B {:.2f}→{:.2f}".format(
                          *x["attn_ratio_f"], *x["attn_ratio_b"]))
     cols = ("peak", "params_grads", "optimizer", "activations", "output", "recomputed", "kv_cache", "kv_grad",
-            "offloaded")
+            "offloaded") + (("exchange",) if args.attn_balance else ())
     heads = ("peak", "param+grad", "optimizer", "activation", "output", "recomputed", "kv_cache", "kv_grad",
-             "offloaded")
+             "offloaded") + (("exchange",) if args.attn_balance else ())
     lines += ["", "memory per GPU (GiB)   * = highest peak",
               "rank " + " ".join(f"{h:>10}" for h in heads) + "  in-flight"]
     top = rep.peak_rank

@@ -15,9 +15,10 @@ from slimpipe.sim.workload import Workload
 __all__ = ["step_time_bound", "exchange_time_bound", "layout_bounds", "peak_unit_bytes"]
 
 
-def _cost(workload: Workload, name: str, hardware: Hardware) -> AnalyticCost:
+def _cost(workload: Workload, name: str, hardware: Hardware, split: str = "auto") -> AnalyticCost:
     par = workload.parallel
-    fractions = schedule_slice_weights(workload, name) or tuple(1 / par.slices for _ in range(par.slices))
+    fractions = (schedule_slice_weights(workload, name, split)
+                 or tuple(1 / par.slices for _ in range(par.slices)))
     return AnalyticCost(workload, hardware, fractions)
 
 
@@ -54,7 +55,8 @@ def _head_tail(cost: AnalyticCost, rank: int) -> tuple[float, float]:
     return head, tail
 
 
-def step_time_bound(workload: Workload, name: str, hardware: Hardware) -> tuple[float, float]:
+def step_time_bound(workload: Workload, name: str, hardware: Hardware,
+                    split: str = "auto") -> tuple[float, float]:
     """(lower bound on the simulated step time, busy seconds of the last rank), from the cost model.
 
     Valid for every builder: each rank's first compute is F(stage r, micro-batch 0, slice 0) and its last
@@ -62,7 +64,7 @@ def step_time_bound(workload: Workload, name: str, hardware: Hardware) -> tuple[
     the last rank needs head + its busy time + tail. The vocabulary collectives' communication is left out
     (it may overlap other ranks' work), which keeps the bound a bound. Without the exchange only.
     """
-    bound, busy, _ = layout_bounds(workload, name, hardware, exchange=False)
+    bound, busy, _ = layout_bounds(workload, name, hardware, exchange=False, split=split)
     return bound, busy
 
 
@@ -80,11 +82,12 @@ def exchange_time_bound(workload: Workload, name: str, hardware: Hardware) -> fl
     return layout_bounds(workload, name, hardware, exchange=True)[2]
 
 
-def layout_bounds(workload: Workload, name: str, hardware: Hardware, *,
-                  exchange: bool) -> tuple[float, float, float]:
+def layout_bounds(workload: Workload, name: str, hardware: Hardware, *, exchange: bool,
+                  split: str = "auto") -> tuple[float, float, float]:
     """(step_time_bound, the last rank's busy seconds, exchange_time_bound or nan unless ``exchange``),
-    sharing one cost model (its per-(stage, slice) durations are cached)."""
-    cost = _cost(workload, name, hardware)
+    sharing one cost model (its per-(stage, slice) durations are cached); ``split`` is the slice split
+    (SLICE_SPLITS)."""
+    cost = _cost(workload, name, hardware, split)
     p = workload.parallel.pp
     last = _busy(cost, p - 1)
     head, tail = _head_tail(cost, p - 1)

@@ -9,7 +9,7 @@ from slimpipe.sim.hardware import Hardware
 
 __all__ = [
     "SCHEDULES", "RECOMPUTE_LADDER", "OFFLOAD_LADDER", "HOST_LINK_BW", "EXCHANGE_SCHEDULES", "PlanRequest",
-    "Plan", "PlanResult", "exchange_applies",
+    "Plan", "PlanResult", "exchange_applies", "SPLIT_SCHEDULES", "slice_splits",
 ]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "seq1f1b", "slimpipe")
@@ -24,12 +24,22 @@ EXCHANGE_SCHEDULES = ("slimpipe",)
 """Families the attention context exchange is tried for: it needs equal slices (seq1f1b plans use its
 equal-FLOP segments) and concurrent slices on other ranks (n > 1, p > 1)."""
 SLICED = ("seq1f1b", "slimpipe")
+SPLIT_SCHEDULES = ("slimpipe",)
+"""Families searched with both slice splits (equal, equal-flop); seq1f1b keeps its own equal-FLOP rule."""
 INTERLEAVED = ("interleaved-1f1b", "slimpipe")
 
 
 def exchange_applies(name: str, p: int, n: int) -> bool:
     """Whether a plan of family ``name`` on p ranks with n slices can use the attention context exchange."""
     return name in EXCHANGE_SCHEDULES and p > 1 and n > 1
+
+
+def slice_splits(name: str, n: int, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """The slice splits a plan of family ``name`` with n slices is tried with: ``allowed`` for slimpipe
+    with n > 1; the builder's own split otherwise (equal-flop for seq1f1b, equal for the rest)."""
+    if name in SPLIT_SCHEDULES and n > 1:
+        return allowed
+    return ("equal-flop",) if name == "seq1f1b" and n > 1 else ("equal",)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -61,6 +71,8 @@ class PlanRequest:
     exchange: tuple[bool, ...] = (False, True)
     """Attention context exchange settings to try (True: SlimPipe §8, unclipped; only where
     ``exchange_applies``, so (True,) keeps only slimpipe plans with n > 1 and p > 1)."""
+    slice_split: tuple[str, ...] = ("equal", "equal-flop")
+    """Slice splits to try for slimpipe (equal token counts, equal-FLOP slices; the exchange needs equal)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or self.gpus < 1:
@@ -79,6 +91,9 @@ class PlanRequest:
         for name in ("top", "max_simulations"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} must be ≥ 1")
+        if not self.slice_split or any(x not in ("equal", "equal-flop") for x in self.slice_split):
+            raise ConfigError(f"slice_split={self.slice_split!r} must be a non-empty tuple of 'equal' and "
+                              "'equal-flop': use --slice-split equal, equal-flop or auto (both)")
         for name in ("vocab_parallel", "exchange"):
             value = getattr(self, name)
             if not value or any(not isinstance(x, bool) for x in value):
@@ -121,6 +136,8 @@ class Plan:
     """Vocabulary layers sharded over t·p."""
     exchange: bool
     """Attention context exchange (§8) on, unclipped (`slimpipe simulate --attn-balance n`)."""
+    slice_split: str
+    """equal (token counts) or equal-flop slices (`slimpipe simulate --slice-split`)."""
     step_time_s: float
     """Simulated step time (pipeline + DP sync)."""
     tokens_per_s: float
@@ -148,6 +165,8 @@ class Plan:
             flags += f" --offload {self.offload:g}"
         if self.vocab_parallel:
             flags += " --vocab-parallel"
+        if self.slice_split == "equal-flop" and self.schedule != "seq1f1b":  # seq1f1b's default
+            flags += " --slice-split equal-flop"
         return flags + (f" --attn-balance {self.slices}" if self.exchange else "")
 
     def to_dict(self) -> dict[str, object]:

@@ -29,13 +29,15 @@ class _Candidate:
     schedule: str
     workload: Workload
     exchange: bool
+    split: str
 
     @property
-    def shape(self) -> tuple[str, int, int, int, int, bool, bool]:
+    def shape(self) -> tuple[str, int, int, int, int, bool, bool, str]:
         """What the bound/simulated ratio depends on: the schedule's shape and which rank is heaviest."""
         wl = self.workload
         par = wl.parallel
-        return self.schedule, par.pp, wl.microbatches, par.slices, par.vpp, wl.vocab_parallel, self.exchange
+        return (self.schedule, par.pp, wl.microbatches, par.slices, par.vpp, wl.vocab_parallel, self.exchange,
+                self.split)
 
 
 def _offload_hidden(wl: Workload, busy: float) -> bool:
@@ -60,16 +62,17 @@ def _bounded(req: PlanRequest, stats: Counter, low: list,
     """Candidates with their step-time bound, dropping offload whose host traffic cannot be hidden."""
     out = []
     twins = True in req.exchange
-    last: tuple = (None, 0.0, 0.0, 0.0)  # (workload, bounds): an exchange twin follows its layout
-    for name, wl, peak, exchange in candidates(req, stats, low):
-        if last[0] is not wl:
-            with_exchange = twins and exchange_applies(name, wl.parallel.pp, wl.parallel.slices)
-            last = (wl, *layout_bounds(wl, name, req.hardware, exchange=with_exchange))
-        _, bound, busy, bound_x = last
+    last: tuple = (None, "", 0.0, 0.0, 0.0)  # (workload, split, bounds): an exchange twin follows its layout
+    for name, wl, peak, exchange, split in candidates(req, stats, low):
+        if last[0] is not wl or last[1] != split:
+            with_exchange = twins and split == "equal" and exchange_applies(name, wl.parallel.pp,
+                                                                            wl.parallel.slices)
+            last = (wl, split, *layout_bounds(wl, name, req.hardware, exchange=with_exchange, split=split))
+        _, _, bound, busy, bound_x = last
         if wl.offload and not _offload_hidden(wl, busy):
             stats["offload bandwidth"] += 1
             continue
-        out.append(_Candidate(bound_x if exchange else bound, peak, name, wl, exchange))
+        out.append(_Candidate(bound_x if exchange else bound, peak, name, wl, exchange, split))
         if len(out) % 64 == 0:
             progress(f"memory pre-check: {stats['layouts']} layouts, {len(out)} candidates fit")
     return out
@@ -81,6 +84,7 @@ def _to_plan(cand: _Candidate, ev, hbm: float) -> Plan:
     return Plan(schedule=cand.schedule, tp=par.tp, cp=par.cp, pp=par.pp, dp=par.dp, ep=par.ep,
                 slices=par.slices, vpp=par.vpp, microbatches=wl.microbatches, recompute=wl.recompute,
                 offload=wl.offload, vocab_parallel=wl.vocab_parallel, exchange=cand.exchange,
+                slice_split=cand.split,
                 step_time_s=rep.step_time_s, tokens_per_s=rep.tokens_per_s, mfu=rep.mfu,
                 mfu_dense=rep.mfu_dense, bubble_ratio=rep.bubble_ratio, peak_memory_gib=peak / GIB,
                 headroom_gib=(hbm - peak) / GIB)
@@ -89,7 +93,7 @@ def _to_plan(cand: _Candidate, ev, hbm: float) -> Plan:
 def _simulate(req: PlanRequest, cand: _Candidate, stats: Counter) -> tuple[Plan, float] | None:
     """(plan, simulated/bound ratio), or None when the schedule or its exact memory rules it out."""
     try:
-        ev = evaluate(cand.workload, cand.schedule, hardware=req.hardware,
+        ev = evaluate(cand.workload, cand.schedule, hardware=req.hardware, slice_split=cand.split,
                       attn_balance=cand.workload.parallel.slices if cand.exchange else 0)  # unclipped
     except ConfigError:
         stats["schedule"] += 1

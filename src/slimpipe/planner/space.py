@@ -10,8 +10,9 @@ from collections import Counter
 from collections.abc import Iterator
 
 from slimpipe.config import ConfigError, ParallelConfig
-from slimpipe.planner.request import INTERLEAVED, SLICED, PlanRequest, exchange_applies
+from slimpipe.planner.request import INTERLEAVED, SLICED, PlanRequest, exchange_applies, slice_splits
 from slimpipe.sim.evaluate import builder_warmup, precheck_memory
+from slimpipe.sim.exchange import exchange_buffer_bound
 from slimpipe.sim.workload import Workload
 
 __all__ = ["layouts", "shapes", "candidates"]
@@ -57,7 +58,7 @@ def shapes(name: str, req: PlanRequest, t: int, c: int, p: int) -> Iterator[tupl
             yield n, v
 
 
-def _fit_ladder(req: PlanRequest, name: str, par: ParallelConfig, vocab: bool,
+def _fit_ladder(req: PlanRequest, name: str, par: ParallelConfig, vocab: bool, split: str,
                 stats: Counter, low: list) -> Iterator[tuple[Workload, float]]:
     """(workload, peak bytes) for the cheapest recompute modes that fit, each with its smallest α."""
     hbm = req.hardware.hbm_bytes
@@ -65,7 +66,7 @@ def _fit_ladder(req: PlanRequest, name: str, par: ParallelConfig, vocab: bool,
     def peak_of(rec: str, alpha: float) -> tuple[Workload, float]:
         wl = Workload(model=req.model, parallel=par, seq_len=req.seq_len, global_batch=req.global_batch,
                       recompute=rec, offload=alpha, vocab_parallel=vocab)
-        return wl, max(mb.peak for mb in precheck_memory(wl, name))
+        return wl, max(mb.peak for mb in precheck_memory(wl, name, split))
 
     lightest = min(peak_of(rec, req.offload[-1])[1] for rec in req.recompute)  # α only lowers the peak
     if lightest > hbm:  # nothing on the ladder fits: skip the rest of it
@@ -83,15 +84,16 @@ def _fit_ladder(req: PlanRequest, name: str, par: ParallelConfig, vocab: bool,
 
 
 def candidates(req: PlanRequest, stats: Counter,
-               low: list) -> Iterator[tuple[str, Workload, float, bool]]:
-    """Every (schedule, workload, peak, exchange) that passes divisibility, warm-up and the memory
-    pre-check.
+               low: list) -> Iterator[tuple[str, Workload, float, bool, str]]:
+    """Every (schedule, workload, peak, exchange, slice split) that passes divisibility, warm-up and the
+    memory pre-check.
 
-    The exchange variant of a layout shares its pre-check: the memory model does not count the transient
-    exchange buffers, so both fit or neither. ``stats`` counts the layouts enumerated ("layouts") and why
-    others were dropped; ``low[0]`` keeps the smallest peak among memory-rejected layouts.
+    The exchange variant of a layout shares its pre-check plus a bound of the exchange buffers
+    (``exchange_buffer_bound``: one layer's request and reply), so a layout can fit without the exchange
+    and not with it; the exchange needs equal slices. ``stats`` counts the layouts enumerated ("layouts")
+    and why others were dropped; ``low[0]`` keeps the smallest peak among memory-rejected layouts.
     """
-    batch = req.global_batch
+    batch, hbm = req.global_batch, req.hardware.hbm_bytes
     for t, c, p, d, e in layouts(req):
         m = batch // d
         for name in req.schedules:
@@ -108,6 +110,11 @@ def candidates(req: PlanRequest, stats: Counter,
                 par = ParallelConfig(tp=t, cp=c, pp=p, dp=d, ep=e, slices=n, vpp=v)
                 for vocab in req.vocab_parallel:
                     stats["layouts"] += 1
-                    for wl, peak in _fit_ladder(req, name, par, vocab, stats, low):
-                        for x in xs:
-                            yield name, wl, peak, x
+                    for split in slice_splits(name, n, req.slice_split):
+                        for wl, peak in _fit_ladder(req, name, par, vocab, split, stats, low):
+                            for x in (xs if split == "equal" else [x for x in xs if not x]):
+                                extra = exchange_buffer_bound(wl) if x else 0.0
+                                if peak + extra > hbm:
+                                    stats["memory"] += 1
+                                    continue
+                                yield name, wl, peak + extra, x, split

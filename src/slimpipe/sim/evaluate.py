@@ -5,6 +5,7 @@ Used by `slimpipe simulate`/`plot` and by the planner, so all of them see the sa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from slimpipe.schedule.actions import Schedule, ScheduleMeta
@@ -16,8 +17,8 @@ from slimpipe.sim.simulator import DeadlockError, Timeline, simulate
 from slimpipe.sim.workload import Workload
 
 __all__ = [
-    "Evaluation", "evaluate", "schedule_slice_weights", "COSTS", "precheck_memory", "closed_form_inflight",
-    "weighted_inflight", "builder_warmup",
+    "Evaluation", "evaluate", "schedule_slice_weights", "SLICE_SPLITS", "resolve_slice_split", "COSTS",
+    "precheck_memory", "closed_form_inflight", "weighted_inflight", "builder_warmup",
 ]
 
 COSTS = ("analytic", "uniform")
@@ -41,31 +42,52 @@ class Evaluation:
     """Step-level figures."""
 
 
-def schedule_slice_weights(workload: Workload, schedule_name: str, *,
+SLICE_SPLITS = ("auto", "equal", "equal-flop")
+"""How a sequence is cut into n slices: equal token counts, or equal-FLOP slices (each slice's prefix-aware
+forward FLOPs total/n: early slices long, late ones short, Seq1F1B's rule); auto = equal-flop for
+seq1f1b (its own default), equal for every other builder (SlimPipe's uniform slices)."""
+
+
+def resolve_slice_split(schedule_name: str, split: str) -> str:
+    """``equal`` or ``equal-flop`` for the named builder (auto resolved); raises ConfigError on a bad name."""
+    from slimpipe.config import ConfigError
+
+    if split not in SLICE_SPLITS:
+        raise ConfigError(f"--slice-split={split!r} is unknown: use one of {', '.join(SLICE_SPLITS)}")
+    if split == "auto":
+        return "equal-flop" if schedule_name == "seq1f1b" else "equal"
+    return split
+
+
+def schedule_slice_weights(workload: Workload, schedule_name: str, split: str = "auto", *,
                            equal_slices: bool = False) -> tuple[float, ...] | None:
-    """The slice lengths ``evaluate`` builds with: None (equal slices) except for seq1f1b's equal-FLOP
-    segments (boundaries rounded to t·2c tokens). Shared with the planner's memory pre-check."""
+    """The slice lengths ``evaluate`` builds with: None for equal slices, else the equal-FLOP fractions
+    (seq1f1b_partition, boundaries rounded to t·2c tokens). ``equal_slices`` is the older spelling of
+    ``split="equal"``. Shared with the planner's memory pre-check and bounds."""
     from slimpipe.config import ConfigError
 
     par = workload.parallel
-    if schedule_name != "seq1f1b" or par.slices == 1 or equal_slices:
+    split = "equal" if equal_slices else resolve_slice_split(schedule_name, split)
+    if split == "equal" or par.slices == 1:
         return None
     multiple = par.tp * (2 * par.cp if par.cp > 1 else 1)
     try:
         return seq1f1b_partition(workload.model, workload.seq_len, par.slices, multiple=multiple)
     except ValueError as exc:
-        raise ConfigError(f"{exc}: use fewer --slices or a longer --seq-len") from None
+        raise ConfigError(f"{exc}: use fewer --slices, a longer --seq-len or --slice-split equal") from None
 
 
 def evaluate(workload: Workload, schedule_name: str, *, hardware: Hardware, cost: str = "analytic",
-             warmup: str = "auto", equal_slices: bool = False, attn_balance: int = 0) -> Evaluation:
+             warmup: str = "auto", equal_slices: bool = False, attn_balance: int = 0,
+             slice_split: str = "auto") -> Evaluation:
     """Build the named schedule for ``workload``, lower it, simulate it and apply the memory model.
 
     attn_balance > 0 adds the attention context exchange (schedule/exchange.py, at most that many slices
     per exchange; sim/exchange.py models it).
 
-    seq1f1b gets Seq1F1B's computation-balanced segments (seq1f1b_partition, boundaries rounded to t·2c
-    tokens) unless ``equal_slices``.
+    ``slice_split`` (SLICE_SPLITS): equal-flop cuts the sequence into computation-balanced slices
+    (seq1f1b_partition, boundaries rounded to t·2c tokens), the default for seq1f1b; ``equal_slices`` is the
+    older spelling of ``slice_split="equal"``.
     """
     from slimpipe.config import ConfigError
     from slimpipe.schedule.builders import build
@@ -74,7 +96,7 @@ def evaluate(workload: Workload, schedule_name: str, *, hardware: Hardware, cost
     if cost not in COSTS:
         raise ConfigError(f"--cost={cost!r} is unknown: use one of {', '.join(COSTS)}")
     par = workload.parallel
-    weights = schedule_slice_weights(workload, schedule_name, equal_slices=equal_slices)
+    weights = schedule_slice_weights(workload, schedule_name, slice_split, equal_slices=equal_slices)
     built = build(schedule_name, p=par.pp, m=workload.microbatches, n=par.slices, v=par.vpp,
                   warmup=warmup, slice_weights=weights)
     sched = lower(built)
@@ -96,6 +118,12 @@ def evaluate(workload: Workload, schedule_name: str, *, hardware: Hardware, cost
             "(the micro-batch/slice group size)"
         ) from None
     memory = tuple(memory_model(workload, built))  # compute-only: a third of the actions to scan
+    if attn_balance:
+        from dataclasses import replace
+
+        from slimpipe.sim.exchange import exchange_buffers
+
+        memory = tuple(replace(mb, exchange=x) for mb, x in zip(memory, exchange_buffers(workload, sched)))
     report = summarize(workload, timeline, memory, hardware=None if cost == "uniform" else hardware,
                        dp_sync_s=model.step_overhead())
     return Evaluation(workload=workload, schedule=sched, cost=model, timeline=timeline, memory=memory,
@@ -159,15 +187,15 @@ def closed_form_inflight(name: str, p: int, m: int, n: int, v: int) -> tuple[lis
     return [float(min(total, first + 1 + w * (p - 1 - r))) for r in range(p)], w, g
 
 
-def precheck_memory(workload: Workload, name: str) -> list[MemoryBreakdown]:
+def precheck_memory(workload: Workload, name: str, slice_split: str = "auto") -> list[MemoryBreakdown]:
     """Per-rank memory of ``workload`` under the named schedule, from the closed-form in-flight counts.
 
-    Equals ``evaluate(...).memory`` (tested); seq1f1b with unequal segments builds its compute-only
-    schedule (v = 1, cheap) because its units carry different weights.
+    Equals ``evaluate(...).memory`` (tested); with unequal (equal-FLOP) slices the units carry different
+    weights and ``weighted_inflight`` replays the builders' loop on the weights alone.
     """
     par = workload.parallel
     p, m, n, v = par.pp, workload.microbatches, par.slices, par.vpp
-    weights = schedule_slice_weights(workload, name)
+    weights = schedule_slice_weights(workload, name, slice_split)
     peaks, w, g = (closed_form_inflight(name, p, m, n, v) if weights is None
                    else weighted_inflight(name, p, m, n, v, weights))
     # memory_model reads only the shape (p, v, n, slice lengths, g, name) when the in-flight counts are given.
@@ -178,24 +206,40 @@ def precheck_memory(workload: Workload, name: str) -> list[MemoryBreakdown]:
 
 def weighted_inflight(name: str, p: int, m: int, n: int, v: int,
                       weights: tuple[float, ...]) -> tuple[list[float], int | None, int]:
-    """Weighted in-flight peaks of a v = 1 schedule with unequal slices (Seq1F1B's segments): the
-    builders' loop replayed on weights only (forward order (micro-batch, slice); backward order
-    micro-batch ascending, slice descending; target f₀ + 1 + w·(p−1−r) with f₀ = n − 1)."""
+    """Weighted in-flight peaks (unit j weighs n·w_j) of the named builder's schedule with unequal slices,
+    without building it; cached (the planner asks for the same shape under many t, c, recompute and α).
+
+    Every rank's forward and backward orders visit the same (virtual stage, micro-batch, slice) pattern
+    (``builders._orders``), so the weights of both orders are one pair of sequences, and rank r differs
+    only by its warm-up target T_r = f₀ + 1 + w·(p−1−r). The loop runs F₀…F_{T−1}, then B₀, then F_{T+k}
+    B_{k+1} pairs, then the remaining B: the peak is max(ΣF[<T], max_k ΣF[≤T+k] − ΣB[≤k]), read off prefix
+    sums.
+    """
+    return _weighted_inflight(name, p, m, n, v, tuple(weights))
+
+
+@functools.lru_cache(maxsize=256)
+def _weighted_inflight(name: str, p: int, m: int, n: int, v: int,
+                       weights: tuple[float, ...]) -> tuple[list[float], int | None, int]:
+    from itertools import accumulate
+
+    from slimpipe.schedule import builders
+    from slimpipe.schedule.actions import Action, Kind
+
     w, g = builder_warmup(name, p, m, n, v)
-    assert v == 1, "unequal slices are seq1f1b's, which is non-interleaved"
-    total, unit = m * n, [n * x for x in weights]
+    fwd, bwd = builders._orders(0, p, m, n, v, g)
+    total = len(fwd)
+    if w is None:
+        return [float(n * m * v)] * p, None, g  # GPipe: everything in flight (Σ n·w_j = n per micro-batch)
+    pf = [0.0, *accumulate(n * weights[a.seq_slice] for a in fwd)]  # pf[i] = Σ weights of F₀…F_{i−1}
+    pb = [0.0, *accumulate(n * weights[a.seq_slice] for a in bwd)]
+    first = bwd[0]
+    dep = fwd.index(Action(first.stage, Kind.F, first.microbatch, first.seq_slice))
     peaks = []
     for r in range(p):
-        target = total if w is None else min(total, n + w * (p - 1 - r))
-        fi = bi = count = 0
-        cur = best = 0.0
-        while fi < total or bi < total:
-            if fi < total and count < target:
-                cur += unit[fi % n]
-                best = max(best, cur)
-                fi, count = fi + 1, count + 1
-            if bi < total and (fi == total or count >= target):
-                cur -= unit[n - 1 - bi % n]
-                bi, count = bi + 1, count - 1
+        target = min(total, dep + 1 + w * (p - 1 - r))
+        best = pf[target]
+        for k in range(total - target):  # after F_{target+k}, before B_{k+1}
+            best = max(best, pf[target + k + 1] - pb[k + 1])
         peaks.append(best)
     return peaks, w, g

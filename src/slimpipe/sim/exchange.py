@@ -14,6 +14,8 @@ For each exchange of a marked schedule (slimpipe.schedule.exchange) the simulato
 
 Volumes per CP rank follow SlimPipe §8: K/V ``|vol|·(s/n)/c · 2·(d_kv/t) · 2 B``, Q ``(s/n)/c · (h/t) · 2 B``,
 out the same plus fp32 lse. With the uniform cost there is no attention model: only the rendezvous acts.
+The same volumes size the memory model's ``exchange`` term (``exchange_buffers``): one layer's request
+and reply, held at once on both ranks of the largest exchange a rank takes part in.
 
 Imports no torch.
 """
@@ -25,9 +27,11 @@ from dataclasses import dataclass
 from slimpipe.schedule.actions import Kind, Schedule
 from slimpipe.schedule.exchange import Exchange, exchanges
 from slimpipe.sim.cost import ATTN_BWD_FACTOR, AnalyticCost, CostModel
+from slimpipe.sim.workload import Workload
 
 __all__ = [
     "ExchangeTiming", "exchange_timing", "exchange_bytes", "moved_attention_time", "exchange_summary",
+    "layer_exchange_bytes", "exchange_buffers", "exchange_buffer_bound",
 ]
 
 
@@ -72,17 +76,47 @@ def moved_attention_time(cost: AnalyticCost, x: Exchange) -> tuple[float, float]
 
 
 def exchange_bytes(cost: AnalyticCost, x: Exchange) -> tuple[float, float]:
-    """(request, reply) bytes of one layer of exchange ``x`` per GPU (bf16 tensors, fp32 lse)."""
-    wl, par = cost.workload, cost.workload.parallel
-    m, t, c, b = wl.model, par.tp, par.cp, cost.b
+    """(request, reply) bytes of one layer of exchange ``x`` per GPU (activation dtype, fp32 lse)."""
     size = 2 if cost.hw.profile is None else cost.hw.profile.dtype_bytes
-    rows = b * cost.tokens[x.owner.seq_slice] / c  # the owner's query tokens per CP rank
+    return layer_exchange_bytes(cost.workload, cost.tokens[x.owner.seq_slice], cost.prefix[x.volume],
+                                x.owner.kind, size)
+
+
+def layer_exchange_bytes(wl: Workload, rows: float, moved: float, kind: Kind,
+                         size: int = 2) -> tuple[float, float]:
+    """(request, reply) bytes per GPU of one layer's exchange: the owner's ``rows`` query tokens of one
+    sequence and ``moved`` prefix tokens of K/V (before b, CP and TP sharding)."""
+    m, par = wl.model, wl.parallel
+    t, c, b = par.tp, par.cp, par.micro_batch
+    rows = b * rows / c  # the owner's query tokens per CP rank
     q = rows * m.q_dim / t * size
     lse = rows * m.num_heads / t * 4
-    kv = b * cost.prefix[x.volume] / c * 2 * m.kv_dim / t * size
-    if x.owner.kind is Kind.F:
+    kv = b * moved / c * 2 * m.kv_dim / t * size
+    if kind is Kind.F:
         return q + kv, q + lse  # (q, K/V) -> (out, lse)
     return 3 * q + kv + lse, q + kv  # (dout, q, out, K/V, lse) -> (dq, dK, dV)
+
+
+def exchange_buffers(wl: Workload, schedule: Schedule) -> list[float]:
+    """Per pipeline rank: bytes per GPU of the largest exchange it takes part in, request and reply of one
+    layer held at once (both sides hold both: the owner its sent copies and the reply, the helper the
+    request and its answer); bf16. A transient on top of the peak: it lives inside one layer of one unit."""
+    s = wl.seq_len
+    fractions = schedule.slice_fractions()
+    prefix = [s * sum(fractions[:j]) for j in range(len(fractions) + 1)]
+    out = [0.0] * schedule.num_ranks
+    for x in exchanges(schedule):
+        both = sum(layer_exchange_bytes(wl, s * fractions[x.owner.seq_slice], prefix[x.volume], x.owner.kind))
+        for r in (x.owner_rank, x.helper_rank):
+            out[r] = max(out[r], both)
+    return out
+
+
+def exchange_buffer_bound(wl: Workload) -> float:
+    """An upper bound of ``max(exchange_buffers(...))`` without pairing: a backward exchange of one equal
+    slice's queries moving the most an unclipped exchange can, (n−1)//2 slices of K/V."""
+    n = wl.parallel.slices
+    return sum(layer_exchange_bytes(wl, wl.seq_len / n, wl.seq_len / n * ((n - 1) // 2), Kind.B))
 
 
 def exchange_timing(schedule: Schedule, cost: CostModel) -> ExchangeTiming:

@@ -14,13 +14,16 @@ Every term is in bytes for one GPU of pipeline rank r (bf16 activations, flash a
   ``4·d_kv · s·w_j/(t·c) · l`` per unit, same in-flight profile (n = 1: nothing needs them, they are
   recomputed with the layer).
 * **kv_grad** (n > 1): ``l·KVfull·[2(n−1)/n + (v−1)·max(0, n−g)/n]``, ``KVfull = (s/c)·2·(h/t)·2`` bytes
-  (expanded heads, as flash attention allocates dK/dV), g = the schedule's group size.
+  (expanded heads, as flash attention allocates dK/dV), g = the schedule's group size; with unequal slices
+  (w_j) the fractions are the rows they stand for: ``2(1 − w_{n−1}) + (v−1)·Σ_{j<n−g} w_j``.
 * **output**: fp32 logits held for the loss. Vocab-parallel: ``s·V·4/(c·t·p)`` on every rank; otherwise
   ``s·V·4/(c·t)`` on the last rank when n > 1 (the official loss runs after the last slice); n = 1
   (Megatron's fused per-micro-batch loss) and Seq1F1B's per-segment loss hold none beyond one slice,
   which the published model does not count.
 * **recomputed**: one slice-layer's replayed tensors, ``(s_j/c)·k·6f/t`` (partial+fc1), ``(s_j/c)·k·2f/t``
   (partial), ``(a_none − 2h − 4d_kv)·s_j/(t·c)`` (full), s_j = the largest slice.
+* **exchange** (attention context exchange on): request + reply of one layer of the largest exchange the
+  rank takes part in (``sim.exchange.exchange_buffers``; evaluate adds it to the schedule's memory).
 * **params_grads** 6 B/param (bf16 weight + fp32 main grad), **optimizer** 12 B/param sharded over the d·c
   GPUs holding the same shard. Vocab-parallel: the (tied) vocabulary matrix is sharded over t·p like the
   layers. Otherwise rank 0 holds the embedding and rank p−1 the output layer (V·h each) on top of L/p layers.
@@ -71,12 +74,15 @@ class MemoryBreakdown:
     """Activation bytes moved to host memory (not part of the peak)."""
     peak_inflight: float
     """Peak in-flight units on this rank (weighted by slice length; equal slices count 1 each)."""
+    exchange: float = 0.0
+    """Attention context exchange buffers: one layer's request + reply of the largest exchange this rank
+    takes part in (sim/exchange.py; 0 without the exchange)."""
 
     @property
     def peak(self) -> float:
         """Plain sum of the on-GPU components (the published model's Peak column)."""
         return (self.params_grads + self.optimizer + self.activations + self.output + self.recomputed
-                + self.kv_cache + self.kv_grad)
+                + self.kv_cache + self.kv_grad + self.exchange)
 
     def gib(self) -> dict[str, float]:
         """The components in GiB, with ``peak`` first (the JSON ``memory_gib`` object)."""
@@ -202,7 +208,11 @@ def _kv_grad_bytes(workload: Workload, schedule: Schedule) -> float:
 
         g = group_size(schedule.num_ranks, n, v)
     kv_full = par.micro_batch * workload.seq_len / par.cp * 2 * (model.hidden / par.tp) * 2
-    return workload.layers_per_stage * kv_full * (2 * (n - 1) / n + (v - 1) * max(0, n - g) / n)
+    # Rows (fractions of s) in the two terms: the prefix before the last slice, twice (handed-down and fresh
+    # dK/dV at the second-to-last slice), and the first n − g slices held by each other virtual stage.
+    # Equal slices: 2(n−1)/n and (n−g)/n; equal-FLOP slices have long early slices, so both grow.
+    w = schedule.slice_fractions()
+    return workload.layers_per_stage * kv_full * (2 * (1 - w[-1]) + (v - 1) * sum(w[: max(0, n - g)]))
 
 
 def memory_model(workload: Workload, schedule: Schedule, *, inflight: Sequence[float] | None = None) -> list[

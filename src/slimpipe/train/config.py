@@ -54,6 +54,9 @@ class TrainConfig:
     """Schedule builder: gpipe, 1f1b, interleaved-1f1b, seq1f1b or slimpipe."""
     warmup: str = "auto"
     """Schedule warm-up: single (synchronous p2p), double (overlapped p2p) or auto."""
+    slice_split: str = "auto"
+    """How a sequence is cut into slices: equal (token counts), equal-flop (equal prefix-aware FLOPs: long
+    early slices, short late ones) or auto (equal-flop for seq1f1b, equal otherwise)."""
     attn_balance: int = 0
     """Attention context exchange: most K/V-prefix slices one rank hands to a concurrent partner per
     exchange (0 = off; slimpipe schedule, equal slices; docs/exchange.md)."""

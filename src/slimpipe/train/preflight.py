@@ -71,7 +71,8 @@ def preflight(cfg: TrainConfig, *, env: TorchrunEnv | None = None, check_outputs
             f"multiple of {cfg.slices} (e.g. {cfg.seq_len - cfg.seq_len % cfg.slices or cfg.slices})"
         )
     _check_processes(cfg, env)
-    schedule = build(cfg.schedule, p=cfg.pp, m=m, n=cfg.slices, v=cfg.vpp, warmup=cfg.warmup)
+    schedule = build(cfg.schedule, p=cfg.pp, m=m, n=cfg.slices, v=cfg.vpp, warmup=cfg.warmup,
+                     slice_weights=_slice_weights(cfg, model))
     data = load_data(cfg.data, vocab_size=model.vocab_size, seq_len=cfg.seq_len, data_dtype=cfg.data_dtype)
     resume_dir = None
     if cfg.resume:
@@ -84,6 +85,22 @@ def preflight(cfg: TrainConfig, *, env: TorchrunEnv | None = None, check_outputs
         _check_outputs(cfg)
     _check_device(cfg, env)  # last: it imports torch (~2 s)
     return Prepared(cfg=cfg, model=model, schedule=schedule, data=data, resume_dir=resume_dir)
+
+
+def _slice_weights(cfg: TrainConfig, model) -> tuple[float, ...] | None:
+    """None (equal slices) or the equal-FLOP slice fractions of --slice-split (the simulator's rule)."""
+    from slimpipe.sim.cost import seq1f1b_partition
+    from slimpipe.sim.evaluate import resolve_slice_split
+
+    if resolve_slice_split(cfg.schedule, cfg.slice_split) == "equal" or cfg.slices == 1:
+        return None
+    if cfg.attn_balance:
+        raise ConfigError(f"--attn-balance={cfg.attn_balance} needs equal slices (its volumes are whole "
+                          "slices): use --slice-split equal or --attn-balance 0")
+    try:
+        return seq1f1b_partition(model, cfg.seq_len, cfg.slices)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}: use fewer --slices or --slice-split equal") from None
 
 
 def _check_processes(cfg: TrainConfig, env: TorchrunEnv | None) -> None:
