@@ -4,7 +4,8 @@ For each model and (sequence length, GPU count) of the paper's setup (SlimPipe r
 per step, H800 80 GB; 64K…512K on 128 GPUs, 2048K on 256 GPUs) two plans are searched:
 
 * **SlimPipe**: ``--schedule slimpipe``: slices n, interleaving v, vocabulary in PP on or off, attention
-  context exchange on or off, recompute none → partial+fc1 → full, offload α ∈ {0, 0.5, 0.75};
+  context exchange on or off, equal or equal-FLOP slices, recompute none → partial+fc1 → full, offload
+  α ∈ {0, 0.5, 0.75};
 * **Megatron**: ``--schedule interleaved-1f1b --vocab-parallel off --max-offload 0``: Megatron-LM's
   virtual-pipeline schedule with the vocabulary on the end stages and no activation offload (r0.8 has
   neither), same t/c/p/d/recompute freedom.
@@ -71,7 +72,8 @@ def _describe(c: dict[str, object]) -> str:
     vocab = " vocab-PP" if c["vocab_parallel"] else ""
     alpha = f" α={c['offload']:g}" if c["offload"] else ""
     exchange = " exchange" if c["exchange"] else ""
-    return f"{c['layout']} m{c['microbatches']} {c['recompute']}{alpha}{vocab}{exchange}"
+    split = " equal-FLOP" if c["slice_split"] == "equal-flop" and c["schedule"] == "slimpipe" else ""
+    return f"{c['layout']} m{c['microbatches']} {c['recompute']}{alpha}{vocab}{exchange}{split}"
 
 
 def main(argv: list[str] | None = None) -> int:

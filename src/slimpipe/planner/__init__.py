@@ -13,7 +13,9 @@ Imports no torch. Letters follow the SlimPipe reference (§1). Three passes keep
    published memory model (slimpipe.sim.memory) turns that into per-GPU bytes. Per layout only the
    cheapest recompute mode (none → partial+fc1 → full) with the smallest offload α that fits is kept:
    offload costs no time in the cost model and recomputation only adds time, so the others are dominated.
-   The exchange variant shares the pre-check (its buffers are not in the memory model).
+   The exchange variant shares the pre-check plus a bound of its buffers (one layer's request and reply).
+   slimpipe layouts with n > 1 are tried with equal and with equal-FLOP slices (``--slice-split``); the
+   exchange needs equal slices.
 3. **Bound, estimate, simulate** (`bound`, `search`). A lower bound on the step time from the cost model
    (`step_time_bound`; `exchange_time_bound` with the exchange, which moves work between ranks). Candidates
    are simulated best-first with `slimpipe.sim.evaluate` (what `slimpipe simulate` runs, so both print
