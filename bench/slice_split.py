@@ -64,7 +64,7 @@ def _breakdown(name: str, wl: Workload, split: str) -> dict[str, float]:
     par = wl.parallel
     ev = evaluate(wl, name, hardware=H800, slice_split=split)
     cost: AnalyticCost = ev.cost  # type: ignore[assignment]
-    shard, out = par.tp * par.cp, dict.fromkeys(("gemm", "attention", "recompute", "tp", "cp"), 0.0)
+    shard, out = par.tp * par.cp, dict.fromkeys(("gemm", "attention", "recompute", "tp", "cp", "p2p"), 0.0)
     gemm, attn = H800.peak_flops * H800.gemm_efficiency, H800.peak_flops * H800.attention_efficiency
     layers = wl.layers_per_stage
     for j in range(par.slices):
@@ -75,12 +75,11 @@ def _breakdown(name: str, wl: Workload, split: str) -> dict[str, float]:
             out["recompute"] += layers * fl.fc1 / gemm / shard
         elif wl.recompute == "full":
             out["recompute"] += layers * (fl.linear / gemm + fl.attention / attn) / shard
-        tp_one, cp, _ = cost._layer_comm(j)
-        replayed = {"partial+fc1": 1, "full": 2}.get(wl.recompute, 0)
-        out["tp"] += layers * (8 + replayed) * tp_one
+        cp = cost._layer_comm(j)[2]  # forward CP exchange of one layer; backward ≈ 2×
+        cf, cb = cost._comm_times(j)  # every collective of one layer (TP, CP, EP), forward and backward
         out["cp"] += layers * 3 * cp
-        out["p2p"] = out.get("p2p", 0.0) + cost.transfer_time(Kind.SEND_F, 1, j) + cost.transfer_time(
-            Kind.SEND_B, 1, j)
+        out["tp"] += layers * (cf + cb - 3 * cp)
+        out["p2p"] += cost.transfer_time(Kind.SEND_F, 1, j) + cost.transfer_time(Kind.SEND_B, 1, j)
     return {**out, "step_s": ev.report.step_time_s, "bubble": ev.report.bubble_ratio, "mfu": ev.report.mfu}
 
 
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['act_gib']:.2f} | {r['recomputed_gib']:.2f} | {r['kv_grad_gib']:.2f} | "
                   f"{r['exchange_gib']:.2f} |", flush=True)
     print("\nWhere the time goes (one micro-batch, F + B of a middle stage, cost model seconds):\n")
-    print("| plan (512K, 128 GPUs) | GEMM | attention | recompute | TP comm | CP comm | p2p | step s | MFU % |")
+    print("| plan (512K, 128 GPUs) | GEMM | attention | recompute | TP (+EP) comm | CP comm | p2p | step s | MFU % |")
     print("|---|---|---|---|---|---|---|---|---|")
     plans = [("best SlimPipe: t2 c4 p16 n64 v5, none, α 0.75, vocab-PP, equal-flop", "slimpipe",
               ParallelConfig(tp=2, cp=4, pp=16, slices=64, vpp=5), "none", 0.75, True, "equal-flop"),

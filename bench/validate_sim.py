@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from slimpipe.calibrate import fork_gloo
+from slimpipe.calibrate.executor import message_costs
 from slimpipe.config import ConfigError, ModelConfig, ParallelConfig, load_model
 from slimpipe.schedule.actions import Kind, Schedule, parse_action
 from slimpipe.schedule.passes import lower
@@ -49,8 +50,8 @@ from slimpipe.sim.evaluate import evaluate
 from slimpipe.sim.hardware import ActivationFootprint, Hardware, load_profile
 from slimpipe.sim.workload import Workload
 
-__all__ = ["Case", "DEFAULT_CASES", "QUICK_CASES", "predict_activation", "predict", "measure", "validate",
-           "message_costs", "markdown", "main"]
+__all__ = ["Case", "DEFAULT_CASES", "QUICK_CASES", "SPLIT_CASES", "predict_activation", "predict", "measure",
+           "validate", "markdown", "main"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -67,11 +68,14 @@ class Case:
     """n."""
     vpp: int = 1
     """v."""
+    split: str = "auto"
+    """Slice split (``--slice-split``): auto, equal or equal-flop."""
 
     @property
     def label(self) -> str:
         extra = (f" n={self.slices}" if self.slices > 1 else "") + (f" v={self.vpp}" if self.vpp > 1 else "")
-        return f"{self.schedule}{extra}"
+        flop = " equal-flop" if self.split == "equal-flop" and self.schedule != "seq1f1b" else ""
+        return f"{self.schedule}{extra}{flop}"
 
 
 def _family(s: int, m: int) -> list[Case]:
@@ -87,6 +91,12 @@ DEFAULT_CASES = _family(512, 4) + _family(2048, 2) + [
     if (c.schedule, c.slices, c.vpp) not in (("slimpipe", 2, 1), ("slimpipe", 4, 2))]  # time budget
 QUICK_CASES = [Case(schedule="1f1b", seq_len=128, microbatches=2),
                Case(schedule="slimpipe", seq_len=128, microbatches=2, slices=4)]
+# Equal against equal-FLOP slices on the real runtime (BENCHMARKS "Equal-FLOP slices or the exchange").
+SPLIT_CASES = [Case(schedule="slimpipe", seq_len=4096, microbatches=2, slices=n, vpp=v, split=split)
+               for n, v in ((4, 1), (8, 1), (4, 2)) for split in ("equal", "equal-flop")]
+
+
+CASE_LISTS = {"default": DEFAULT_CASES, "quick": QUICK_CASES, "split": SPLIT_CASES}
 
 
 # ---- prediction (no torch.distributed) -------------------------------------------------------------------
@@ -128,7 +138,7 @@ def predict(case: Case, model: ModelConfig, hw: Hardware) -> dict:
     """Simulated step time, bubble, busy and activation peaks of one case (schedule from evaluate)."""
     wl = Workload(model=model, parallel=ParallelConfig(pp=2, vpp=case.vpp, slices=case.slices),
                   seq_len=case.seq_len, global_batch=case.microbatches)
-    ev = evaluate(wl, case.schedule, hardware=hw)
+    ev = evaluate(wl, case.schedule, hardware=hw, slice_split=case.split)
     if hw.profile is None or hw.profile.footprint is None:
         raise ConfigError("--profile: no activation footprint in it; recreate it with `slimpipe calibrate`")
     return {"schedule": ev.schedule, "step_s": ev.report.pipeline_time_s, "bubble": ev.report.bubble_ratio,
@@ -161,28 +171,6 @@ def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedu
              "busy_s": [r.busy_s[rank] for r, _ in rs], "cpu_busy_s": [c for _, c in rs],
              "act": rs[0][0].peak_activation_bytes, "loss": rs[0][0].loss,
              "traces": [[(e.action, e.start_s, e.end_s) for e in r.trace] for r, _ in rs]} for rs in rec]
-
-
-def message_costs(traces: list[list[tuple[str, float, float]]]) -> tuple[list[float], list[float]]:
-    """(SEND wall times, late-RECV wall times) of one step from both ranks' traces (one wall clock: the
-    ranks share a machine). A RECV is late when its SEND started before the RECV did."""
-    sent: dict[tuple[bool, int, int, int], float] = {}
-    sends, late = [], []
-    for trace in traces:
-        for name, start, end in trace:
-            a = parse_action(name)
-            if a.kind in (Kind.SEND_F, Kind.SEND_B):
-                fwd = a.kind is Kind.SEND_F
-                sent[(fwd, a.stage + 1 if fwd else a.stage - 1, a.microbatch, a.seq_slice)] = start
-                sends.append(end - start)
-    for trace in traces:
-        for name, start, end in trace:
-            a = parse_action(name)
-            if a.kind in (Kind.RECV_F, Kind.RECV_B):
-                posted = sent.get((a.kind is Kind.RECV_F, a.stage, a.microbatch, a.seq_slice))
-                if posted is not None and posted < start:
-                    late.append(end - start)
-    return sends, late
 
 
 def _count_cpu_busy(ex) -> list[float]:
@@ -278,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="", help="profile JSON (default: calibrate now with --threads 1)")
     ap.add_argument("--model", default="tiny", help="model preset or JSON (default tiny)")
-    ap.add_argument("--cases", default="default", choices=("default", "quick"), help="case list")
+    ap.add_argument("--cases", default="default", choices=tuple(CASE_LISTS), help="case list")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per case (median; default 3)")
     ap.add_argument("--json", default="", help="write rows and run metadata here")
     ap.add_argument("--markdown", default="", help="write the markdown table here")
@@ -294,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             doc = calibrate(CalibrateOptions(model=model, threads=1, concurrency=2))
             hw = profile_from_dict(doc, default_name="calibrated", source="calibrate")
         load0, t0 = os.getloadavg(), time.time()
-        rows = validate(DEFAULT_CASES if a.cases == "default" else QUICK_CASES, model, hw, steps=a.steps)
+        rows = validate(CASE_LISTS[a.cases], model, hw, steps=a.steps)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -58,10 +58,18 @@ def test_quick_profile_is_valid_and_fast(quick_profile) -> None:
     assert prof.attn_fwd.prefix_s + prof.attn_fwd.masked_diagonal_s > 0
     assert 1e-6 < prof.p2p_latency_s < 0.05 and prof.p2p_bandwidth > 1e7
     assert hw.intra_node_bw == pytest.approx(prof.p2p_bandwidth)  # CPU: the measured gloo link
-    # gloo message costs, measured while both ranks compute: a send posts a notice (µs…ms); a late
-    # receive waits for the busy sender's progress thread (a rendezvous round trip at least).
+    # gloo message costs from the 2-rank executor run's traces: a SEND posts a notice (µs…ms); a late
+    # RECV waits for the busy sender's progress thread (a rendezvous round trip at least).
     assert 0 < prof.p2p_send_s < 0.05 and 0 < prof.p2p_recv_s < 0.05
-    assert len(doc["measurements"]["p2p_messages"]) == 2  # the p2p sizes up to 1 MiB
+    runs = doc["measurements"]["units"]
+    assert [(r["schedule"], r["seq_len"], r["slices"], r["pp"]) for r in runs] == [
+        ("slimpipe", 32, 2, 2), ("slimpipe", 256, 2, 2)]
+    assert all(r["send_s"] and r["clock"] == "wall, 2-rank executor" for r in runs)
+    assert prof.p2p_send_s == statistics.median([x for r in runs for x in r["send_s"]])
+    # The whole fitted model against the executor's own steps (simulator incl. message costs).
+    steps = doc["consistency"]["steps"]
+    assert [r["what"] for r in steps] == ["slimpipe s=32 n=2 m=2", "slimpipe s=256 n=2 m=2"]
+    assert all(r["predicted_s"] > 0 and r["ratio"] == r["predicted_s"] / r["measured_s"] for r in steps)
     fp = prof.footprint
     assert fp is not None and fp.kv_per_layer == 2 * TINY.kv_dim * 4
     # fp32 activations of a tiny layer: several KiB per token; the loss stage keeps logits (256 floats).
@@ -92,8 +100,8 @@ def test_profile_reproduces_its_own_unit_times(quick_profile) -> None:
     assert len(rows) == 16  # 2 runs (tiny, s=256) × 2 stages × 2 slices × (F, B)
     ratios = [r["ratio"] for r in rows]
     assert 0.9 <= statistics.median(ratios) <= 1.1, rows
-    # Medians of 4 samples on a shared 2-core machine: allow one straggler among the 16.
-    assert sum(0.7 <= x <= 1.4 for x in ratios) >= 15, rows
+    # Wall-time medians of 4 samples (2 steps × 2 micro-batches) on a shared 2-core machine: loose bounds.
+    assert all(0.4 <= x <= 2.5 for x in ratios), rows
 
 
 def test_profiles_without_message_costs_still_load(quick_profile) -> None:
@@ -108,7 +116,7 @@ def test_profiles_without_message_costs_still_load(quick_profile) -> None:
 
 
 def test_unit_consistency_ignores_message_costs(quick_profile) -> None:
-    """The runtime-unit runs use in-process queues: message costs must not enter their prediction."""
+    """Unit times are the F/B actions alone (messages are their own actions): no message costs in them."""
     from slimpipe.calibrate import unit_consistency
 
     doc = json.loads(quick_profile[0].read_text())

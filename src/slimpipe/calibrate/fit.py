@@ -18,7 +18,7 @@ from slimpipe.sim.hardware import (
 )
 from slimpipe.sim.workload import Workload
 
-__all__ = ["unit_consistency"]
+__all__ = ["unit_consistency", "step_consistency"]
 
 
 def _nnls(rows: Sequence[Sequence[float]], ts: Sequence[float]) -> list[float]:
@@ -78,18 +78,19 @@ def _fit_kernels(cfg: ModelConfig, m: dict) -> dict[str, object]:
     )
 
 
-def _fit_messages(points: Sequence[dict]) -> dict[str, float]:
-    """p2p_send_s, p2p_recv_s: the per-message intercepts of the measured send and late-receive times (the
-    bytes themselves move at the link bandwidth, charged in the transfer); 0 where nothing was measured."""
-    if not points:
-        return {"p2p_send_s": 0.0, "p2p_recv_s": 0.0}
-    fits = {k: _line([(p["bytes"], p[k]) for p in points]) for k in ("send_s", "recv_s")}
-    return {"p2p_send_s": fits["send_s"].fixed_s, "p2p_recv_s": fits["recv_s"].fixed_s}
+def _fit_messages(runs: Sequence[dict]) -> dict[str, float]:
+    """p2p_send_s, p2p_recv_s: median SEND and late-RECV wall times over the 2-rank executor runs' traces
+    (executor.py; the bytes themselves move at the link bandwidth, charged in the transfer); 0 where
+    nothing was measured (CUDA)."""
+    sends = [x for r in runs for x in r.get("send_s", ())]
+    late = [x for r in runs for x in r.get("late_recv_s", ())]
+    return {"p2p_send_s": statistics.median(sends) if sends else 0.0,
+            "p2p_recv_s": statistics.median(late) if late else 0.0}
 
 
 def _unit_cost(cfg: ModelConfig, run: dict, hw: Hardware) -> AnalyticCost:
-    """The cost model of one runtime-unit run. Those runs use in-process queues, not gloo: no message
-    costs, so they are left out of the profile here."""
+    """The cost model of one runtime run's F/B units alone: its messages are separate actions in the trace
+    (CPU) or absent (CUDA's local runtime), so the message costs are left out of the profile here."""
     if hw.profile is not None:
         hw = dataclasses.replace(hw, profile=dataclasses.replace(hw.profile, p2p_send_s=0.0, p2p_recv_s=0.0))
     cfg = cfg.replace(num_layers=run.get("layers", cfg.num_layers))
@@ -151,6 +152,25 @@ def unit_consistency(hw: Hardware, doc: dict) -> list[dict]:
                              "predicted_s": cost.compute_time(kind, u["stage"], u["slice"])})
     for r in rows:
         r["ratio"] = r["predicted_s"] / r["measured_s"]
+    return rows
+
+
+def step_consistency(hw: Hardware, doc: dict) -> list[dict]:
+    """Simulated vs measured step time of the profile's own 2-rank executor runs (CPU; [] on CUDA): the
+    whole model (units, overheads, message costs, the schedule's waits) against what the runtime took."""
+    from slimpipe.sim.evaluate import evaluate
+
+    cfg = ModelConfig(**doc["meta"]["model_config"])
+    rows = []
+    for run in doc["measurements"]["units"]:
+        if "send_s" not in run:  # local-runtime units (CUDA): no pipeline step to compare
+            continue
+        wl = Workload(model=cfg.replace(num_layers=run["layers"]), seq_len=run["seq_len"],
+                      global_batch=run["microbatches"],
+                      parallel=ParallelConfig(pp=run["pp"], slices=run["slices"]))
+        pred = evaluate(wl, run["schedule"], hardware=hw).report.pipeline_time_s
+        rows.append({"what": f"{run['schedule']} s={run['seq_len']} n={run['slices']} m={run['microbatches']}",
+                     "measured_s": run["step_s"], "predicted_s": pred, "ratio": pred / run["step_s"]})
     return rows
 
 

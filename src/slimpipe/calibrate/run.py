@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from slimpipe.calibrate.comm import _measure_p2p
+from slimpipe.calibrate.executor import measure_executor
 from slimpipe.calibrate.fit import (
-    _fit_composition, _fit_kernels, _fit_messages, _hardware_fields, _line, unit_consistency,
+    _fit_composition, _fit_kernels, _fit_messages, _hardware_fields, _line, step_consistency, unit_consistency,
 )
 from slimpipe.calibrate.measure import (
     Progress, _Ctx, _gemm_shapes, _itemsize, _measure_attention, _measure_elementwise, _measure_ends,
@@ -47,7 +48,8 @@ class CalibrateOptions:
 
 
 # Per device (and --quick): linear-layer token counts, attention (T, P) grid, elementwise and embedding/loss
-# token counts, repetitions, p2p sizes, runtime runs (schedule, s, n; the first one tiny: the per-action
+# token counts, repetitions, p2p sizes, runtime runs (CPU: the 2-rank executor, (schedule, s, n, m), timed
+# steps "executor_reps"; CUDA: the local runtime, (schedule, s, n); the first run tiny: the per-action
 # overhead), layers of the model in those runs (0: all), and the tokens of the activation-footprint run.
 GRIDS: dict[str, dict[str, object]] = {
     "cpu": dict(gemm=(64, 256, 1024), elem=(128, 512, 2048), ends=(128, 512, 2048), reps=5, unit_layers=0,
@@ -55,11 +57,12 @@ GRIDS: dict[str, dict[str, object]] = {
                 # up to 4096 tokens unsliced and 512…1024-token slices after 3.5K of prefix (the validation range)
                 attn=((64, 0), (64, 960), (256, 0), (256, 768), (256, 1792), (512, 0), (512, 1536), (512, 3584),
                       (1024, 0), (1024, 1024), (1024, 3072), (2048, 0), (4096, 0)),
-                units=(("slimpipe", 32, 4), ("slimpipe", 1024, 4), ("1f1b", 512, 1)), foot_tokens=128),
+                units=(("slimpipe", 32, 4, 2), ("1f1b", 512, 1, 4), ("slimpipe", 512, 4, 4),
+                       ("slimpipe", 1024, 4, 2)), executor_reps=4, foot_tokens=128),
     "cpu-quick": dict(gemm=(64, 256), elem=(64, 256), ends=(64, 256), reps=2, unit_layers=0,
                       p2p=(1 << 10, 1 << 20),
                       attn=((64, 0), (64, 192), (128, 0), (128, 384)),
-                      units=(("slimpipe", 32, 2), ("slimpipe", 256, 2)),
+                      units=(("slimpipe", 32, 2, 2), ("slimpipe", 256, 2, 2)), executor_reps=2,
                       foot_tokens=64),
     # CUDA: a vocabulary of 128K makes the loss inputs 12 B × T × V; runtime runs use 4 of the layers (the
     # per-layer work is the same; building and initialising a 16-layer model would cost seconds each).
@@ -91,8 +94,9 @@ def _measure_compute(rank: int, cfg: ModelConfig, grid: dict, dev: torch.device,
     m["attention"] = _measure_attention(cfg, grid["attn"], ctx)
     m["elementwise"] = _measure_elementwise(cfg, grid["elem"], ctx)
     m["embed"], m["loss"] = _measure_ends(cfg, grid["ends"], ctx)
-    layers = int(grid["unit_layers"]) or cfg.num_layers
-    m["units"] = _measure_units(cfg.replace(num_layers=layers), grid["units"], ctx)
+    if dev.type != "cpu":  # CPU: the 2-rank executor run measured them (_measure_all)
+        layers = int(grid["unit_layers"]) or cfg.num_layers
+        m["units"] = _measure_units(cfg.replace(num_layers=layers), grid["units"], ctx)
     return m, _measure_footprint(cfg, int(grid["foot_tokens"]), ctx)
 
 
@@ -116,18 +120,21 @@ def _measure_all(opts: CalibrateOptions, grid: dict, dev: torch.device,
     threads_before = torch.get_num_threads()
     if dev.type == "cpu" and opts.threads:
         torch.set_num_threads(opts.threads)
-    steps = 4 + len(_gemm_shapes(opts.model)) + len(grid["attn"]) + len(grid["units"])
+    steps = 4 + len(_gemm_shapes(opts.model)) + len(grid["attn"]) + (1 if dev.type == "cpu" else len(grid["units"]))
     bar = progress or Progress(steps)
     try:
-        link, messages = _measure_p2p(dev, grid["p2p"], int(grid["reps"]))
-        m: dict[str, object] = {"p2p": link, "p2p_messages": messages}
+        m: dict[str, object] = {"p2p": _measure_p2p(dev, grid["p2p"], int(grid["reps"]))}
         bar.step("p2p")
+        if dev.type == "cpu":  # forked too: before this process runs parallel kernels
+            m["units"] = measure_executor(opts.model, grid["units"], int(grid["executor_reps"]))
+            bar.step(f"2-rank executor: {len(grid['units'])} schedules")
         if opts.concurrency > 1:
             m_rest, footprint = run_forked(_compute_rank, opts.concurrency, opts.model, grid, dev, bar,
                                            opts.threads or 1, gloo=False, start_method="fork")[0]
         else:
             m_rest, footprint = _measure_compute(0, opts.model, grid, dev, bar, 0)
-        m.update(m_rest)
+        m_rest.update(m)  # the executor's units, not a concurrent process's
+        m = m_rest
     finally:
         torch.set_num_threads(threads_before)
         bar.close()
@@ -144,7 +151,7 @@ def _fit_hardware(opts: CalibrateOptions, m: dict, footprint: ActivationFootprin
                 threads=threads, model=cfg.name, **_fit_kernels(cfg, m), compose_fwd=1.0, compose_bwd=1.0,
                 action_fwd_s=0.0, action_bwd_s=0.0, p2p_latency_s=p2p.fixed_s,
                 p2p_bandwidth=1.0 / max(p2p.per_item_s, 1e-15), footprint=footprint,
-                **_fit_messages(m["p2p_messages"]))
+                **_fit_messages(m["units"] if dev.type == "cpu" else []))
     fields = _hardware_fields(cfg, m, dev, opts.links)
     kernels_only = Hardware(**fields, profile=CostProfile(**prof))
     kf, kb, af, ab = _fit_composition(cfg, m["units"], kernels_only)
@@ -180,5 +187,5 @@ def calibrate(opts: CalibrateOptions, *, progress: Progress | None = None) -> di
     }
     ratios = sorted(r["ratio"] for r in unit_consistency(hw, doc))
     doc["consistency"] = {"rows": len(ratios), "median_ratio": statistics.median(ratios),
-                          "min_ratio": ratios[0], "max_ratio": ratios[-1]}
+                          "min_ratio": ratios[0], "max_ratio": ratios[-1], "steps": step_consistency(hw, doc)}
     return doc

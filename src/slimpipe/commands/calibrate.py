@@ -55,12 +55,14 @@ def run(args: argparse.Namespace) -> int:
         f"peak {hw['peak_flops'] / 1e9:.1f} GFLOP/s (best linear layer), gemm efficiency "
         f"{hw['gemm_efficiency']:.2f}, attention efficiency {hw['attention_efficiency']:.2f}\n"
         f"p2p {prof['p2p_latency_s'] * 1e6:.0f} µs + bytes / {prof['p2p_bandwidth'] / 1e9:.2f} GB/s "
-        f"({meta['p2p_note'].split(' (')[0]}); rank time per message: send "
+        f"({meta['p2p_note'].split(' (')[0]}); rank time per message (2-rank executor): send "
         f"{prof['p2p_send_s'] * 1e3:.2f} ms, late receive {prof['p2p_recv_s'] * 1e3:.2f} ms\n"
         f"runtime: κ fwd {prof['compose_fwd']:.2f} bwd {prof['compose_bwd']:.2f}, per-action overhead "
         f"fwd {prof['action_fwd_s'] * 1e3:.2f} ms bwd {prof['action_bwd_s'] * 1e3:.2f} ms\n"
         f"consistency: predicted/measured over {cons['rows']} runtime times: median "
         f"{cons['median_ratio']:.3f}, "
         f"range {cons['min_ratio']:.3f}–{cons['max_ratio']:.3f}\n"
+        + "".join(f"  2-rank step {r['what']}: simulated/measured {r['ratio']:.3f} "
+                  f"({r['predicted_s'] * 1e3:.0f} / {r['measured_s'] * 1e3:.0f} ms)\n" for r in cons["steps"])
     )
     return 0

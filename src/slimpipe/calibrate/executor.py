@@ -1,0 +1,115 @@
+"""The runtime's overheads measured where the runtime pays them: a short run of the real executor.
+
+Two forked single-threaded gloo ranks (``slimpipe.runtime.forked``) run ``PipelineRuntime`` steps of a few
+small schedules, as training and ``bench/validate_sim.py`` run them, and both ranks' executor traces (one
+wall clock: the ranks share the machine) give
+
+* per (stage, slice) the median wall time of its F and B actions: the units ``fit._fit_composition``
+  turns into the composition factor κ and the per-action overhead (kernels + the executor's own work:
+  K/V bookkeeping, activation accounting, autograd, while the other rank computes and gloo's threads run);
+* the wall time of every SEND (the ``isend`` call and the executor's bookkeeping around it) and of every
+  *late* RECV, one posted after its SEND started (gloo's rendezvous: the receiver's ready notice must reach
+  the sender, whose progress thread then writes the bytes): ``p2p_send_s`` and ``p2p_recv_s``;
+* the measured step times, which the fitted profile must reproduce through the simulator
+  (``fit.step_consistency``).
+
+Single-process runtime units and a bare ``isend``/``irecv`` micro-benchmark, used before, missed what the
+2-rank run pays: both ranks computing at once on shared cores, the sender's progress thread competing
+with its compute, the executor's per-message work (BENCHMARKS.md, "Simulator validation").
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from slimpipe.config import ModelConfig
+from slimpipe.schedule.actions import Kind, parse_action
+
+__all__ = ["message_costs", "measure_executor"]
+
+Trace = list[tuple[str, float, float]]  # (action, start, end) in wall seconds
+
+
+def message_costs(traces: Sequence[Trace]) -> tuple[list[float], list[float]]:
+    """(SEND wall times, late-RECV wall times) of one step from both ranks' traces (one wall clock: the
+    ranks share a machine). A RECV is late when its SEND started before the RECV did."""
+    sent: dict[tuple[bool, int, int, int], float] = {}
+    sends, late = [], []
+    for trace in traces:
+        for name, start, end in trace:
+            a = parse_action(name)
+            if a.kind in (Kind.SEND_F, Kind.SEND_B):
+                fwd = a.kind is Kind.SEND_F
+                sent[(fwd, a.stage + 1 if fwd else a.stage - 1, a.microbatch, a.seq_slice)] = start
+                sends.append(end - start)
+    for trace in traces:
+        for name, start, end in trace:
+            a = parse_action(name)
+            if a.kind in (Kind.RECV_F, Kind.RECV_B):
+                posted = sent.get((a.kind is Kind.RECV_F, a.stage, a.microbatch, a.seq_slice))
+                if posted is not None and posted < start:
+                    late.append(end - start)
+    return sends, late
+
+
+def _rank_body(rank: int, world: int, cfg: ModelConfig, runs: Sequence[tuple[str, int, int, int]],
+               reps: int) -> list[dict]:
+    """Steps of each run on this rank: step times and traces (the first step warms up and is dropped)."""
+    from slimpipe.runtime import ParallelState, PipelineRuntime
+    from slimpipe.schedule.builders import build
+
+    state = ParallelState.create(pp=world, timeout_s=300.0)
+    out = []
+    for name, s, n, m in runs:
+        rt = PipelineRuntime(cfg, build(name, p=world, m=m, n=n), state, seed=0)
+        tokens = torch.randint(0, cfg.vocab_size, (m, s + 1), generator=torch.Generator().manual_seed(0))
+        steps, traces = [], []
+        for rep in range(reps + 1):
+            dist.barrier()  # both ranks start together, as the simulator's clocks do
+            res = rt.forward_backward(tokens)
+            rt.zero_grad()
+            if rep:
+                steps.append(res.step_time_s)
+                traces.append([(e.action, e.start_s, e.end_s) for e in res.trace])
+        out.append({"steps": steps, "traces": traces})
+    return out
+
+
+def _units(traces: Sequence[Trace], n: int, stages: int) -> list[dict]:
+    """Median F/B wall seconds per (stage, slice) over every step of both ranks."""
+    per: dict[tuple[int, int, Kind], list[float]] = {}
+    for trace in traces:
+        for name, start, end in trace:
+            a = parse_action(name)
+            if a.kind in (Kind.F, Kind.B):
+                per.setdefault((a.stage, a.seq_slice, a.kind), []).append(end - start)
+    return [{"stage": st, "slice": j, "fwd_s": statistics.median(per[(st, j, Kind.F)]),
+             "bwd_s": statistics.median(per[(st, j, Kind.B)])} for st in range(stages) for j in range(n)]
+
+
+def measure_executor(cfg: ModelConfig, runs: Sequence[tuple[str, int, int, int]], reps: int) -> list[dict]:
+    """One record per run (schedule, s, n, m) of two gloo ranks: F/B unit medians, step times and message
+    costs, in the layout ``fit`` reads (``per_action``: unit times come from the trace)."""
+    from slimpipe.runtime.forked import run_forked
+
+    t0 = time.perf_counter()
+    ranks = run_forked(_rank_body, 2, cfg, list(runs), reps, timeout_s=600.0)
+    out = []
+    for i, (name, s, n, m) in enumerate(runs):
+        r0, r1 = ranks[0][i], ranks[1][i]  # type: ignore[index]
+        sends, late = [], []
+        for t0_, t1_ in zip(r0["traces"], r1["traces"]):
+            s_, l_ = message_costs([t0_, t1_])
+            sends, late = sends + s_, late + l_
+        out.append({"schedule": name, "seq_len": s, "slices": n, "pp": 2, "microbatches": m,
+                    "layers": cfg.num_layers, "step_s": statistics.median(r0["steps"]), "steps_s": r0["steps"],
+                    "per_action": True, "clock": "wall, 2-rank executor",
+                    "units": _units(r0["traces"] + r1["traces"], n, 2),
+                    "send_s": sends, "late_recv_s": late})
+    out[0]["elapsed_s"] = time.perf_counter() - t0
+    return out
