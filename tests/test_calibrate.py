@@ -60,8 +60,9 @@ def test_quick_profile_is_valid_and_fast(quick_profile) -> None:
     assert hw.intra_node_bw == pytest.approx(prof.p2p_bandwidth)  # CPU: the measured gloo link
     # gloo message costs from the 2-rank executor run's traces: a SEND posts a notice (µs…ms); a late
     # RECV waits for the busy sender's progress thread (a rendezvous round trip at least).
-    assert 0 < prof.p2p_send_s < 0.05 and 0 < prof.p2p_recv_s < 0.05
     runs = doc["measurements"]["units"]
+    late = [x for r in runs for x in r["late_recv_s"]]  # a quick run may see none (then 0: not measured)
+    assert 0 < prof.p2p_send_s < 0.05 and prof.p2p_recv_s == (statistics.median(late) if late else 0.0)
     assert [(r["schedule"], r["seq_len"], r["slices"], r["pp"]) for r in runs] == [
         ("slimpipe", 32, 2, 2), ("slimpipe", 256, 2, 2)]
     assert all(r["send_s"] and r["clock"] == "wall, 2-rank executor" for r in runs)
