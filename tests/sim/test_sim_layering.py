@@ -29,21 +29,12 @@ def test_core_imports_and_simulates_without_torch() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-# Circles main still has, each to be broken by issue #14's schedule-core step; the test fails when one
-# disappears (shrink this list) or a new one appears (break it: move the shared piece to a lower module).
-KNOWN_CIRCLES = [
-    ["slimpipe.schedule.dryrun", "slimpipe.schedule.dryrun_fast", "slimpipe.schedule.exchange",
-     "slimpipe.schedule.validate", "slimpipe.schedule.vocab"],
-    ["slimpipe.sim.cost", "slimpipe.sim.vocab"],
-    ["slimpipe.train.launch", "slimpipe.train.trainer"],
-]
-
-
-def test_import_graph_has_no_new_circles() -> None:
-    """Import circles among slimpipe's modules, function-level imports included (tests/support/imports)."""
+def test_import_graph_is_acyclic() -> None:
+    """No import circles among slimpipe's modules, function-level imports included (tests/support/imports):
+    a lower layer never reaches up, not even lazily."""
     graph = import_graph()
     assert len(graph) > 50 and "slimpipe.schedule.actions" in graph["slimpipe.schedule.builders"]
-    assert circles(graph) == KNOWN_CIRCLES
+    assert circles(graph) == []
 
 
 def test_circle_finder_sees_function_level_imports(tmp_path: Path) -> None:

@@ -21,15 +21,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from slimpipe.schedule.actions import EXCHANGE_KINDS, VOCAB_KINDS, Action, Kind, Schedule
-from slimpipe.schedule.exchange import exchange_waits
+from slimpipe.schedule.actions import VOCAB_KINDS, Action, Kind, Schedule
+from slimpipe.schedule.dryrun_fast import _Fallback, _fast_dry_run, _key_durations
+from slimpipe.schedule.errors import DeadlockError, Stuck
 from slimpipe.schedule.passes import _gc_paused, lower, uniform_duration
-from slimpipe.schedule.validate import ScheduleError
-from slimpipe.schedule.vocab import has_vocab, vocab_deps, waits_for
+from slimpipe.schedule.semantics import deps, exchange_waits, has_vocab, vocab_deps, waits_for
 
 __all__ = ["dry_run", "DryRunResult"]
 
-_Key = tuple[Kind, int, int, int]  # (kind, stage, micro-batch, slice)
+_Key = tuple[Kind, int, int, int]  # (kind, stage, micro-batch, slice): semantics.Key
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -55,47 +55,16 @@ class DryRunResult:
         return 0.0 if total == 0 else 1.0 - sum(self.busy()) / total
 
 
-def _deps(a: Action, r: int, p: int, last: int, n: int) -> list[_Key]:
-    """What action a (on rank r) waits for. A RECV's dependency is its SEND (latency applies)."""
-    k, st, mb, j = a.kind, a.stage, a.microbatch, a.seq_slice
-    if k in VOCAB_KINDS:  # their data dependencies: vocab_deps
-        return []
-    if k is Kind.F:
-        d: list[_Key] = []
-        if st > 0:  # the activation from the previous stage
-            d.append((Kind.F, st - 1, mb, j) if (st - 1) % p == r else (Kind.RECV_F, st, mb, j))
-        if j > 0:  # the K/V prefix of the earlier slice
-            d.append((Kind.F, st, mb, j - 1))
-        return d
-    if k is Kind.B:
-        d = [(Kind.F, st, mb, j)]
-        if st < last:  # the output gradient from the next stage
-            d.append((Kind.B, st + 1, mb, j) if (st + 1) % p == r else (Kind.RECV_B, st, mb, j))
-        if j < n - 1:  # the dK/dV contributions of the later slice
-            d.append((Kind.B, st, mb, j + 1))
-        return d
-    if k is Kind.W:
-        return [(Kind.B, st, mb, j)]
-    if k is Kind.SEND_F:
-        return [(Kind.F, st, mb, j)]
-    if k is Kind.SEND_B:
-        return [(Kind.B, st, mb, j)]
-    if k is Kind.RECV_F:
-        return [(Kind.SEND_F, st - 1, mb, j)]
-    if k in EXCHANGE_KINDS:  # no wait here: the F/B after a marker waits for the partner's (exchange_waits)
-        return []
-    return [(Kind.SEND_B, st + 1, mb, j)]  # RECV_B
-
-
-def _deadlock(schedule: Schedule, cursor: list[int], blocked: dict[int, _Key], check: str) -> ScheduleError:
-    stuck = [(r, i) for r, i in enumerate(cursor) if i < len(schedule.ranks[r])]
-    lines = []
-    for r, i in stuck:
-        kind, st, mb, j = blocked[r]
-        here = schedule.ranks[r][i]
-        what = "every rank to reach it" if here.kind in VOCAB_KINDS else Action(st, kind, mb, j)
-        lines.append(f"rank {r} step {i}: {here} waits for {what}")
-    return ScheduleError(
+def _deadlock(schedule: Schedule, cursor: list[int], blocked: dict[int, _Key], check: str) -> DeadlockError:
+    stuck = []
+    for r, i in enumerate(cursor):
+        if i < len(schedule.ranks[r]):
+            kind, st, mb, j = blocked[r]
+            here = schedule.ranks[r][i]
+            stuck.append(Stuck(r, i, here, None if here.kind in VOCAB_KINDS else Action(st, kind, mb, j)))
+    lines = [f"rank {s.rank} step {s.step}: {s.action} waits for "
+             f"{'every rank to reach it' if s.waits_for is None else s.waits_for}" for s in stuck]
+    return DeadlockError(
         check,
         "deadlock in the dry run (SEND non-blocking, RECV waits for its SEND, compute waits for its "
         "inputs): " + "; ".join(lines),
@@ -128,7 +97,7 @@ def _dry_run_generic(
             a = prog[i]
             t = t_rank
             hold = None
-            for d in _deps(a, r, p, last, n) + (vocab_deps(a, last) if vocab else []) + waits.get((r, i), []):
+            for d in deps(a, r, p, last, n) + (vocab_deps(a, last) if vocab else []) + waits.get((r, i), []):
                 e = done.get(d)
                 if e is None:
                     hold = d
@@ -188,16 +157,15 @@ def _dry_run(
     or anything off the grid, goes to the reference run, which raises the error (stuck actions marked)
     or times it the same way.
     """
-    from slimpipe.schedule.dryrun_fast import _Fallback, _fast_dry_run, _key_durations  # imports this module
-
     try:
         with _gc_paused():
-            result = _fast_dry_run(schedule, _key_durations(schedule, duration, table), latency)
+            times = _fast_dry_run(schedule, _key_durations(schedule, duration, table), latency)
     except _Fallback:
-        result = None
-    if result is None:
+        times = None
+    if times is None:
         return _dry_run_generic(schedule, duration=duration, latency=latency, check=check)
-    return result
+    start, end, makespan = times
+    return DryRunResult(schedule=schedule, start=start, end=end, makespan=makespan)
 
 
 def dry_run(

@@ -11,10 +11,8 @@ from collections.abc import Callable
 from operator import attrgetter
 
 from slimpipe.schedule.actions import EXCHANGE_KINDS, NO_STAGE, VOCAB_KINDS, Action, Kind, Schedule
-from slimpipe.schedule.dryrun import DryRunResult
-from slimpipe.schedule.exchange import exchange_waits
 from slimpipe.schedule.passes import _UNIFORM, uniform_duration
-from slimpipe.schedule.vocab import waits_for
+from slimpipe.schedule.semantics import exchange_waits, waits_for
 
 __all__: list[str] = []  # internal: used by schedule/dryrun.py
 
@@ -87,7 +85,11 @@ def _exchange_keys(schedule: Schedule, offset: dict[Kind, int]) -> list[dict[int
     return per_rank
 
 
-def _fast_dry_run(schedule: Schedule, durk: list[float | None], latency: float) -> DryRunResult | None:
+Times = tuple[tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...], float]
+"""(start, end, makespan) as DryRunResult holds them."""
+
+
+def _fast_dry_run(schedule: Schedule, durk: list[float | None], latency: float) -> Times | None:
     """_dry_run_generic with integer keys and the dependencies inlined: the same times, several times
     faster (the placement passes dry-run every simulated schedule). ``durk``: durations by flat index.
     None on deadlock."""
@@ -212,5 +214,4 @@ def _fast_dry_run(schedule: Schedule, durk: list[float | None], latency: float) 
         cursor[r], clock[r] = i, t_rank
     if any(i < len(prog) for i, prog in zip(cursor, progs)):
         return None
-    return DryRunResult(schedule=schedule, start=tuple(map(tuple, start)), end=tuple(map(tuple, end)),
-                        makespan=max(clock, default=0.0))
+    return tuple(map(tuple, start)), tuple(map(tuple, end)), max(clock, default=0.0)

@@ -22,7 +22,8 @@ pairs, in the same order on both ranks of a pair; the dry run treats a pair as a
 two computes waits until the other rank reached its marker), so an exchange that cannot happen is a
 reported deadlock.
 
-Imports no torch.
+The pairs' semantics (``exchanges``, ``exchange_waits``, ``Exchange``) live in schedule/semantics.py and
+``check_exchange`` in schedule/feature_checks.py; both are re-exported here. Imports no torch.
 """
 
 from __future__ import annotations
@@ -34,55 +35,17 @@ from dataclasses import dataclass
 
 from slimpipe.config import ConfigError
 from slimpipe.schedule.actions import EXCHANGE_KINDS, Action, Kind, Schedule
+from slimpipe.schedule.dryrun import _dry_run
+from slimpipe.schedule.feature_checks import check_exchange
+from slimpipe.schedule.passes import lower, uniform_duration
+from slimpipe.schedule.semantics import (
+    Exchange, action_key, exchange_volume, exchange_waits, exchanges, has_exchange,
+)
 
 __all__ = [
     "Exchange", "add_exchange", "strip_exchange", "has_exchange", "exchanges", "exchange_volume",
     "exchange_waits", "check_exchange", "balance_stats", "BalanceStats",
 ]
-
-_Key = tuple[Kind, int, int, int]  # (kind, stage, micro-batch, slice), as in passes/validate
-# marker kind -> (compute kind it precedes, owner?, the partner's marker kind)
-_MARKERS = {
-    Kind.XOWN_F: (Kind.F, True, Kind.XHELP_F), Kind.XHELP_F: (Kind.F, False, Kind.XOWN_F),
-    Kind.XOWN_B: (Kind.B, True, Kind.XHELP_B), Kind.XHELP_B: (Kind.B, False, Kind.XOWN_B),
-}
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Exchange:
-    """One exchange between two concurrent units of different ranks."""
-
-    owner: Action
-    """The owner's F (or B): the longer prefix; it hands the attention of its earliest slices over."""
-    helper: Action
-    """The helper's concurrent F (or B): it computes the owner's moved block inside its own unit."""
-    owner_rank: int
-    """Pipeline rank running ``owner``."""
-    helper_rank: int
-    """Pipeline rank running ``helper``."""
-    volume: int
-    """Slices of the owner's K/V prefix (its earliest ones) whose attention the helper computes, ≥ 1."""
-    owner_step: int
-    """Position of ``owner`` in its rank's program."""
-    helper_step: int
-    """Position of ``helper`` in its rank's program."""
-    owner_marker: int
-    """Position of the owner's marker (XOWN_F/XOWN_B) in its rank's program."""
-    helper_marker: int
-    """Position of the helper's marker (XHELP_F/XHELP_B) in its rank's program."""
-
-
-def exchange_volume(owner_slice: int, helper_slice: int, threshold: int) -> int:
-    """trunc((j_owner + j_helper)/2 − j_helper) slices, clipped to ``threshold`` (0: no clip)."""
-    vol = (owner_slice - helper_slice) // 2 if owner_slice >= helper_slice else 0
-    return min(vol, threshold) if threshold > 0 else vol
-
-
-def has_exchange(schedule: Schedule) -> bool:
-    xo_f, xh_f = Kind.XOWN_F, Kind.XHELP_F  # every exchange has an F or a B marker on some rank
-    xo_b, xh_b = Kind.XOWN_B, Kind.XHELP_B
-    return any(a.kind is xo_f or a.kind is xh_f or a.kind is xo_b or a.kind is xh_b
-               for prog in schedule.ranks for a in prog)
 
 
 def strip_exchange(schedule: Schedule) -> Schedule:
@@ -142,9 +105,6 @@ def add_exchange(schedule: Schedule, threshold: int, *, latency: float | None = 
     uniform durations: 1 under the double warm-up, w = 2, whose lock-step it produces, else 0; with given
     durations: 0). Units are concurrent when they start at the same time. Existing markers are replaced.
     """
-    from slimpipe.schedule.dryrun import _dry_run
-    from slimpipe.schedule.passes import lower, uniform_duration
-
     threshold = _check_threshold(threshold, schedule)
     base = lower(strip_exchange(schedule))
     if threshold == 0 or base.num_ranks < 2:
@@ -158,11 +118,11 @@ def add_exchange(schedule: Schedule, threshold: int, *, latency: float | None = 
         for i, a in enumerate(prog):
             if a.kind is Kind.F or (backward and a.kind is Kind.B):
                 units[a.kind].append((timeline.start[r][i], r, a))
-    before: dict[tuple, Action] = {}  # _key(rank, own compute action) -> marker placed before it
+    before: dict[tuple, Action] = {}  # action_key(rank, own compute action) -> marker placed before it
     for kind, (own, helps) in ((Kind.F, (Kind.XOWN_F, Kind.XHELP_F)), (Kind.B, (Kind.XOWN_B, Kind.XHELP_B))):
         for (ro, ao), (rh, ah), _ in _pairs(_concurrent(units[kind]), threshold):
-            before[_key(ro, ao)] = Action(ah.stage, own, ah.microbatch, ah.seq_slice)
-            before[_key(rh, ah)] = Action(ao.stage, helps, ao.microbatch, ao.seq_slice)
+            before[action_key(ro, ao)] = Action(ah.stage, own, ah.microbatch, ah.seq_slice)
+            before[action_key(rh, ah)] = Action(ao.stage, helps, ao.microbatch, ao.seq_slice)
     ranks = []
     for r, prog in enumerate(base.ranks):
         out: list[Action] = []
@@ -173,112 +133,6 @@ def add_exchange(schedule: Schedule, threshold: int, *, latency: float | None = 
             out.append(a)
         ranks.append(tuple(out))
     return base.replace_ranks(tuple(ranks), attn_balance=threshold, exchange_latency=latency)
-
-
-def _own_actions(schedule: Schedule) -> dict[tuple[int, int], tuple[int, Action]]:
-    """(rank, marker step) -> (step, action) of the F/B the marker precedes, which must be the very next
-    action: a marker stands for "this unit is ready", which the rendezvous relies on (a collective or a
-    RECV between the two could stop one partner while the other already waits inside its unit)."""
-    own = {}
-    xo_f, xh_f, xo_b = Kind.XOWN_F, Kind.XHELP_F, Kind.XOWN_B
-    xh_b = Kind.XHELP_B
-    for r, prog in enumerate(schedule.ranks):
-        for i, a in enumerate(prog):
-            k = a.kind  # identity tests: hashing a str-Enum member calls Python code (hot loop)
-            if not (k is xo_f or k is xh_f or k is xo_b or k is xh_b):
-                continue
-            want = _MARKERS[k][0]
-            nxt = prog[i + 1] if i + 1 < len(prog) else None
-            if nxt is None or nxt.kind is not want:
-                raise _error(f"rank {r} step {i}: {a} must come right before its own {want.value} (next "
-                             f"action: {nxt}): re-run add_exchange after any pass that inserts actions",
-                             schedule, [(r, i)])
-            own[(r, i)] = (i + 1, nxt)
-    return own
-
-
-def _error(message: str, schedule: Schedule, marks=()):
-    from slimpipe.schedule.validate import ScheduleError
-
-    return ScheduleError("check_exchange", message, schedule, marks)
-
-
-def _key(r: int, a: Action) -> tuple[int, int, str, int, int]:
-    """Hash key of an action on a rank (the kind's str value: hashing a str-Enum member runs Python code)."""
-    return (r, a.stage, a.kind.value, a.microbatch, a.seq_slice)
-
-
-def exchanges(schedule: Schedule,
-              own: dict[tuple[int, int], tuple[int, Action]] | None = None) -> list[Exchange]:
-    """Every exchange of a marked schedule (owner-side markers, in rank then program order); checks that
-    each marker has its counterpart (check_exchange checks the rest). ``own``: _own_actions, if known."""
-    if own is None:
-        own = _own_actions(schedule)
-    if not own:
-        return []
-    p, threshold = schedule.num_ranks, schedule.meta.attn_balance
-    # (rank, marker) -> (marker step, own step, own action)
-    where = {_key(r, schedule.ranks[r][i]): (i, k, a) for (r, i), (k, a) in own.items()}
-    out = []
-    for (r, i), (k, a) in sorted(own.items()):
-        marker = schedule.ranks[r][i]
-        _, is_owner, partner_kind = _MARKERS[marker.kind]
-        pr = marker.stage % p
-        mate = where.get((pr, a.stage, partner_kind.value, a.microbatch, a.seq_slice))
-        partner_unit = Action(marker.stage, a.kind, marker.microbatch, marker.seq_slice)
-        if pr == r or mate is None or _key(pr, mate[2]) != _key(pr, partner_unit):
-            raise _error(f"rank {r} step {i}: {marker} before {a} has no matching "
-                         f"{Action(a.stage, partner_kind, a.microbatch, a.seq_slice)} right before "
-                         f"{partner_unit} on rank {pr}: markers come in pairs naming each other's unit",
-                         schedule, [(r, i)])
-        if not is_owner:
-            continue
-        vol = exchange_volume(a.seq_slice, partner_unit.seq_slice, threshold)
-        if vol < 1:
-            raise _error(f"rank {r} step {i}: {marker} makes {a} an owner of a volume-{vol} exchange: the "
-                         "owner needs a longer prefix than its helper (by ≥ 2 slices)", schedule, [(r, i)])
-        out.append(Exchange(owner=a, helper=mate[2], owner_rank=r, helper_rank=pr, volume=vol, owner_step=k,
-                            helper_step=mate[1], owner_marker=i, helper_marker=mate[0]))
-    return out
-
-
-def check_exchange(schedule: Schedule) -> None:
-    """Markers pair up (each names the other's unit, right before it), volumes are ≥ 1 slice, slices are
-    equal, and each pair of ranks lists its exchanges in the same order (one channel, matched by order)."""
-    if not has_exchange(schedule):
-        return
-    if schedule.slice_weights is not None:
-        raise _error(f"exchange markers need equal slices (slice_weights={schedule.slice_weights})", schedule)
-    per_pair: dict[tuple[int, int], dict[int, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
-    found = exchanges(schedule)
-    for n, x in enumerate(found):
-        pair = (min(x.owner_rank, x.helper_rank), max(x.owner_rank, x.helper_rank))
-        per_pair[pair][x.owner_rank].append((x.owner_step, n))
-        per_pair[pair][x.helper_rank].append((x.helper_step, n))
-    for (ra, rb), sides in per_pair.items():
-        seq_a, seq_b = sorted(sides[ra]), sorted(sides[rb])
-        for (ia, na), (ib, nb) in zip(seq_a, seq_b):
-            if na != nb:
-                xa, xb = found[na], found[nb]
-                raise _error(f"ranks {ra} and {rb} order their exchanges differently: rank {ra} step {ia} "
-                             f"runs {xa.owner}⇄{xa.helper}, rank {rb} step {ib} runs {xb.owner}⇄{xb.helper}: "
-                             "exchange messages match by order on one channel", schedule,
-                             [(ra, ia), (rb, ib)])
-
-
-def exchange_waits(schedule: Schedule) -> dict[tuple[int, int], list[_Key]]:
-    """(rank, step of an exchanged F/B) -> the partner's marker it waits for: the dry run's rendezvous.
-
-    The owner's F(U_o) waits until the helper reached ``XHELP_F(U_o)`` and the helper's F(U_h) until the
-    owner reached ``XOWN_F(U_h)``; markers themselves take no time and wait for nothing.
-    """
-    waits: dict[tuple[int, int], list[_Key]] = {}
-    if not has_exchange(schedule):
-        return waits
-    for (r, i), (k, a) in _own_actions(schedule).items():
-        partner_kind = _MARKERS[schedule.ranks[r][i].kind][2]
-        waits[(r, k)] = [(partner_kind, a.stage, a.microbatch, a.seq_slice)]
-    return waits
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -306,13 +160,11 @@ def balance_stats(schedule: Schedule, kind: Kind = Kind.F) -> BalanceStats:
     Groups come from the same dry run add_exchange uses (its latency from meta), so this is the imbalance
     the exchange sees; exchanges of a marked schedule are applied, an unmarked schedule gives after = before.
     """
-    from slimpipe.schedule.dryrun import _dry_run
-
     base = strip_exchange(schedule)
     latency = schedule.meta.exchange_latency
     if latency is None:
         latency = 1.0 if base.meta.w == 2 else 0.0
-    timeline = _dry_run(base if base.is_lowered else _lower(base), duration=None, latency=latency,
+    timeline = _dry_run(base if base.is_lowered else lower(base), duration=None, latency=latency,
                         check="balance_stats")
     moved: dict[tuple[int, Action], float] = {}
     total = 0.0
@@ -338,9 +190,3 @@ def balance_stats(schedule: Schedule, kind: Kind = Kind.F) -> BalanceStats:
         worst_ratio_before=max(b for b, _ in ratios), worst_ratio_after=max(a for _, a in ratios),
         moved_blocks=total,
     )
-
-
-def _lower(schedule: Schedule) -> Schedule:
-    from slimpipe.schedule.passes import lower
-
-    return lower(schedule)

@@ -32,9 +32,10 @@ from collections import defaultdict
 from collections.abc import Collection
 
 from slimpipe.schedule.actions import EXCHANGE_KINDS, VOCAB_KINDS, Action, Kind, Schedule
-from slimpipe.schedule.exchange import check_exchange
-from slimpipe.schedule.format import to_grid
-from slimpipe.schedule.vocab import check_vocab_collectives
+from slimpipe.schedule.dryrun import _dry_run
+from slimpipe.schedule.errors import ScheduleError
+from slimpipe.schedule.feature_checks import check_exchange, check_vocab_collectives
+from slimpipe.schedule.passes import lower
 
 __all__ = [
     "ScheduleError",
@@ -51,22 +52,6 @@ __all__ = [
     "check_exchange",
     "check_pipeline_order",
 ]
-
-_GRID_WINDOW = 12  # steps shown on each side of a marked step in error grids
-
-
-class ScheduleError(ValueError):
-    """A schedule breaks an invariant. ``check`` names the check; ``marks`` are the (rank, step) cells at
-    fault; ``grid`` is the marked rank × step grid the message ends with."""
-
-    def __init__(
-        self, check: str, message: str, schedule: Schedule, marks: Collection[tuple[int, int]] = ()
-    ) -> None:
-        self.check = check
-        self.marks = tuple(sorted(marks))
-        self.grid = to_grid(schedule, marks=self.marks, window=_GRID_WINDOW)
-        super().__init__(f"{check}: {message}\n{self.grid}")
-
 
 _Key = tuple[Kind, int, int, int]  # (kind, stage, micro-batch, slice)
 
@@ -334,10 +319,6 @@ def check_comm_matching(schedule: Schedule, *, per_pair: bool = False) -> None:
 def check_pipeline_order(schedule: Schedule) -> None:
     """Stage s+1's forward after stage s's, backward the other way, across ranks: a dry run of the lowered
     programs (SEND non-blocking, RECV waits for its SEND) must finish without deadlock."""
-    # Imported here: passes imports this module for ScheduleError.
-    from slimpipe.schedule.dryrun import _dry_run
-    from slimpipe.schedule.passes import lower
-
     _dry_run(lower(schedule), duration=None, latency=0.0, check="check_pipeline_order")
 
 

@@ -25,7 +25,8 @@ later-starting actions, so no rank waits at a collective for work behind another
 ``check_vocab_collectives`` (part of ``validate``) and the dry run (a collective completes when every rank
 reached it) check any schedule carrying them, hand-edited ones included.
 
-Imports no torch; validate/passes are imported lazily (they import this module).
+The dependency rules of the collectives (``waits_for``, ``vocab_deps``) live in schedule/semantics.py,
+their check in schedule/feature_checks.py; both are re-exported here. Imports no torch.
 """
 
 from __future__ import annotations
@@ -36,48 +37,19 @@ from itertools import compress, islice
 from operator import attrgetter, le, not_
 
 from slimpipe.schedule.actions import EXCHANGE_KINDS, NO_STAGE, VOCAB_KINDS, Action, Kind, Schedule
+from slimpipe.schedule.dryrun import _dry_run
+from slimpipe.schedule.exchange import add_exchange, strip_exchange
+from slimpipe.schedule.feature_checks import check_vocab_collectives, vocab_order
+from slimpipe.schedule.passes import _gc_paused, lower, uniform_duration
+from slimpipe.schedule.semantics import COLLECTIVE_ORDER, has_vocab, kinds, vocab_deps, waits_for
 
 __all__ = [
     "add_vocab_parallel", "has_vocab", "vocab_deps", "waits_for", "check_vocab_collectives", "vocab_order",
 ]
 
-_Key = tuple[Kind, int, int, int]  # (kind, stage, micro-batch, slice), as in passes/validate
-_KIND_ORDER = {Kind.VE: 0, Kind.VH: 1, Kind.VB: 2}  # tie-break between collectives due at the same time
 _KIND = attrgetter("kind")
 _KIND_STAGE_SLICE = attrgetter("kind", "stage", "seq_slice")
 _MICROBATCH = attrgetter("microbatch")
-
-
-def has_vocab(schedule: Schedule) -> bool:
-    """Whether the schedule carries vocabulary collectives."""
-    return not _kinds(schedule).isdisjoint(VOCAB_KINDS)
-
-
-def vocab_deps(a: Action, last: int) -> list[_Key]:
-    """Extra data dependencies in a vocabulary-parallel schedule (the dry run adds them): F of stage 0
-    needs its VE (the embedding sum), B of the last stage its VH (the output gradient).
-
-    A collective itself completes once every rank reached it; the owner reaches it only after the compute
-    it consumes (VH after F(last), VB after B(0): check_vocab_collectives), so that needs no entry here.
-    """
-    if a.kind is Kind.F and a.stage == 0:
-        return [(Kind.VE, NO_STAGE, a.microbatch, a.seq_slice)]
-    if a.kind is Kind.B and a.stage == last:
-        return [(Kind.VH, NO_STAGE, a.microbatch, a.seq_slice)]
-    return []
-
-
-def waits_for(kind: Kind, rank: int, p: int) -> bool:
-    """Whether ``rank`` blocks until collective ``kind`` completes, or posts its part and moves on.
-
-    VE: only rank 0 needs the sum; the others post an asynchronous reduce. VH: every rank computes its
-    logits between the broadcast and the reductions, so all wait. VB: rank 0 is the broadcast root and the
-    others apply their rows when it has arrived (by their next VH or at the end of the step), so nobody
-    waits at the action. Every rank still posts every collective, in one order.
-    """
-    if kind is Kind.VE:
-        return rank == 0
-    return kind is Kind.VH
 
 
 def _due_times(lowered: Schedule, start, end, batch: bool) -> list[tuple[float, int, int, int, Kind]]:
@@ -111,7 +83,7 @@ def _due_times(lowered: Schedule, start, end, batch: bool) -> list[tuple[float, 
         for k, mb, j in times:
             if k is not Kind.VB:
                 times[(k, mb, j)] = (first_ve if k is Kind.VE else last_vh)[mb]
-    return sorted((t, _KIND_ORDER[k], mb, j, k) for (k, mb, j), t in times.items())
+    return sorted((t, COLLECTIVE_ORDER[k], mb, j, k) for (k, mb, j), t in times.items())
 
 
 def add_vocab_parallel(schedule: Schedule, *, duration: Callable[[Action], float] | None = None,
@@ -126,14 +98,10 @@ def add_vocab_parallel(schedule: Schedule, *, duration: Callable[[Action], float
     again after the collectives are placed (add_exchange pairs units that start together, which lock-step
     preserves).
     """
-    from slimpipe.schedule.exchange import add_exchange, strip_exchange
-    from slimpipe.schedule.dryrun import _dry_run
-    from slimpipe.schedule.passes import _gc_paused, lower
-
-    kinds = _kinds(schedule)
-    if not kinds.isdisjoint(VOCAB_KINDS):
+    used = kinds(schedule)
+    if not used.isdisjoint(VOCAB_KINDS):
         return schedule
-    if not kinds.isdisjoint(EXCHANGE_KINDS):  # a marker must stay right before its compute: place, pair
+    if not used.isdisjoint(EXCHANGE_KINDS):  # a marker must stay right before its compute: place, pair
         plain = add_vocab_parallel(strip_exchange(schedule), duration=duration, batch=batch)
         return add_exchange(plain, schedule.meta.attn_balance)
     with _gc_paused():
@@ -151,14 +119,6 @@ def add_vocab_parallel(schedule: Schedule, *, duration: Callable[[Action], float
     return lowered.replace_ranks(ranks, vocab_parallel=True)
 
 
-def _kinds(schedule: Schedule) -> set[Kind]:
-    """Every action kind the schedule uses (one C-level pass: Kind hashes as its str)."""
-    kinds: set[Kind] = set()
-    for prog in schedule.ranks:
-        kinds.update(map(_KIND, prog))
-    return kinds
-
-
 def _table(lowered: Schedule, duration: Callable[[Action], float]) -> dict[tuple[Kind, int, int], float]:
     """``duration`` by (kind, stage, slice), asked once each, of micro-batch 0's actions (every unit has
     one; a (kind, stage, slice) with none there sends the dry run to its reference path)."""
@@ -172,8 +132,6 @@ def _table(lowered: Schedule, duration: Callable[[Action], float]) -> dict[tuple
 def _mean_forward(lowered: Schedule, duration: Callable[[Action], float] | None,
                   table: dict[tuple[Kind, int, int], float] | None) -> float:
     """Mean duration of the F actions (summed in rank, then program order, as a plain loop would)."""
-    from slimpipe.schedule.passes import uniform_duration
-
     fwd: list[float | None] = []
     for prog in lowered.ranks:
         fs = list(compress(prog, map(Kind.F.__eq__, map(_KIND, prog))))
@@ -205,67 +163,3 @@ def _place(prog: tuple[Action, ...], ends: tuple[float, ...],
         i = k
     out.extend(prog[i:])
     return tuple(out)
-
-
-def vocab_order(schedule: Schedule, rank: int) -> list[tuple[int, Action]]:
-    """(step, action) of the vocabulary collectives of ``rank``, in program order."""
-    return [(i, a) for i, a in enumerate(schedule.ranks[rank]) if a.kind in VOCAB_KINDS]
-
-
-def _error(message: str, schedule: Schedule, marks=()):
-    from slimpipe.schedule.validate import ScheduleError
-
-    return ScheduleError("check_vocab_collectives", message, schedule, marks)
-
-
-def check_vocab_collectives(schedule: Schedule) -> None:
-    """Schedules with vocabulary collectives: each VE/VH/VB of every (mb, slice) exactly once on every rank,
-    in the same order everywhere (collectives match by call order), and on the owner ranks on the right
-    side of the compute they feed or consume. No-op for schedules without them."""
-    if not has_vocab(schedule):
-        return
-    s, p = schedule, schedule.num_ranks
-    want = {(k, mb, j) for k in VOCAB_KINDS for mb in range(s.num_microbatches) for j in range(s.num_slices)}
-    orders = [vocab_order(s, r) for r in range(p)]
-    for r, order in enumerate(orders):
-        seen: dict[tuple[Kind, int, int], int] = {}
-        for i, a in order:
-            key = (a.kind, a.microbatch, a.seq_slice)
-            if a.stage != NO_STAGE or key not in want:
-                raise _error(f"rank {r} step {i}: {a!r} is not a collective of the schedule (stage must be "
-                             f"{NO_STAGE}, micro-batch < m, slice < n)", s, [(r, i)])
-            if key in seen:
-                raise _error(f"rank {r}: {a} appears twice (steps {seen[key]} and {i})", s,
-                             [(r, seen[key]), (r, i)])
-            seen[key] = i
-        missing = sorted(want - set(seen), key=lambda k: (k[1], k[2], _KIND_ORDER[k[0]]))
-        if missing:
-            k, mb, j = missing[0]
-            raise _error(f"rank {r} lacks {Action(NO_STAGE, k, mb, j)} ({len(missing)} missing): every rank "
-                         "runs every vocabulary collective; re-run add_vocab_parallel", s)
-    for r in range(1, p):
-        for (i0, a0), (i, a) in zip(orders[0], orders[r]):
-            if a0 != a:
-                raise _error(f"collective order differs: rank 0 step {i0} runs {a0}, rank {r} step {i} runs "
-                             f"{a}: collectives match by call order, so every rank must list them alike",
-                             s, [(0, i0), (r, i)])
-    _check_owner_sides(s)
-
-
-def _check_owner_sides(s: Schedule) -> None:
-    """Rank 0: VE before F(0), VB after B(0); last rank: F(last) < VH < B(last) (same mb, slice)."""
-    last, p = s.num_stages - 1, s.num_ranks
-    rules = (  # (rank, collective, compute kind, stage, collective must come before it?)
-        (0, Kind.VE, Kind.F, 0, True), (0, Kind.VB, Kind.B, 0, False),
-        (p - 1, Kind.VH, Kind.F, last, False), (p - 1, Kind.VH, Kind.B, last, True),
-    )
-    for r, coll, comp, stage, before in rules:
-        pos = {(a.kind, a.stage, a.microbatch, a.seq_slice): i for i, a in enumerate(s.ranks[r])}
-        for (kind, st, mb, j), i in pos.items():
-            if kind is not coll:
-                continue
-            ci = pos.get((comp, stage, mb, j))
-            if ci is not None and (i < ci) != before:
-                side = "before" if before else "after"
-                raise _error(f"rank {r} step {i}: {s.ranks[r][i]} must run {side} {s.ranks[r][ci]} "
-                             f"(step {ci}): it produces or consumes that unit's tensor", s, [(r, i), (r, ci)])

@@ -259,11 +259,26 @@ class AnalyticCost:
         return flops / gemm, 2 * flops / gemm
 
     def vocab_time(self, kind: Kind, seq_slice: int) -> tuple[float, float]:
-        """(per-rank compute, collective communication) seconds of a vocabulary collective on slice
-        ``seq_slice`` (sim/vocab.py)."""
-        from slimpipe.sim.vocab import analytic_vocab_time
-
-        return analytic_vocab_time(self, kind, seq_slice)
+        """(per-rank compute, collective communication) seconds of vocabulary collective ``kind`` on slice
+        j = ``seq_slice`` over the t·p vocabulary group (formulas: sim/vocab.py; the clock that runs them:
+        sim/vocab.py's VocabClock)."""
+        wl, hw, par = self.workload, self.hw, self.workload.parallel
+        tok, h = self.tokens[seq_slice] * self.b, wl.model.hidden
+        group, bw = par.tp * par.pp, hw.link_bw(self._span_pp * par.pp)
+        hidden_pass = _ring_time(tok / par.cp * h * 2, group, bw, hw.p2p_latency_s)  # (T/c, h) bf16, one pass
+        prof = hw.profile
+        if kind is Kind.VH:
+            if prof is not None:
+                f, b = self._profiled_ends(prof, seq_slice, head=True, embed=False)
+                compute = f + b
+            else:
+                flops = 3 * 2 * tok * h * wl.model.vocab_size / (par.tp * par.cp * par.pp)
+                compute = flops / (hw.peak_flops * hw.gemm_efficiency)
+            # all-gather of 3 fp32 per token from every shard
+            stats = _ring_time(tok / par.cp * 3 * 4 * group, group, bw, hw.p2p_latency_s)
+            return compute, 4 * hidden_pass + stats
+        ends = (0.0, 0.0) if prof is None else self._profiled_ends(prof, seq_slice, head=False, embed=True)
+        return (ends[0] if kind is Kind.VE else ends[1]), 2 * hidden_pass
 
     # -- CostModel --------------------------------------------------------------------------------
     def _unit(self, stage: int, j: int) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from slimpipe.sim.cost import AnalyticCost, CostModel, UniformCost, seq1f1b_part
 from slimpipe.sim.hardware import Hardware
 from slimpipe.sim.memory import MemoryBreakdown, memory_model
 from slimpipe.sim.metrics import Report, summarize
-from slimpipe.sim.simulator import DeadlockError, Timeline, simulate
+from slimpipe.sim.simulator import DeadlockError, Timeline, describe, simulate
 from slimpipe.sim.workload import Workload
 
 __all__ = [
@@ -114,7 +114,7 @@ def evaluate(workload: Workload, schedule_name: str, *, hardware: Hardware, cost
         g = sched.meta.g
         raise ConfigError(
             f"the {schedule_name} schedule for p={par.pp}, m={workload.microbatches}, n={par.slices}, "
-            f"v={par.vpp} deadlocks ({str(exc).split('; ')[1]}): use m·n divisible by g={g} "
+            f"v={par.vpp} deadlocks ({describe(exc.stuck[0])}): use m·n divisible by g={g} "
             "(the micro-batch/slice group size)"
         ) from None
     memory = tuple(memory_model(workload, built))  # compute-only: a third of the actions to scan

@@ -19,18 +19,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimpipe.schedule.actions import EXCHANGE_KINDS, VOCAB_KINDS, Action, Kind, Schedule
+from slimpipe.schedule.errors import DeadlockError, Stuck
+from slimpipe.schedule.passes import _gc_paused, lower
+from slimpipe.schedule.semantics import kinds as _kinds
 from slimpipe.sim.cost import CostModel
 from slimpipe.sim.exchange import exchange_timing
-from slimpipe.schedule.vocab import _kinds
 from slimpipe.sim.vocab import VocabClock
 
-__all__ = ["Timeline", "DeadlockError", "simulate"]
+__all__ = ["Timeline", "DeadlockError", "simulate", "describe"]
 
 _COMPUTE = (Kind.F, Kind.B, Kind.W)
-
-
-class DeadlockError(RuntimeError):
-    """No rank can progress: every unfinished rank waits on a RECV whose SEND never happens."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,9 +166,8 @@ class _Run:
 
 
 def simulate(schedule: Schedule, cost: CostModel) -> Timeline:
-    """Run ``schedule`` (lowered first if compute-only) against ``cost``; raise DeadlockError if stuck."""
-    from slimpipe.schedule.passes import _gc_paused, lower
-
+    """Run ``schedule`` (lowered first if compute-only) against ``cost``; raise DeadlockError (the stuck
+    actions in ``.stuck``) if no rank can progress."""
     schedule = lower(schedule)  # idempotent
     with _gc_paused():
         run = _Run(schedule, cost)
@@ -179,24 +176,38 @@ def simulate(schedule: Schedule, cost: CostModel) -> Timeline:
             work.extend(run.advance(work.pop()))
     stuck = [r for r, prog in enumerate(schedule.ranks) if run.ptr[r] < len(prog)]
     if stuck:
-        raise DeadlockError(_deadlock_message(schedule, stuck, run.ptr))
+        raise _deadlock(schedule, stuck, run.ptr)
     return Timeline(schedule=schedule, start=run.starts, end=run.ends, busy=tuple(run.busy),
                     makespan=max(run.clock, default=0.0))
 
 
-def _deadlock_message(schedule: Schedule, stuck: list[int], ptr: list[int]) -> str:
-    parts = []
-    for r in stuck:
+def _deadlock(schedule: Schedule, stuck_ranks: list[int], ptr: list[int]) -> DeadlockError:
+    """The stuck actions as data, and the message they make."""
+    stuck = []
+    for r in stuck_ranks:
         a = schedule.ranks[r][ptr[r]]
-        if a.kind is Kind.RECV_F:
-            want = f"{a.stage - 1}SEND_F{a.microbatch}.{a.seq_slice} on rank {schedule.rank_of(a.stage - 1)}"
-        elif a.kind is Kind.RECV_B:
-            want = f"{a.stage + 1}SEND_B{a.microbatch}.{a.seq_slice} on rank {schedule.rank_of(a.stage + 1)}"
-        elif a.kind in EXCHANGE_KINDS:
-            want = f"its exchange partner's marker on rank {a.stage % schedule.num_ranks}"
-        elif a.kind in VOCAB_KINDS:
-            want = "every rank to reach it"
+        if a.kind is Kind.RECV_F or a.kind is Kind.RECV_B:
+            peer = a.stage - 1 if a.kind is Kind.RECV_F else a.stage + 1
+            send = Kind.SEND_F if a.kind is Kind.RECV_F else Kind.SEND_B
+            stuck.append(Stuck(r, ptr[r], a, Action(peer, send, a.microbatch, a.seq_slice),
+                               schedule.rank_of(peer)))
+        elif a.kind in EXCHANGE_KINDS:  # the partner's marker names this rank's unit
+            stuck.append(Stuck(r, ptr[r], a, None, a.stage % schedule.num_ranks))
         else:
-            want = "?"
-        parts.append(f"rank {r} at step {ptr[r]} {a} waits for {want}")
-    return "deadlock: no rank can progress; " + "; ".join(parts)
+            stuck.append(Stuck(r, ptr[r], a, None))
+    return DeadlockError("simulate", "deadlock: no rank can progress; " + "; ".join(map(describe, stuck)),
+                         schedule, stuck)
+
+
+def describe(s: Stuck) -> str:
+    """One stuck rank in words: ``rank 1 at step 0 1RECV_F0.0 waits for 0SEND_F0.0 on rank 0``."""
+    a = s.action
+    if s.waits_for is not None:
+        want = f"{s.waits_for} on rank {s.on_rank}"
+    elif a.kind in EXCHANGE_KINDS:
+        want = f"its exchange partner's marker on rank {s.on_rank}"
+    elif a.kind in VOCAB_KINDS:
+        want = "every rank to reach it"
+    else:
+        want = "?"
+    return f"rank {s.rank} at step {s.step} {a} waits for {want}"

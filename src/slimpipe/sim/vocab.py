@@ -9,7 +9,7 @@ A vocabulary collective (schedule/vocab.py) runs on every rank. The simulator ti
 * ranks that wait for it (``schedule.vocab.waits_for``: VH all, VE rank 0, VB none) resume at completion;
   the others continue at their arrival. Busy time counts the compute part only.
 
-Durations (``AnalyticCost.vocab_time``) over the t·p vocabulary group, slice j of T_j tokens (b sequences,
+Durations (``AnalyticCost.vocab_time`` in sim/cost.py: the pricing is the cost model's) over the t·p vocabulary group, slice j of T_j tokens (b sequences,
 T_j/c per CP rank), bf16 messages: VE = reduce of the (T_j/c, h) embedding (2 ring passes); VH = broadcast
 of the normalised hidden states (scatter + all-gather, 2 passes), one all-gather of every shard's (max,
 Σexp, target) (3 floats per token), the head GEMMs ``3 · 2·T_j·h·V/(t·c·p)`` FLOPs (forward, dW, dX) and
@@ -20,40 +20,13 @@ last stage's F/B no longer include any vocabulary work.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from slimpipe.schedule.actions import VOCAB_KINDS, Action, Kind, Schedule
-from slimpipe.schedule.vocab import waits_for
+from slimpipe.schedule.semantics import waits_for
+from slimpipe.sim.cost import CostModel
 
-if TYPE_CHECKING:
-    from slimpipe.sim.cost import AnalyticCost, CostModel
-
-__all__ = ["analytic_vocab_time", "VocabClock"]
+__all__ = ["VocabClock"]
 
 _VH = Kind.VH  # a module constant: an Enum class attribute lookup is several times slower (hot path)
-
-
-def analytic_vocab_time(cost: AnalyticCost, kind: Kind, j: int) -> tuple[float, float]:
-    """(per-rank compute, communication) seconds of collective ``kind`` on slice j (module docstring)."""
-    from slimpipe.sim.cost import _ring_time
-
-    wl, hw, par = cost.workload, cost.hw, cost.workload.parallel
-    tok, h = cost.tokens[j] * cost.b, wl.model.hidden
-    group, bw = par.tp * par.pp, hw.link_bw(cost._span_pp * par.pp)
-    hidden_pass = _ring_time(tok / par.cp * h * 2, group, bw, hw.p2p_latency_s)  # (T/c, h) bf16, one pass
-    prof = hw.profile
-    if kind is Kind.VH:
-        if prof is not None:
-            f, b = cost._profiled_ends(prof, j, head=True, embed=False)
-            compute = f + b
-        else:
-            flops = 3 * 2 * tok * h * wl.model.vocab_size / (par.tp * par.cp * par.pp)
-            compute = flops / (hw.peak_flops * hw.gemm_efficiency)
-        # all-gather of 3 fp32 per token from every shard
-        stats = _ring_time(tok / par.cp * 3 * 4 * group, group, bw, hw.p2p_latency_s)
-        return compute, 4 * hidden_pass + stats
-    embed_f, embed_b = (0.0, 0.0) if prof is None else cost._profiled_ends(prof, j, head=False, embed=True)
-    return (embed_f if kind is Kind.VE else embed_b), 2 * hidden_pass
 
 
 class VocabClock:

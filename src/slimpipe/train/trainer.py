@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from slimpipe.train.checkpoint import load_checkpoint, save_checkpoint
-from slimpipe.train.launch import Watchdog, fault_hook
 from slimpipe.train.log import StepLogger, measure_peak_flops
+from slimpipe.train.watchdog import Watchdog, fault_hook
 from slimpipe.train.preflight import Prepared
 
 __all__ = ["run_rank", "lr_at"]
