@@ -78,7 +78,7 @@ def test_vocabulary_layers_move_with_vocab_parallel() -> None:
     last = 3  # p = 4, v = 1: every stage is both the first and the last virtual stage of its rank
     assert ends.compute_time(Kind.F, last, 0) > ends.compute_time(Kind.F, 1, 0)  # output layer on the last
     assert spread.compute_time(Kind.F, last, 0) == spread.compute_time(Kind.F, 1, 0)  # spread evenly
-    inter = _cost(vp=True, v=2)  # the head runs in the VH collective on every rank (sim/vocab.py), no stage
+    inter = _cost(vp=True, v=2)  # the head runs in the VH collective on every rank (AnalyticCost.vocab_time), no stage
     assert inter.compute_time(Kind.F, 7, 0) == inter.compute_time(Kind.F, 1, 0)
     hw = load_hardware("h800")
     head = 2 * (131072 / 8) * 8192 * 128256 / 4 / 4 / (hw.peak_flops * hw.gemm_efficiency)  # 1/p of the GEMM

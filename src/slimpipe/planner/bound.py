@@ -29,7 +29,7 @@ def _stage_busy(cost: AnalyticCost, stage: int) -> float:
 
 
 def _vocab_busy(cost: AnalyticCost) -> float:
-    """Per-rank compute of the lock-step vocabulary collectives per step (sim/vocab.py); 0 without them."""
+    """Per-rank compute of the lock-step vocabulary collectives per step (AnalyticCost.vocab_time); 0 without them."""
     wl = cost.workload
     if not (wl.vocab_parallel and hasattr(cost, "vocab_time")):
         return 0.0

@@ -9,11 +9,12 @@ complete when every rank has reached them, so a rank that never gets there is a 
 deliberately low-fidelity: durations per action and one latency for every message, no bandwidth, no
 contention (slimpipe.sim models those).
 
-Two implementations, one result: ``_fast_dry_run`` keys actions by a flat integer index and inlines the
-dependencies (every simulated vocab-parallel schedule is dry-run once to place its collectives, 243,712
-actions at the 2048K headline); ``_dry_run_generic`` is the reference, keyed by (kind, stage, mb, slice),
-which takes anything the fast run cannot index and every deadlock (it builds the error message). The
-fast run lives in schedule/dryrun_fast.py; tests/vocab/test_vocab_dry_run.py holds the two equal.
+One engine, two paths, one result: the event engine (schedule/engine.py, also behind the placement passes
+and ``slimpipe.sim.simulate``) times every program whose order already meets each same-rank dependency
+(schedule/engine_check.py); ``_dry_run_generic`` is the reference, keyed by (kind, stage, mb, slice),
+which waits for every dependency itself, takes anything the engine cannot index and every deadlock (it
+builds the error message). tests/vocab/test_vocab_dry_run.py holds the two equal on every builder grid
+and on corrupted programs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from slimpipe.schedule.actions import VOCAB_KINDS, Action, Kind, Schedule
-from slimpipe.schedule.dryrun_fast import _Fallback, _fast_dry_run, _key_durations
+from slimpipe.schedule.engine import Blocked, OffGrid, run, tables_from_durations
+from slimpipe.schedule.engine_check import in_program_order
 from slimpipe.schedule.errors import DeadlockError, Stuck
 from slimpipe.schedule.passes import _gc_paused, lower, uniform_duration
 from slimpipe.schedule.semantics import deps, exchange_waits, has_vocab, vocab_deps, waits_for
@@ -148,24 +150,27 @@ def _dry_run_generic(
 
 def _dry_run(
     schedule: Schedule, *, duration: Callable[[Action], float] | None, latency: float, check: str,
-    table: dict[tuple[Kind, int, int], float] | None = None,
+    table: dict[tuple[Kind, int, int], float] | None = None, trusted: bool = False,
 ) -> DryRunResult:
     """The dry run of a lowered schedule (dry_run's contract; ``check`` names the caller in errors).
 
-    ``table``: durations by (kind, stage, slice), for callers whose ``duration`` depends on nothing else
-    (it saves asking for every action). The fast run handles every schedule on the unit grid; a deadlock,
-    or anything off the grid, goes to the reference run, which raises the error (stuck actions marked)
-    or times it the same way.
+    The event engine (schedule/engine.py) runs it when program order meets every same-rank dependency
+    (engine_check.in_program_order; skipped when ``trusted``: a builder's lowered output, as the
+    placement passes run it). A deadlock, anything the engine cannot index, or a program the check
+    rejects goes to the reference run, which raises the error (stuck actions marked) or times it. ``table``: durations by (kind, stage, slice), for callers whose ``duration`` depends on
+    nothing else (it saves asking for every action).
     """
-    try:
-        with _gc_paused():
-            times = _fast_dry_run(schedule, _key_durations(schedule, duration, table), latency)
-    except _Fallback:
-        times = None
+    times = None
+    if trusted or in_program_order(schedule):
+        try:
+            with _gc_paused():
+                times = run(schedule, tables_from_durations(schedule, duration, latency, table), arrival=True)
+        except (Blocked, OffGrid, IndexError, KeyError, TypeError, ValueError):
+            times = None  # TypeError: no duration (a table without it); ValueError: unpaired markers
     if times is None:
         return _dry_run_generic(schedule, duration=duration, latency=latency, check=check)
-    start, end, makespan = times
-    return DryRunResult(schedule=schedule, start=start, end=end, makespan=makespan)
+    return DryRunResult(schedule=schedule, start=tuple(map(tuple, times.start)),
+                        end=tuple(map(tuple, times.end)), makespan=times.makespan)
 
 
 def dry_run(

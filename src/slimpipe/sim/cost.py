@@ -15,7 +15,7 @@ Backward = 2× forward for GEMMs and 2.5× for attention (flash attention recomp
 Per GPU the work is divided by t·c (TP shards weights, CP shards tokens with balanced zig-zag causal work).
 Communication is charged without overlap (a pessimistic, stated simplification): TP+SP 4 collectives per
 layer and direction, CP query-out all-gather/reduce-scatter, EP all-to-all, vocab-parallel collectives
-(their own actions with ``vocab_time``, sim/vocab.py);
+(their own actions, priced by ``AnalyticCost.vocab_time``);
 DP gradient/parameter sync once per step (dense weights over the d·c replicas, experts over their own
 expert-data-parallel group). MoE layers (Megatron's dispatchers): with e = 1 and expert-TP = t the tokens are
 all-gathered and reduce-scattered around the MLP like a dense one; with e > 1 every GPU sends its k routed
@@ -260,8 +260,14 @@ class AnalyticCost:
 
     def vocab_time(self, kind: Kind, seq_slice: int) -> tuple[float, float]:
         """(per-rank compute, collective communication) seconds of vocabulary collective ``kind`` on slice
-        j = ``seq_slice`` over the t·p vocabulary group (formulas: sim/vocab.py; the clock that runs them:
-        sim/vocab.py's VocabClock)."""
+        j = ``seq_slice`` over the t·p vocabulary group; the engine runs them in lock-step (schedule/engine.py:
+        VE/VB arrive after their compute, VH computes between its collectives, only the ranks that need the
+        result wait). Slice j of T_j tokens (b sequences, T_j/c per CP rank), bf16 messages: VE = reduce of
+        the (T_j/c, h) embedding (2 ring passes); VH = broadcast of the normalised hidden states (2 passes),
+        one all-gather of every shard's (max, Σexp, target) (3 floats per token), the head GEMMs
+        ``3 · 2·T_j·h·V/(t·c·p)`` FLOPs (forward, dW, dX) and the reduce of dX (2 passes); VB = broadcast of
+        the embedding gradient (2 passes). With a profile the compute parts come from the fitted embedding/
+        GEMM/loss times (the head with V/(t·p) rows)."""
         wl, hw, par = self.workload, self.hw, self.workload.parallel
         tok, h = self.tokens[seq_slice] * self.b, wl.model.hidden
         group, bw = par.tp * par.pp, hw.link_bw(self._span_pp * par.pp)
