@@ -78,7 +78,7 @@ def _dry_run_generic(
     schedule: Schedule, *, duration: Callable[[Action], float] | None, latency: float, check: str
 ) -> DryRunResult:
     """The reference dry run, keyed by (kind, stage, mb, slice): any program, hand-edited ones included.
-    _fast_dry_run gives the same times wherever it applies."""
+    The event engine gives the same times wherever it applies."""
     dur = uniform_duration if duration is None else duration
     p, last, n = schedule.num_ranks, schedule.num_stages - 1, schedule.num_slices
     progs = schedule.ranks

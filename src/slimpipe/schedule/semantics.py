@@ -10,7 +10,8 @@
   them): :func:`exchanges` (the pairs), :func:`exchange_waits` (an exchanged F/B waits for its partner's
   marker: the rendezvous).
 
-The dry run and validator (schedule/dryrun*.py, validate.py) and the simulator (sim/simulator.py) read the
+The event engine (schedule/engine*.py: dry run, validate, placement, simulator), the reference dry run
+(schedule/dryrun.py) and the checks (validate.py, feature_checks.py) read the
 rules here, so there is one definition of each. Imports no torch.
 """
 
