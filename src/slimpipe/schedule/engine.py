@@ -13,9 +13,9 @@ message latencies, collective pricing (compute, communication) and the exchanged
 
 Cost: each rank runs until it blocks (a RECV whose SEND has not run, a collective it must wait for, a marker
 whose partner is not there); whatever unblocks it wakes it, so every action is visited once; actions are
-keyed by a flat integer index and tables are flat lists. The loop trusts program order for same-rank data
-(a validated schedule guarantees it); ``schedule.dryrun`` checks every dependency of the result afterwards
-(:func:`slimpipe.schedule.dryrun`'s ``_verified``) and takes anything else to its reference run.
+keyed by a flat integer index and tables are flat lists. The loop trusts program order for what a rank
+needs from itself (a builder's output, or any valid schedule, meets it); the dry run checks that first
+(schedule/engine_check.py) and takes any other program, and every deadlock, to its reference run.
 """
 
 from __future__ import annotations
