@@ -37,13 +37,14 @@ __all__ = ["Timing", "Tables", "Times", "Blocked", "OffGrid", "run", "tables_fro
 SLOTS = (Kind.F, Kind.B, Kind.W, Kind.SEND_F, Kind.SEND_B, Kind.RECV_F, Kind.RECV_B,
          Kind.XOWN_F, Kind.XHELP_F, Kind.XOWN_B, Kind.XHELP_B)
 VOCAB_SLOTS = (Kind.VE, Kind.VH, Kind.VB)
+_TIMED_COMM = frozenset(SLOTS[3:])  # kinds that take rank time only if a dry run's duration says so
 
 
 class Timing(Protocol):
     """What the engine asks a cost model (seconds, or units of one forward for the uniform cost)."""
 
     def duration(self, kind: Kind, stage: int, seq_slice: int) -> float:
-        """Rank time of an F/B/W (or SEND/RECV) of any micro-batch of ``stage`` on slice ``seq_slice``."""
+        """Rank time of an F/B/W of any micro-batch of ``stage`` on slice ``seq_slice``."""
         ...
 
     def latency(self, kind: Kind, stage: int, seq_slice: int) -> float:
@@ -92,32 +93,29 @@ def flat_key(a: Action, schedule: Schedule, offset: dict[Kind, int]) -> int:
 
 
 def tables_from_timing(schedule: Schedule, timing: Timing) -> Tables:
-    """Ask ``timing`` once per (kind, stage, slice) of the kinds the schedule uses."""
+    """Ask ``timing`` once per (kind, stage, slice) of the kinds the schedule uses. SEND/RECV and markers
+    take no rank time here (the simulator's convention); the transfer is the SEND's latency."""
     offset, size = layout(schedule)
     m, n, num = schedule.num_microbatches, schedule.num_slices, schedule.num_stages
     used = kinds(schedule)
     dur: list[float | None] = [0.0] * size
     lat, comp, comm = [0.0] * size, [0.0] * size, [0.0] * size
-    comm_time = False
+    mn = m * n
     for k in used:
-        if k in VOCAB_KINDS:
-            for j in range(n):
-                c, x = timing.collective(k, j)
-                base = offset[k] + j
-                comp[base: base + m * n: n], comm[base: base + m * n: n] = [c] * m, [x] * m
-            continue
-        if k in EXCHANGE_KINDS:
-            continue
-        for s in range(num):
-            for j in range(n):
-                base = offset[k] + s * m * n + j
-                d = timing.duration(k, s, j)
-                dur[base: base + m * n: n] = [d] * m
-                comm_time = comm_time or (d != 0 and k not in (Kind.F, Kind.B, Kind.W))
-                if k is Kind.SEND_F or k is Kind.SEND_B:
-                    lat[base: base + m * n: n] = [timing.latency(k, s, j)] * m
+        if k in VOCAB_KINDS:  # one row of n values, repeated for every micro-batch
+            priced = [timing.collective(k, j) for j in range(n)]
+            comp[offset[k]: offset[k] + mn] = [c for c, _ in priced] * m
+            comm[offset[k]: offset[k] + mn] = [x for _, x in priced] * m
+        elif k is Kind.F or k is Kind.B or k is Kind.W:
+            for s in range(num):
+                base = offset[k] + s * mn
+                dur[base: base + mn] = [timing.duration(k, s, j) for j in range(n)] * m
+        elif k is Kind.SEND_F or k is Kind.SEND_B:
+            for s in range(num):
+                base = offset[k] + s * mn
+                lat[base: base + mn] = [timing.latency(k, s, j) for j in range(n)] * m
     xd = timing.exchanged(schedule) if not used.isdisjoint(EXCHANGE_KINDS) else {}
-    return Tables(dur=dur, lat=lat, comp=comp, comm=comm, exchanged=xd, comm_time=comm_time)
+    return Tables(dur=dur, lat=lat, comp=comp, comm=comm, exchanged=xd)
 
 
 def tables_from_durations(schedule: Schedule, duration: Callable[[Action], float] | None, latency: float,
@@ -128,7 +126,9 @@ def tables_from_durations(schedule: Schedule, duration: Callable[[Action], float
     offset, size = layout(schedule)
     m, n, num = schedule.num_microbatches, schedule.num_slices, schedule.num_stages
     dur: list[float | None]
+    comm_time = False  # uniform: communication and markers are free
     if table is not None:
+        comm_time = any(d for (k, _, _), d in table.items() if k in _TIMED_COMM)
         dur = [None] * size
         for (kind, st, j), d in table.items():
             if kind in VOCAB_KINDS and st == NO_STAGE and 0 <= j < n:
@@ -146,10 +146,10 @@ def tables_from_durations(schedule: Schedule, duration: Callable[[Action], float
         dur = [None] * size
         for prog in schedule.ranks:
             for a in prog:
-                dur[flat_key(a, schedule, offset)] = duration(a)
+                dur[flat_key(a, schedule, offset)] = d = duration(a)
+                comm_time = comm_time or (d != 0 and a.kind in _TIMED_COMM)
     lo = len(SLOTS) * num * m * n
     comm = [0.0] * lo + [d if d is not None else 0.0 for d in dur[lo:]]
-    comm_time = any(d for k in SLOTS[3:] for d in dur[offset[k]: offset[k] + num * m * n])
     return Tables(dur=dur, lat=[latency] * size, comp=[0.0] * size, comm=comm, comm_time=comm_time)
 
 
