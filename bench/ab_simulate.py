@@ -5,7 +5,9 @@
 Each round runs the command once per tree, in alternating order, as a fresh process (Python start-up and
 imports included) with ``PYTHONPATH`` pointing at that tree; it reports the CLI wall time and the JSON's
 ``sim_wall_s`` (build + lower + placement + simulate + memory), best and median per tree, and the ratio
-b / a of the medians. The default command is the 2048K headline with ``--vocab-parallel``.
+b / a of the medians. Then, less sensitive to the load of a shared machine, the CPU time of the command run
+in-process (``time.process_time`` around ``slimpipe.cli.main``; a warm-up run first, best of 3 per round).
+The default command is the 2048K headline with ``--vocab-parallel``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,27 @@ def _once(src: str, argv: list[str]) -> tuple[float, float]:
                          capture_output=True, text=True, check=True, timeout=600)
     wall = time.perf_counter() - t0
     return wall, float(json.loads(out.stdout)["sim_wall_s"])
+
+
+_CPU = """
+import contextlib, io, sys, time
+from slimpipe.cli import main
+argv = sys.argv[1:]
+times = []
+for _ in range(4):
+    t0 = time.process_time()
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(argv)
+    times.append(time.process_time() - t0)
+print(min(times[1:]))
+"""
+
+
+def _cpu(src: str, argv: list[str]) -> float:
+    env = {**os.environ, "PYTHONPATH": src}
+    out = subprocess.run([sys.executable, "-c", _CPU, "simulate", *argv, "--json"], env=env,
+                         capture_output=True, text=True, check=True, timeout=600)
+    return float(out.stdout.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{which}: CLI wall best {min(walls):.2f} s / median {med[which][0]:.2f} s; sim_wall_s best "
               f"{min(sims):.2f} s / median {med[which][1]:.2f} s")
     print(f"b / a (medians): CLI wall {med['b'][0] / med['a'][0]:.3f}, sim_wall_s {med['b'][1] / med['a'][1]:.3f}")
+    cpu: dict[str, list[float]] = {"a": [], "b": []}
+    for r in range(args.rounds):
+        for which in (("a", "b") if r % 2 == 0 else ("b", "a")):
+            cpu[which].append(_cpu(getattr(args, which), args.args.split()))
+    for which in ("a", "b"):
+        print(f"{which}: in-process CPU best {min(cpu[which]):.3f} s / median {statistics.median(cpu[which]):.3f} s")
+    print(f"b / a (in-process CPU, medians): {statistics.median(cpu['b']) / statistics.median(cpu['a']):.3f}; "
+          f"paired per round: {statistics.median(b / a for a, b in zip(cpu['a'], cpu['b'])):.3f}")
     return 0
 
 
