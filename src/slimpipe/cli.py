@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "plot": "slimpipe.commands.plot",
     "plan": "slimpipe.commands.plan",
     "calibrate": "slimpipe.commands.calibrate",
+    "checkpoint": "slimpipe.commands.checkpoint",
 }
 
 

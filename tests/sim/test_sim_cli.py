@@ -112,11 +112,12 @@ def test_plot_writes_image_and_trace(tmp_path, cli) -> None:
     measured = tmp_path / "run.trace.json"
     write_chrome_trace([(0, "0F0.0", 0.0, 0.5, None), (1, "1F0.0", 0.6, 1.0, {"x": 1})], measured)
     assert [e[:4] for e in read_chrome_trace(measured)] == [(0, "0F0.0", 0.0, 0.5), (1, "1F0.0", 0.6, 1.0)]
-    code, _, err = cli(["plot", *SMALL, "--cost", "uniform", "-o", str(png), "--measured", str(measured)])
+    code, _, err = cli(["plot", *SMALL, "--cost", "uniform", "-o", str(png), "--overwrite", "--measured",
+                        str(measured)])
     assert code == 0, err
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    code, _, err = cli(["plot", *SMALL, "-o", str(png), "--measured", str(bad)])
+    code, _, err = cli(["plot", *SMALL, "-o", str(png), "--overwrite", "--measured", str(bad)])
     assert code == 2 and "--measured" in err
 
 
@@ -136,7 +137,8 @@ def test_plot_zooms_marks_memory_over_the_gpu_and_checks_flags_first(tmp_path, c
     assert code == 0, err
     assert png.stat().st_size > 10_000
     assert "warning: peak 208.6 GiB on rank 0 exceeds the GPU's 80.0 GiB (3 ranks over)" in out
-    code, out, err = cli(["plot", *over, "--recompute", "full", "--gpu", "h200", "-o", str(png)])
+    code, out, err = cli(["plot", *over, "--recompute", "full", "--gpu", "h200", "-o", str(png),
+                          "--overwrite"])
     assert code == 0 and "warning" not in out, err  # 92.9 GiB fits an H200's 141 GiB
     for flag, value, needle in (("--ranks", "4", "names rank 4, but --pp=4"), ("--ranks", "a", "ranges"),
                                 ("--steps", "9:2", "A:B with integers")):

@@ -149,3 +149,85 @@ def test_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     _fails(["--config", str(tmp_path / "c.json")], capsys, "unknown keys ['sequence']")
     (tmp_path / "bad.toml").write_text("model = ")
     _fails(["--config", str(tmp_path / "bad.toml")], capsys, "cannot parse")
+
+
+@pytest.mark.parametrize(("argv", "needles"), [
+    (["--clip", "-1"], ["--clip=-1.0", "≥ 0"]),
+    (["--weight-decay", "-1"], ["--weight-decay=-1.0"]),
+    (["--peak-tflops", "-1"], ["--peak-tflops=-1.0"]),
+    (["--lr", "inf"], ["--lr=inf", "finite"]),
+    (["--lr", "nan"], ["--lr=nan"]),
+    (["--timeout", "inf"], ["--timeout=inf"]),
+    (["--threads", "1000"], ["--threads=1000", "oversubscribed", "--threads ≤"]),
+    (["--schedule", "1f1b", "--slices", "1", "--attn-balance", "2"],
+     ["--attn-balance=2 needs --schedule slimpipe"]),
+    (["--nonfinite", "ignore"], ["--nonfinite"]),
+    (["--seq-len", "1000000000000", "--slices", "1"], ["needs ~", "PiB", "shorter --seq-len"]),
+])
+def test_bad_numbers_and_combinations(argv: list[str], needles: list[str], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    _fails([*TINY, "--out-dir", str(tmp_path / "run"), *argv], capsys, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_odd_head_dim_and_directories(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from slimpipe.config import load_model
+
+    fields = {**load_model("tiny").to_dict(), "num_heads": 4, "head_dim": 33}
+    fields.pop("name")
+    (tmp_path / "odd.json").write_text(json.dumps(fields))
+    out = ["--out-dir", str(tmp_path / "run")]
+    _fails(["--model", str(tmp_path / "odd.json"), "--data", "synthetic", "--seq-len", "64", *out], capsys,
+           "head_dim=33 is odd", "RoPE")
+    _fails(["--model", "tiny", "--seq-len", "64", "--data", str(tmp_path), *out], capsys, "is a directory")
+    _fails(["--config", str(tmp_path), *out], capsys, "--config", "is a directory")
+
+
+def _saved(tmp: Path, *, data: str = "synthetic", fingerprint: str = "synthetic") -> Path:
+    """A step directory laid out as a save writes it, with its checksums (shard contents are stand-ins:
+    every check here happens before anything loads them)."""
+    from slimpipe.train.manifest import file_digest, write_manifest
+
+    d = _checkpoint(tmp)
+    state = json.loads((d / "trainer_state.json").read_text())
+    state.update(data=data, data_fingerprint=fingerprint)
+    (d / "trainer_state.json").write_text(json.dumps(state))
+    (d / ".metadata").write_bytes(b"dcp metadata" * 100)
+    for r in range(2):
+        (d / f"__{r}_0.distcp").write_bytes(bytes(range(256)) * 64)
+    write_manifest(d, {p.name: file_digest(p) for p in d.iterdir()})
+    return d
+
+
+@pytest.mark.parametrize(("damage", "needles"), [
+    ("truncate", ["__1_0.distcp has 8,000 bytes, the save wrote 16,384"]),
+    ("remove", ["__0_0.distcp is missing"]),
+    ("garble-metadata", [".metadata: SHA-256 differs", "corrupted"]),
+    ("garble-latest", ["latest does not name a step directory"]),
+    ("garble-checksums", ["unreadable checksum list"]),
+])
+def test_damaged_checkpoints(damage: str, needles: list[str], tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    step = _saved(tmp_path)
+    if damage == "truncate":
+        with (step / "__1_0.distcp").open("r+b") as fh:
+            fh.truncate(8000)
+    elif damage == "remove":
+        (step / "__0_0.distcp").unlink()
+    elif damage == "garble-metadata":
+        (step / ".metadata").write_bytes(b"\x00garbage" * 150)  # same size, other bytes
+    elif damage == "garble-latest":
+        (tmp_path / "ck" / "latest").write_bytes(bytes(range(200, 256)))
+    else:
+        (step / "checksums.json").write_bytes(b"\xff\xfe not json")
+    _fails([*TINY, "--out-dir", str(tmp_path / "run"), "--resume", str(tmp_path / "ck")], capsys, *needles)
+    assert not (tmp_path / "run" / "metrics.jsonl.partial").exists()
+
+
+def test_resume_after_the_data_changed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "corpus.txt"
+    data.write_bytes(bytes(range(256)) * 4)
+    _saved(tmp_path, data=str(data), fingerprint="0123456789abcdef")  # what the file hashed to then
+    _fails(["--model", "tiny", "--seq-len", "64", "--steps", "4", "--data", str(data), "--out-dir",
+            str(tmp_path / "run"), "--resume", str(tmp_path / "ck")], capsys,
+           f"the contents of {data} changed since the save", "restore the file")

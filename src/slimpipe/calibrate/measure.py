@@ -22,7 +22,7 @@ __all__ = ["Progress"]
 
 
 class Progress:
-    """A one-line progress bar on stderr (one line per update when stderr is not a terminal)."""
+    """A one-line progress bar on stderr; silent when stderr is not a terminal (logs get the summary)."""
 
     def __init__(self, total: int, stream=None) -> None:
         stream = sys.stderr if stream is None else stream
@@ -32,10 +32,12 @@ class Progress:
 
     def step(self, label: str) -> None:
         self.done = min(self.done + 1, self.total)
+        if not self.tty:
+            return
         filled = int(30 * self.done / self.total)
         line = (f"calibrate [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
                 f"{time.perf_counter() - self.t0:5.1f}s {label}")
-        self.stream.write(("\r" + line.ljust(110)) if self.tty else line + "\n")
+        self.stream.write("\r" + line.ljust(110))
         self.stream.flush()
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 __all__ = ["HELP", "add_arguments", "run"]
@@ -32,11 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cuda: preset whose NVLink/NIC figures the profile keeps (default: from the "
                              "device name)")
     parser.add_argument("-o", "--output", default="profile.json", help="profile path (default profile.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing profile")
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimpipe.calibrate import CalibrateOptions, calibrate  # imports torch
     from slimpipe.config import ConfigError, load_model
+    from slimpipe.outputs import check_output_file
+
+    check_output_file(args.output, "-o", overwrite=args.overwrite)  # before minutes of measuring
+    from slimpipe.calibrate import CalibrateOptions, calibrate  # imports torch
 
     if args.threads < 0:
         raise ConfigError(f"--threads={args.threads} must be ≥ 0 (0 keeps torch's default)")
@@ -45,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model or ("tiny" if args.device == "cpu" else "llama-1b"))
     doc = calibrate(CalibrateOptions(device=args.device, model=model, threads=args.threads, quick=args.quick,
                                      links=args.links, concurrency=args.concurrency))
-    with open(args.output, "w") as fh:
+    partial = f"{args.output}.partial"
+    with open(partial, "w") as fh:
         json.dump(doc, fh, indent=1)
+    os.replace(partial, args.output)  # a reader never sees half a profile
     hw, prof, meta, cons = doc["hardware"], doc["profile"], doc["meta"], doc["consistency"]
     sys.stdout.write(
         f"wrote {args.output} ({meta['device_name']}, {prof['dtype']}, threads {prof['threads']}, "

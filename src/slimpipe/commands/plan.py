@@ -70,9 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _request(args: argparse.Namespace):  # -> slimpipe.planner.PlanRequest
     from slimpipe.commands.simulate import _model_alias
-    from slimpipe.config import load_model
+    from slimpipe.config import ConfigError, load_model
     from slimpipe.planner import OFFLOAD_LADDER, RECOMPUTE_LADDER, SCHEDULES, PlanRequest
 
+    if not 0 <= args.max_offload < 1:  # false for nan too
+        ladder = ", ".join(map(str, OFFLOAD_LADDER))
+        raise ConfigError(f"--max-offload={args.max_offload!r} must be in [0, 1): the largest offloaded "
+                          f"fraction α to try (the ladder is {ladder}; 0 disables)")
     return PlanRequest(
         model=load_model(_model_alias(args.model)), seq_len=parse_count("--seq-len", args.seq_len),
         gpus=parse_count("--gpus", args.gpus), hardware=_hardware(args),

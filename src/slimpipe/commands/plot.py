@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-__all__ = ["HELP", "add_arguments", "run"]
+__all__ = ["HELP", "add_arguments", "run", "IMAGE_TYPES"]
+
+IMAGE_TYPES = ("png", "pdf", "svg", "svgz", "jpg", "jpeg", "tif", "tiff", "webp", "eps", "ps", "pgf", "raw",
+               "rgba")
+"""Extensions every matplotlib ≥ 3.8 writes (``savefig`` picks the format from the extension)."""
 
 HELP = "plot the simulated timeline (one row per rank) and per-rank memory; --trace writes a Perfetto trace"
 
@@ -25,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--steps", metavar="A:B",
                      help="zoom on each rank's compute steps A…B−1 (the columns of `slimpipe show`, no "
                           "send/recv) and the time they span")
+    out.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from slimpipe.config import ConfigError
     from slimpipe.trace import read_chrome_trace, write_chrome_trace
 
+    _check_outputs(args)
     view = _view(args)  # checked before the simulation
     measured = None
     if args.measured:
@@ -97,3 +104,19 @@ def _rank_list(text: str, p: int) -> tuple[int, ...]:
         raise ConfigError(f"--ranks={text!r} names rank {bad[0] if bad else '?'}, but --pp={p} has ranks "
                           f"0…{p - 1}: pick ranks below {p}")
     return tuple(dict.fromkeys(out))
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before simulating: every output is a writable new file (or --overwrite) of a known type."""
+    from slimpipe.config import ConfigError
+    from slimpipe.outputs import check_output_file
+
+    if args.no_image and not args.trace:
+        raise ConfigError("--no-image without --trace writes nothing: drop --no-image or add --trace "
+                          "OUT.json")
+    if args.trace:
+        check_output_file(args.trace, "--trace", overwrite=args.overwrite)
+    if not args.no_image:  # matplotlib itself is checked by _view
+        check_output_file(args.output, "-o", overwrite=args.overwrite, suffixes=IMAGE_TYPES)
+        if args.trace and Path(args.trace).resolve() == Path(args.output).resolve():
+            raise ConfigError(f"-o and --trace are the same file {args.output}: give them different paths")

@@ -21,17 +21,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", default="auto", choices=WARMUPS,
                         help="auto: single for unsliced non-interleaved (1F1B), the authors' double otherwise; seq1f1b single")
     parser.add_argument("--lowered", action="store_true", help="show SEND/RECV actions too")
+    parser.add_argument("--max-actions", type=int, default=None, metavar="N",
+                        help="refuse schedules of more than N estimated actions (default 2,000,000; 0 = no "
+                             "limit)")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="CSV (one row per rank, with a metadata line)")
     fmt.add_argument("--json", action="store_true", help="JSON (metadata + per-rank action lists)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from slimpipe.rules import check_size
     from slimpipe.schedule import format as fmt
     from slimpipe.schedule.builders import build
     from slimpipe.schedule.passes import lower
     from slimpipe.sim.memory import peak_inflight
 
+    check_size(args.pp, args.microbatches, args.slices, args.vpp, limit=args.max_actions)
     sched = build(args.schedule, p=args.pp, m=args.microbatches, n=args.slices, v=args.vpp,
                   warmup=args.warmup)
     if args.lowered:

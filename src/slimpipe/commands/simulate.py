@@ -76,11 +76,15 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attn-balance", type=int, default=0, metavar="N",
                    help="attention context exchange: at most N prefix slices per exchange (0 = off; "
                         "docs/exchange.md)")
+    g.add_argument("--max-actions", type=int, default=None, metavar="N",
+                   help="refuse schedules of more than N estimated actions (default 2,000,000, ~10 s; 0 = no "
+                        "limit)")
 
 
 def evaluate_from_args(args: argparse.Namespace):  # -> slimpipe.sim.evaluate.Evaluation
     """Parse the shared flags into a Workload, check them, and simulate."""
     from slimpipe.config import ConfigError, ParallelConfig, load_model
+    from slimpipe.rules import check_exchange, check_size
     from slimpipe.sim.evaluate import evaluate
     from slimpipe.sim.hardware import load_hardware, load_profile
     from slimpipe.sim.workload import Workload
@@ -97,6 +101,8 @@ def evaluate_from_args(args: argparse.Namespace):  # -> slimpipe.sim.evaluate.Ev
         )
     wl = Workload(model=model, parallel=par, seq_len=args.seq_len, global_batch=args.global_batch,
                   recompute=args.recompute, offload=args.offload, vocab_parallel=args.vocab_parallel)
+    check_exchange(args.schedule, par.pp, par.slices, args.attn_balance)
+    check_size(par.pp, wl.microbatches, par.slices, par.vpp, limit=args.max_actions)
     hardware = load_profile(args.profile) if args.profile else load_hardware(args.gpu)
     return evaluate(wl, args.schedule, hardware=hardware, cost=args.cost, warmup=args.warmup,
                     equal_slices=args.equal_slices, attn_balance=args.attn_balance,

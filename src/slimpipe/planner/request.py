@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimpipe.config import ConfigError, ModelConfig
+from slimpipe.rules import exchange_problem
 from slimpipe.sim.hardware import Hardware
 
 __all__ = [
@@ -31,7 +32,7 @@ INTERLEAVED = ("interleaved-1f1b", "slimpipe")
 
 def exchange_applies(name: str, p: int, n: int) -> bool:
     """Whether a plan of family ``name`` on p ranks with n slices can use the attention context exchange."""
-    return name in EXCHANGE_SCHEDULES and p > 1 and n > 1
+    return name in EXCHANGE_SCHEDULES and exchange_problem(name, p, n, 1) is None
 
 
 def slice_splits(name: str, n: int, allowed: tuple[str, ...]) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 from slimpipe.config import ConfigError, ParallelConfig
 from slimpipe.planner.request import INTERLEAVED, SLICED, PlanRequest, exchange_applies, slice_splits
+from slimpipe.rules import sequence_problem, tp_problem
 from slimpipe.sim.evaluate import builder_warmup, precheck_memory
 from slimpipe.sim.exchange import exchange_buffer_bound
 from slimpipe.sim.workload import Workload
@@ -27,7 +28,7 @@ def layouts(req: PlanRequest) -> Iterator[tuple[int, int, int, int, int]]:
     mod, g, batch = req.model, req.gpus, req.global_batch
     node = req.hardware.gpus_per_node
     for t in _divisors(min(node, 8)):
-        if g % t or mod.num_heads % t or mod.num_kv_heads % t:
+        if g % t or tp_problem(mod, t):
             continue
         for p in _divisors(mod.num_layers):
             for d in _divisors(batch):
@@ -50,9 +51,8 @@ def shapes(name: str, req: PlanRequest, t: int, c: int, p: int) -> Iterator[tupl
     elif name == "interleaved-1f1b":
         vs = []
     ns = [k * p for k in range(1, 9) if k * p > 1] if name in SLICED else [1]
-    shard = t * (2 * c if c > 1 else 1)  # SP shards a slice over t; CP cuts it into 2c zig-zag pieces
     for n in ns:
-        if req.seq_len % n or (req.seq_len // n) % shard:
+        if sequence_problem(req.seq_len, n, t, c):  # SP shards a slice over t; CP cuts it into 2c pieces
             continue
         for v in vs:
             yield n, v

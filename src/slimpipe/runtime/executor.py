@@ -168,7 +168,7 @@ class RankExecutor:
         msg = (f"rank {self.rank} step {self.step}: {what} failed: {type(exc).__name__}: {exc}\n"
                f"schedule {s.name} (p={s.num_ranks}, v={s.virtual_stages}, m={s.num_microbatches}, "
                f"n={s.num_slices}):\n{grid}")
-        log.error(msg)
+        log.debug(msg)  # the PipelineError carries it; its catcher reports it once (a dead peer: quietly)
         return PipelineError(msg)
 
     def _excluded(self, ptr: int) -> bool:

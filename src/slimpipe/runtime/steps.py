@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 
 import torch
@@ -31,12 +32,18 @@ class StepLoop:
             self._reduce_grads()
         return res
 
-    def train_step(self, tokens: torch.Tensor, *, loss_tokens: int | None = None) -> StepResult:
-        """zero_grad, forward_backward, grad reduction, clipping (global norm) and one AdamW step."""
+    def train_step(self, tokens: torch.Tensor, *, loss_tokens: int | None = None,
+                   skip_nonfinite: bool = False) -> StepResult:
+        """zero_grad, forward_backward, grad reduction, clipping (global norm) and one AdamW step.
+
+        ``skip_nonfinite``: no update when the loss or the grad norm is nan/inf (both are global, so every
+        rank skips the same step); the result says so through its non-finite loss/grad_norm."""
         self.zero_grad()
         res = self._run(tokens, loss_tokens)
         self._reduce_grads()
         norm = self._grad_norm()
+        if skip_nonfinite and not (math.isfinite(norm) and math.isfinite(res.loss)):
+            return dataclasses.replace(res, grad_norm=norm)
         scale_grads(self._trainable_parameters(), clip_coefficient(norm, self.optim_config.clip))
         self.optimizer.step()
         return dataclasses.replace(res, grad_norm=norm)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +57,8 @@ class Hardware:
     def __post_init__(self) -> None:
         for f in ("peak_flops", "hbm_bytes", "intra_node_bw", "inter_node_bw"):
             val = getattr(self, f)
-            if not isinstance(val, (int, float)) or val <= 0:
-                raise ConfigError(f"hardware.{f}={val!r} must be a positive number")
+            if not isinstance(val, (int, float)) or not 0 < val < math.inf:
+                raise ConfigError(f"hardware.{f}={val!r} must be a positive finite number")
         for f in ("gemm_efficiency", "attention_efficiency"):
             val = getattr(self, f)
             if not 0 < val <= 1:
@@ -293,8 +294,34 @@ def profile_from_dict(doc: dict, *, default_name: str, source: str) -> Hardware:
                         bwd=_linear(g["bwd"])) for g in prof["gemms"])
         if prof.get("footprint") is not None:
             prof["footprint"] = ActivationFootprint(**prof["footprint"])
-        fields = {"name": default_name, **doc["hardware"], "profile": CostProfile(**prof)}
-        return Hardware(**fields)
+        profile = CostProfile(**prof)
+        fields = {"name": default_name, **doc["hardware"], "profile": profile}
+        hardware = Hardware(**fields)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: not a valid slimpipe profile ({type(exc).__name__}: {exc}); "
                           "recreate it with `slimpipe calibrate`") from None
+    bad = _bad_number(profile, "profile")
+    if bad:
+        raise ConfigError(f"{source}: {bad}: a measured time, rate or size cannot be negative or non-finite; "
+                          "recreate the profile with `slimpipe calibrate`")
+    return hardware
+
+
+def _bad_number(value: object, where: str) -> str | None:
+    """The first negative or non-finite number in a profile (times, coefficients, bandwidths, bytes), or
+    None. κ and the p2p bandwidth divide or scale every time, so they must also be nonzero."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            bad = _bad_number(getattr(value, f.name), f"{where}.{f.name}")
+            if bad:
+                return bad
+    elif isinstance(value, tuple):
+        for i, item in enumerate(value):
+            bad = _bad_number(item, f"{where}[{i}]")
+            if bad:
+                return bad
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        positive = where.rsplit(".", 1)[-1] in ("compose_fwd", "compose_bwd", "p2p_bandwidth")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            return f"{where}={value!r}"
+    return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimpipe.config import ConfigError, ModelConfig, ParallelConfig
+from slimpipe.rules import check_layout
 
 __all__ = ["Workload", "RECOMPUTE_MODES"]
 
@@ -47,13 +48,8 @@ class Workload:
             raise ConfigError(f"--recompute={self.recompute!r} is unknown: use one of {modes}")
         if not 0.0 <= self.offload < 1.0:
             raise ConfigError(f"--offload={self.offload!r} must be in [0, 1): it is the offloaded fraction α")
-        par.check_layers(mod.num_layers)
+        check_layout(mod, par, self.seq_len)  # layers, heads/FFN/vocab by t, s by n·t·2c (slimpipe.rules)
         par.microbatches(self.global_batch)
-        if self.seq_len % par.slices:
-            raise ConfigError(
-                f"--seq-len={self.seq_len} is not divisible by --slices={par.slices}: pad the sequence to a "
-                f"multiple of {par.slices} or pick a slice count dividing it"
-            )
         if mod.num_experts == 1 and par.ep > 1:
             raise ConfigError(f"--ep={par.ep} needs an MoE model (model {mod.name!r} is dense): use --ep 1")
         if mod.num_experts == 1 and par.expert_tp != par.tp:

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,12 @@ from pathlib import Path
 from slimpipe.config import ConfigError
 from slimpipe.sim.workload import RECOMPUTE_MODES
 
-__all__ = ["TrainConfig", "load_config_file", "field_docs", "DTYPES", "DEVICES", "DATA_DTYPES"]
+__all__ = ["TrainConfig", "load_config_file", "field_docs", "DTYPES", "DEVICES", "DATA_DTYPES", "NONFINITE"]
 
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_DTYPES = ("auto", "uint16", "uint32")
+NONFINITE = ("stop", "skip")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -123,6 +125,9 @@ class TrainConfig:
     """Allow replacing the outputs of an earlier run in out_dir."""
     peak_tflops: float = 0.0
     """Per-process peak TFLOP/s for MFU (0: datasheet for known GPUs, else a measured matmul)."""
+    nonfinite: str = "stop"
+    """A step whose loss or grad norm is nan/inf is never applied; then stop (exit 3, naming the last
+    checkpoint with a finite loss) or skip (continue; stop after 5 such steps in a row)."""
 
     def __post_init__(self) -> None:
         for f in ("seq_len", "global_batch", "pp", "dp", "vpp", "slices", "steps", "log_every"):
@@ -138,12 +143,18 @@ class TrainConfig:
                            ("recompute", RECOMPUTE_MODES)):
             if getattr(self, f) not in allowed:
                 raise ConfigError(f"--{_flag(f)}={getattr(self, f)!r} is unknown: use one of {', '.join(allowed)}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr={self.lr!r} must be > 0")
+        if self.nonfinite not in NONFINITE:
+            raise ConfigError(f"--nonfinite={self.nonfinite!r} is unknown: use one of {', '.join(NONFINITE)}")
+        if not 0 < self.lr < math.inf:  # also false for nan
+            raise ConfigError(f"--lr={self.lr!r} must be a positive finite number")
+        for f in ("weight_decay", "clip", "peak_tflops"):
+            if not 0 <= getattr(self, f) < math.inf:
+                raise ConfigError(f"--{_flag(f)}={getattr(self, f)!r} must be a finite number ≥ 0"
+                                  + (" (0 disables clipping)" if f == "clip" else ""))
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"--min-lr-ratio={self.min_lr_ratio!r} must be in [0, 1]")
-        if self.timeout < 5:
-            raise ConfigError(f"--timeout={self.timeout!r} is too short: use ≥ 5 seconds")
+        if not 5 <= self.timeout < math.inf:
+            raise ConfigError(f"--timeout={self.timeout!r} must be a finite number of seconds ≥ 5")
         if not 0.0 <= self.offload < 1.0:
             raise ConfigError(f"--offload={self.offload!r} must be in [0, 1): it is the offloaded fraction α")
         if self.local_pipeline and self.dp != 1:
@@ -194,7 +205,8 @@ def load_config_file(path: str) -> dict[str, object]:
     """Keys of a TOML/JSON file (or of a run's resolved config.json under "train"), checked by name."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--config {path}: no such file; give a .toml or .json file of TrainConfig keys")
+        what = "is a directory" if p.is_dir() else "no such file"
+        raise ConfigError(f"--config {path}: {what}; give a .toml or .json file of TrainConfig keys")
     try:
         if p.suffix == ".toml":
             try:

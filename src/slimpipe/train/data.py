@@ -84,7 +84,9 @@ def load_data(spec: str, *, vocab_size: int, seq_len: int, data_dtype: str = "au
     else:
         path = Path(spec)
         if not path.is_file():
-            raise ConfigError(f"--data {spec}: no such file; give a .bin token file, a text file, stdlib or synthetic")
+            what = "is a directory" if path.is_dir() else "no such file"
+            raise ConfigError(f"--data {spec}: {what}; give a .bin token file, a text file, stdlib or "
+                              "synthetic")
         if path.stat().st_size == 0:
             raise ConfigError(f"--data {spec}: the file is empty; give a file with at least seq_len+1 tokens")
         if path.suffix == ".bin":

@@ -1,12 +1,15 @@
 """Starting ranks three ways, and ending all of them when one dies.
 
 * ``--nproc N``: this process forks N ranks (spawn on CUDA) that meet through a FileStore in a temp dir
-  (no ports to race for), then waits; when one rank fails the others get ``timeout`` seconds to stop by
-  themselves (naming the failed rank) before they are killed.
-* torchrun (or any launcher that sets RANK/WORLD_SIZE/MASTER_ADDR): one rank per process, env:// store.
+  (no ports to race for), then supervises them (train/supervise.py): when one rank fails the others get a
+  few seconds to stop by themselves before they are killed, and one line names the rank that failed
+  first; SIGTERM/SIGINT are passed on to every rank, and the ranks die with the launcher (signals.py).
+* torchrun (or any launcher that sets RANK/WORLD_SIZE/MASTER_ADDR): one rank per process, env:// store;
+  the rank ends at once on SIGTERM/SIGINT and when its agent dies.
 * one process (``--nproc 1``, ``--local-pipeline``): the rank runs in this process.
 
-The watchdog that ends every rank when one dies is train/watchdog.py.
+The watchdog that ends every rank when one dies is train/watchdog.py; a rank that stops because of another
+exits PEER, quietly under our launcher.
 """
 
 from __future__ import annotations
@@ -14,10 +17,15 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import signal
 import sys
 import tempfile
-import time
 from typing import Any
+
+from slimpipe.train.signals import (
+    Stopped, die_with_parent, exit_on_signals, forward_signals, raise_on_signals,
+)
+from slimpipe.train.supervise import Outcome, report, supervise
 
 __all__ = ["launch"]
 
@@ -27,7 +35,9 @@ def _threads(cfg: Any, local_procs: int) -> int:
     return cfg.threads or max(1, cores // local_procs)
 
 
-def _child(rank: int, world: int, prep: Any, store_path: str, threads: int) -> None:
+def _child(rank: int, world: int, prep: Any, store_path: str, threads: int, launcher: int) -> None:
+    exit_on_signals(None)  # before any thread starts; quiet: the launcher reports
+    die_with_parent(launcher)
     import torch
 
     torch.set_num_threads(threads)  # first: forked children with >1 OpenMP thread can hang (libgomp)
@@ -41,7 +51,7 @@ def _child(rank: int, world: int, prep: Any, store_path: str, threads: int) -> N
 
         prep = preflight(prep.cfg, check_outputs=False)
     store = dist.FileStore(store_path, world)
-    code = run_rank(prep, rank=rank, world=world, local_rank=rank, store=store)
+    code = run_rank(prep, rank=rank, world=world, local_rank=rank, store=store, supervised=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # skip atexit handlers inherited from the parent (pytest, torch)
@@ -56,6 +66,10 @@ def launch(prep: Any, *, env: Any = None) -> int:
 
     cfg = prep.cfg
     if env is not None:  # torchrun: this process is one rank
+        exit_on_signals(lambda signum: f"slimpipe train: rank {env.rank}: stopped by "
+                                       f"{signal.Signals(signum).name}; nothing published")
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's agent is the parent; other launchers may exit
+            die_with_parent(os.getppid())
         torch.set_num_threads(_threads(cfg, env.local_world))
         store, rank, world = next(dist.rendezvous("env://"))
         return run_rank(prep, rank=rank, world=world, local_rank=env.local_rank, store=store)
@@ -64,7 +78,12 @@ def launch(prep: Any, *, env: Any = None) -> int:
     try:
         if nproc == 1:
             torch.set_num_threads(_threads(cfg, 1))
-            return run_rank(prep, rank=0, world=1, local_rank=0, store=dist.FileStore(f"{tmp}/store", 1))
+            try:
+                with raise_on_signals():
+                    store = dist.FileStore(f"{tmp}/store", 1)
+                    return run_rank(prep, rank=0, world=1, local_rank=0, store=store)
+            except Stopped as stop:
+                return report(Outcome(codes={0: 128 + stop.signum}, order=[0], signal=stop.signum), cfg)
         return _run_children(prep, nproc, f"{tmp}/store")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -83,59 +102,21 @@ def _run_children(prep: Any, nproc: int, store_path: str) -> int:
     child_prep = prep if not cuda else type(prep)(cfg, prep.model, prep.schedule, None, prep.resume_dir)
     sys.stdout.flush()
     sys.stderr.flush()
-    procs = [ctx.Process(target=_child, args=(r, nproc, child_prep, store_path, _threads(cfg, nproc)),
-                         daemon=False) for r in range(nproc)]
+    args = (nproc, child_prep, store_path, _threads(cfg, nproc), os.getpid())
+    procs = [ctx.Process(target=_child, args=(r, *args), daemon=False) for r in range(nproc)]
     # A process group left in a garbage cycle (an earlier run in this process) must be destroyed here,
     # where its worker threads exist: a forked child's GC would run its destructor and wait forever on
     # threads that fork did not copy. Freezing keeps the children's GC off everything inherited.
-    gc.collect()
-    gc.freeze()
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        gc.unfreeze()
-    try:
-        first, stop_s = _wait(procs, grace_s=cfg.timeout + 5)
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.join(5)
-        sys.stderr.write("slimpipe train: interrupted\n")
-        return 130
-    if first is None:
-        return 0
-    others = [r for r, p in enumerate(procs) if r != first[0] and p.exitcode != 0]
-    sys.stderr.write(
-        f"slimpipe train: error: rank {first[0]} failed first (exit code {first[1]}); "
-        f"{len(others)} other rank(s) stopped within {stop_s:.1f} s: {others}\n"
-    )
-    return 1
-
-
-def _wait(procs: list[Any], *, grace_s: float) -> tuple[tuple[int, int] | None, float]:
-    """Wait for every rank: ((rank, exit code) of the first failure or None, seconds the others took to stop
-    after it). After a failure the others get ``grace_s`` to stop by themselves (their watchdogs name the
-    failed rank) before they are killed."""
-    first: tuple[int, int] | None = None
-    deadline = failed_at = float("inf")
-    while any(p.exitcode is None for p in procs):
-        for r, p in enumerate(procs):
-            if first is None and p.exitcode not in (None, 0):
-                first, failed_at = (r, p.exitcode), time.monotonic()
-                deadline = failed_at + grace_s
-        if time.monotonic() > deadline:
+    with forward_signals() as received:  # from before the first fork: no signal slips between
+        gc.collect()
+        gc.freeze()
+        try:
             for p in procs:
-                if p.exitcode is None:
-                    p.kill()
-        time.sleep(0.1)
-    for p in procs:
-        p.join()
-    stop_s = max(0.0, time.monotonic() - failed_at)
-    if first is None:  # every rank ended between two polls: take the lowest failed rank
-        first = next(((r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0), None)
-    return first, stop_s
+                p.start()
+        finally:
+            gc.unfreeze()
+        outcome = supervise(procs, received)
+    return report(outcome, cfg)
 
 
 def _cuda_available() -> bool:

@@ -98,8 +98,9 @@ class StepLogger:
         return [ln + "\n" for ln in lines if json.loads(ln)["step"] <= start_step]
 
     def log(self, rec: dict[str, Any]) -> None:
-        self.records.append({k: rec[k] for k in ("step", "loss", "step_time_s", "tokens_per_s")})
-        self.file.write(json.dumps(rec) + "\n")
+        keys = ("step", "loss", "step_time_s", "tokens_per_s", "skipped")
+        self.records.append({k: rec.get(k) for k in keys})
+        self.file.write(json.dumps(_strict(rec), allow_nan=False) + "\n")  # nan/inf → null: strict JSON
         self.file.flush()
         step = rec["step"]
         if step % self.log_every == 0 or step == self.steps or step == self.first_step:
@@ -114,8 +115,11 @@ class StepLogger:
         first, last = self.records[0], self.records[-1]
         mean_t = sum(r["step_time_s"] for r in self.records) / len(self.records)
         mean_tps = sum(r["tokens_per_s"] for r in self.records) / len(self.records)
+        skipped = sum(1 for r in self.records if r["skipped"])
+        note = f"; {skipped} step(s) skipped (loss or grad norm not finite)" if skipped else ""
         return (f"steps {first['step']}–{last['step']} in {_hms(time.perf_counter() - self.t0)}: loss "
-                f"{first['loss']:.4f} → {last['loss']:.4f}, mean step {mean_t:.2f} s, {mean_tps:,.0f} tokens/s")
+                f"{first['loss']:.4f} → {last['loss']:.4f}, mean step {mean_t:.2f} s, "
+                f"{mean_tps:,.0f} tokens/s{note}")
 
     def print(self, text: str) -> None:
         self._clear_bar()
@@ -148,6 +152,17 @@ class StepLogger:
         if self.bar:
             self.err.write("\r\033[K")
             self.err.flush()
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 def _hms(seconds: float) -> str:

@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimpipe.config import ConfigError, ModelConfig, ParallelConfig, load_model
+from slimpipe.outputs import check_output_file, writable_dir
+from slimpipe.rules import check_exchange, check_layout
 from slimpipe.schedule.actions import Schedule
 from slimpipe.train.checkpoint import check_checkpoint, resolve_checkpoint
 from slimpipe.train.config import TrainConfig
 from slimpipe.train.data import TokenData, load_data
+from slimpipe.train.memory import check_memory
 
 __all__ = ["Prepared", "preflight", "torchrun_env", "TorchrunEnv"]
 
@@ -63,27 +66,29 @@ def preflight(cfg: TrainConfig, *, env: TorchrunEnv | None = None, check_outputs
     cfg = cfg.resolved()
     model = load_model(cfg.model)
     layout = ParallelConfig(pp=cfg.pp, dp=cfg.dp, vpp=cfg.vpp, slices=cfg.slices)
-    layout.check_layers(model.num_layers)
+    check_layout(model, layout, cfg.seq_len)  # the rules simulate and plan apply too (slimpipe.rules)
     m = layout.microbatches(cfg.global_batch)
-    if cfg.seq_len % cfg.slices:
-        raise ConfigError(
-            f"--seq-len={cfg.seq_len} is not divisible by --slices={cfg.slices}: use a seq-len that is a "
-            f"multiple of {cfg.slices} (e.g. {cfg.seq_len - cfg.seq_len % cfg.slices or cfg.slices})"
-        )
+    check_exchange(cfg.schedule, cfg.pp, cfg.slices, cfg.attn_balance)
     _check_processes(cfg, env)
+    _check_threads(cfg, env)
     schedule = build(cfg.schedule, p=cfg.pp, m=m, n=cfg.slices, v=cfg.vpp, warmup=cfg.warmup,
                      slice_weights=_slice_weights(cfg, model))
+    procs = env.local_world if env is not None else cfg.world
+    if cfg.device == "cpu":  # before loading data; CUDA runs are checked once torch says how big a GPU is
+        check_memory(cfg, model, layout, schedule, local_procs=procs)
     data = load_data(cfg.data, vocab_size=model.vocab_size, seq_len=cfg.seq_len, data_dtype=cfg.data_dtype)
     resume_dir = None
     if cfg.resume:
         resume_dir = resolve_checkpoint(cfg.resume, cfg.checkpoint_dir)
         check_checkpoint(resume_dir, model=model.to_dict(), seed=cfg.seed, data_fingerprint=data.fingerprint,
-                         steps=cfg.steps)
+                         steps=cfg.steps, data_name=data.name)
     if cfg.trace:
         _check_trace_writer()
+    gpu_bytes = _check_device(cfg, env)  # imports torch (~2 s): after every check that needs none
+    if cfg.device != "cpu":
+        check_memory(cfg, model, layout, schedule, local_procs=procs, device_bytes=gpu_bytes)
     if check_outputs:
-        _check_outputs(cfg)
-    _check_device(cfg, env)  # last: it imports torch (~2 s)
+        _check_outputs(cfg)  # last: it creates the run directory
     return Prepared(cfg=cfg, model=model, schedule=schedule, data=data, resume_dir=resume_dir)
 
 
@@ -115,12 +120,26 @@ def _check_processes(cfg: TrainConfig, env: TorchrunEnv | None) -> None:
         raise ConfigError(f"--nproc={cfg.nproc} but the layout needs {layout}: use --nproc {need} or change --pp/--dp")
 
 
-def _check_device(cfg: TrainConfig, env: TorchrunEnv | None) -> None:
+def _check_threads(cfg: TrainConfig, env: TorchrunEnv | None) -> None:
+    """More torch threads than cores makes every step crawl (measured on 2 cores: --threads 1000 with
+    2 ranks, 97 s a step instead of 0.7 s)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    procs = env.local_world if env is not None else cfg.world
+    if cfg.threads > max(1, cores // procs):
+        raise ConfigError(
+            f"--threads={cfg.threads} × {procs} process(es) = {cfg.threads * procs} threads on {cores} "
+            f"cores: oversubscribed ranks run many times slower; use --threads ≤ {max(1, cores // procs)} "
+            "(or 0: cores ÷ processes)"
+        )
+
+
+def _check_device(cfg: TrainConfig, env: TorchrunEnv | None) -> float | None:
+    """Check the GPU count; returns one GPU's memory in bytes when the run will use CUDA, else None."""
     if cfg.device == "cuda" or cfg.device == "auto":
         try:
             import torch  # only to count GPUs; never initialises CUDA
         except ImportError:  # pragma: no cover - torch is a dependency
-            return
+            return None
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if cfg.device == "cuda" and gpus == 0:
             raise ConfigError("--device cuda but no CUDA device is visible: use --device cpu")
@@ -130,6 +149,9 @@ def _check_device(cfg: TrainConfig, env: TorchrunEnv | None) -> None:
                 f"{local} processes on this node but {gpus} GPU(s): NCCL needs one GPU per process; "
                 "use fewer processes per node, --local-pipeline, or --device cpu"
             )
+        if gpus:
+            return float(torch.cuda.get_device_properties(0).total_memory)
+    return None
 
 
 def _check_trace_writer() -> None:
@@ -139,32 +161,19 @@ def _check_trace_writer() -> None:
         raise ConfigError("--trace needs slimpipe.trace.write_chrome_trace, missing from this install: drop --trace") from None
 
 
-def _writable_dir(path: Path, flag: str) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".slimpipe-probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path}: not writable ({exc.strerror}); choose a writable directory") from None
-
-
 def _check_outputs(cfg: TrainConfig) -> None:
+    """The policy of every command (slimpipe.outputs), with --resume also allowed to continue files."""
     out = Path(cfg.out_dir)
-    _writable_dir(out, "--out-dir")
+    writable_dir(out, "--out-dir", create=True)
     files = [("--log-json", cfg.log_json), ("--out-dir", str(out / "config.json"))]
     if cfg.trace:
         files.append(("--trace", cfg.trace))
     for flag, name in files:
-        path = Path(name)
-        _writable_dir(path.parent, flag)
-        if path.exists() and not (cfg.overwrite or cfg.resume):
-            raise ConfigError(
-                f"{flag}: {path} exists from an earlier run: pass --overwrite, --resume, or another --out-dir"
-            )
+        check_output_file(name, flag, overwrite=cfg.overwrite or bool(cfg.resume), create_dir=True,
+                          fix="pass --overwrite, --resume, or another --out-dir")
     if cfg.checkpoint_every:
         ckpt = Path(cfg.checkpoint_dir)
-        _writable_dir(ckpt, "--checkpoint-dir")
+        writable_dir(ckpt, "--checkpoint-dir", create=True)
         if (ckpt / "latest").exists() and not (cfg.overwrite or cfg.resume):
             raise ConfigError(
                 f"--checkpoint-dir {ckpt} holds another run's checkpoints: pass --resume to continue it, "

@@ -20,15 +20,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from slimpipe.train.checkpoint import load_checkpoint, save_checkpoint
+from slimpipe.train.checkpoint import last_finite_checkpoint, load_checkpoint, save_checkpoint
+from slimpipe.train.exits import FAILED, OK, PEER, AgreedError, Diverged
+from slimpipe.train.faults import fault_hook
 from slimpipe.train.log import StepLogger, measure_peak_flops
-from slimpipe.train.watchdog import Watchdog, fault_hook
 from slimpipe.train.preflight import Prepared
+from slimpipe.train.watchdog import Watchdog
 
 __all__ = ["run_rank", "lr_at"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _COMM_WORDS = ("connection closed", "connection reset", "timed out", "timeout", "broken pipe", "peer")
+_CLOSED_WORDS = ("connection closed", "connection reset", "broken pipe", "closed by peer")
+MAX_SKIPPED = 5
+"""--nonfinite skip: a run stops (Diverged) after this many non-finite steps in a row."""
 
 
 def lr_at(step: int, cfg: Any) -> float:
@@ -48,8 +53,11 @@ def _device(cfg: Any, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def run_rank(prep: Prepared, *, rank: int, world: int, local_rank: int, store: Any) -> int:
-    """Join the process group, train, and return an exit code (errors are printed, never raised)."""
+def run_rank(prep: Prepared, *, rank: int, world: int, local_rank: int, store: Any,
+             supervised: bool = False) -> int:
+    """Join the process group, train, and return an exit code (train/exits.py; errors are printed, never
+    raised). ``supervised``: our launcher watches this rank and names the failed rank itself, so a rank that
+    stops because of another says nothing."""
     device = _device(prep.cfg, local_rank)
     cuda = device.type == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
@@ -61,12 +69,17 @@ def run_rank(prep: Prepared, *, rank: int, world: int, local_rank: int, store: A
         dist.broadcast_object_list(shared, src=0)
         prep = dataclasses.replace(prep, cfg=shared[0])
         if world > 1:
-            watchdog = Watchdog(store, rank, world, stale_s=max(2.0, prep.cfg.timeout / 3))
+            watchdog = Watchdog(store, rank, world, stale_s=max(2.0, prep.cfg.timeout / 3), quiet=supervised)
             watchdog.start()
         _train(prep, rank=rank, world=world, device=device, step=step)
-        return 0
+        return OK
+    except AgreedError as exc:  # every rank raised it at the same point: rank 0 says why, once
+        if rank == 0:  # no abort message: the others would stop as PEER before raising it themselves
+            sys.stdout.flush()
+            sys.stderr.write(f"slimpipe train: error: {exc}\n")
+        return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message and an exit code
-        return _report_failure(exc, rank=rank, step=step[0], watchdog=watchdog)
+        return _report_failure(exc, rank=rank, step=step[0], watchdog=watchdog, supervised=supervised)
     finally:
         if watchdog is not None:
             watchdog.stop()
@@ -74,20 +87,26 @@ def run_rank(prep: Prepared, *, rank: int, world: int, local_rank: int, store: A
             dist.destroy_process_group()
 
 
-def _report_failure(exc: BaseException, *, rank: int, step: int, watchdog: Watchdog | None) -> int:
+def _report_failure(exc: BaseException, *, rank: int, step: int, watchdog: Watchdog | None,
+                    supervised: bool) -> int:
     text = " ".join(str(e).lower() for e in _chain(exc))
     if watchdog is not None and (isinstance(exc, dist.DistError) or any(w in text for w in _COMM_WORDS)):
-        cause = watchdog.wait_for_cause()  # a peer probably died: let the heartbeats name it
+        if any(w in text for w in _CLOSED_WORDS):  # a peer process is gone: no heartbeat to wait for
+            cause = watchdog.abort_message() or "a peer closed its connection (its process ended)"
+            watchdog.publish(f"rank {rank} lost a peer at step {step}: {cause}")
+        else:
+            cause = watchdog.wait_for_cause()  # a peer may be stuck: let the heartbeats name it
         if cause:
-            sys.stderr.write(f"slimpipe train: rank {rank}: stopping at step {step}: {cause}\n")
-            return 1
+            if not supervised:
+                sys.stderr.write(f"slimpipe train: rank {rank}: stopping at step {step}: {cause}\n")
+            return PEER
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if watchdog is not None:
         watchdog.publish(f"rank {rank} failed at step {step}: {first}")
     sys.stderr.write(f"slimpipe train: rank {rank}: failed at step {step}: {type(exc).__name__}: {exc}\n")
-    if not isinstance(exc, (RuntimeError, ValueError)) or os.environ.get("SLIMPIPE_TRACEBACK"):
+    if not isinstance(exc, (RuntimeError, ValueError, OSError)) or os.environ.get("SLIMPIPE_TRACEBACK"):
         traceback.print_exception(exc, file=sys.stderr)
-    return 1
+    return FAILED
 
 
 def _chain(exc: BaseException | None) -> list[BaseException]:
@@ -179,7 +198,7 @@ def _train(prep: Prepared, *, rank: int, world: int, device: torch.device, step:
     logger, config_partial, meter = _open_outputs(prep, world, device, start) if rank == 0 else (None, None, None)
     dist.barrier()
     try:
-        res = None
+        res, skipped = None, 0
         for k in range(start + 1, cfg.steps + 1):
             step[0] = k
             fault_hook(rank, k)
@@ -189,17 +208,34 @@ def _train(prep: Prepared, *, rank: int, world: int, device: torch.device, step:
             batch = prep.data.batch(k, seed=cfg.seed, batch=cfg.global_batch, seq_len=cfg.seq_len)  # (B, s+1)
             mine = torch.from_numpy(batch[dp_rank * m : (dp_rank + 1) * m]).to(device)  # (m, s+1)
             t0 = time.perf_counter()
-            res = rt.train_step(mine)  # schedule, DP all-reduce, clip, AdamW; loss/stats gathered
+            # schedule, DP all-reduce, clip, AdamW (not applied when the loss or grad norm is nan/inf)
+            res = rt.train_step(mine, skip_nonfinite=True)
+            finite = math.isfinite(res.loss) and math.isfinite(res.grad_norm)
             if logger is not None:
-                logger.log(meter.record(k, lr, res, time.perf_counter() - t0))
+                logger.log({**meter.record(k, lr, res, time.perf_counter() - t0), "skipped": not finite})
+            skipped = 0 if finite else skipped + 1
+            if skipped and (cfg.nonfinite == "stop" or skipped >= MAX_SKIPPED):
+                raise _diverged(cfg, k, res, skipped)
             if cfg.checkpoint_every and (k % cfg.checkpoint_every == 0 or k == cfg.steps):
-                save_checkpoint(rt, cfg.checkpoint_dir, k, _ckpt_meta(prep), rank=rank, keep=cfg.keep_checkpoints)
+                save_checkpoint(rt, cfg.checkpoint_dir, k, _ckpt_meta(prep), rank=rank,
+                                keep=cfg.keep_checkpoints, loss=res.loss, finite=finite)
         trace = _gather_trace(res, world) if cfg.trace and res is not None else None
         if logger is not None:
             _publish(prep, logger, config_partial, trace)
     finally:
         if logger is not None:
             logger.close()
+
+
+def _diverged(cfg: Any, step: int, res: Any, skipped: int) -> Diverged:
+    """The one line a diverged run ends with (the same on every rank: loss and norm are global)."""
+    back = last_finite_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_every else None
+    where = (f"the newest checkpoint with a finite loss is {back}" if back else "no checkpoint with a finite "
+             "loss to go back to")
+    run = f"{skipped} steps in a row (--nonfinite skip)" if skipped > 1 else "--nonfinite stop"
+    return Diverged(f"step {step}: loss {res.loss:.4g}, grad norm {res.grad_norm:.4g} are not finite; the "
+                    f"update was not applied and the run stopped ({run}); {where}: lower --lr (now "
+                    f"{cfg.lr:g}) or lengthen --lr-warmup, then --resume")
 
 
 def _gather_trace(res: Any, world: int) -> list[tuple[Any, ...]] | None:

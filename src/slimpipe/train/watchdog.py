@@ -2,8 +2,10 @@
 
 The watchdog: every rank writes a heartbeat counter to the store; rank 0 watches all counters, the other
 ranks watch rank 0's, and the first rank to see a failure writes an ``abort`` message that every rank polls.
-A rank that raises publishes its own failure; a rank that vanishes is named by the stale heartbeat. A
-process-group timeout remains the last resort for a rank that is alive but stuck.
+A rank that raises publishes its own failure; a rank that vanishes is named by the stale heartbeat (or, at
+once, by the closed connection its peers see). A rank that stops because of another exits PEER (quietly
+when our launcher supervises it and names the culprit itself). A process-group timeout remains the last
+resort for a rank that is alive but stuck.
 """
 
 from __future__ import annotations
@@ -14,17 +16,20 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["Watchdog", "fault_hook"]
+from slimpipe.train.exits import PEER
+
+__all__ = ["Watchdog"]
 
 
 class Watchdog:
-    """Heartbeats through the rendezvous store; ``os._exit(1)`` with a message naming the dead rank."""
+    """Heartbeats through the rendezvous store; ``os._exit(PEER)`` with a message naming the dead rank
+    (``quiet``: without it, when a supervising launcher reports)."""
 
-    def __init__(self, store: Any, rank: int, world: int, *, stale_s: float) -> None:
+    def __init__(self, store: Any, rank: int, world: int, *, stale_s: float, quiet: bool = False) -> None:
         import torch.distributed as dist
 
         self.store = dist.PrefixStore("slimpipe-watchdog", store)
-        self.rank, self.world, self.stale_s = rank, world, stale_s
+        self.rank, self.world, self.stale_s, self.quiet = rank, world, stale_s, quiet
         self.interval = min(1.0, stale_s / 4)
         self._stop = threading.Event()
         self._published = False
@@ -81,21 +86,14 @@ class Watchdog:
             except Exception:  # noqa: BLE001 - store gone: its host died
                 msg = "rank 0 (the store host) is unreachable"
             if msg and not self._published:
-                _die(self.rank, f"stopping: {msg}")
+                _die(self.rank, None if self.quiet else f"stopping: {msg}")
             elif msg and self._published and self._stop.wait(2 * self.stale_s):
                 return  # the main thread is reporting our own failure; give it time to finish
 
 
-def _die(rank: int, message: str) -> None:
+def _die(rank: int, message: str | None) -> None:
     sys.stdout.flush()
-    sys.stderr.write(f"slimpipe train: rank {rank}: {message}\n")
+    if message:
+        sys.stderr.write(f"slimpipe train: rank {rank}: {message}\n")
     sys.stderr.flush()
-    os._exit(1)
-
-
-def fault_hook(rank: int, step: int) -> None:
-    """TEST HOOK: env SLIMPIPE_FAULT_RANK=r and SLIMPIPE_FAULT_STEP=k make rank r vanish at step k."""
-    if os.environ.get("SLIMPIPE_FAULT_RANK") == str(rank) and os.environ.get("SLIMPIPE_FAULT_STEP") == str(step):
-        sys.stderr.write(f"slimpipe train: rank {rank}: SLIMPIPE_FAULT_* test hook: exiting at step {step}\n")
-        sys.stderr.flush()
-        os._exit(13)
+    os._exit(PEER)

@@ -1,0 +1,108 @@
+"""The layout rules every command applies: what simulate, plot, plan, show and train refuse. No torch.
+
+One place, so the simulator never prints figures for a layout the runtime or the planner would refuse.
+Each rule comes twice: a ``*_problem`` function returning None or the one-line fix (cheap; the planner's
+enumeration filters with it) and a ``check_*`` raising the ConfigError every command prints.
+
+Where a new parallelism adds a constraint (a TP runtime: heads, K/V heads, FFN and vocabulary by t; a CP
+runtime: the sequence by 2·c·n), it goes here, and every command refuses the same layouts.
+"""
+
+from __future__ import annotations
+
+from slimpipe.config import ConfigError, ModelConfig, ParallelConfig
+
+__all__ = [
+    "check_model", "tp_problem", "sequence_problem", "check_layout", "estimated_actions", "check_size",
+    "exchange_problem", "check_exchange", "MAX_ACTIONS",
+]
+
+MAX_ACTIONS = 2_000_000
+"""Default cap on a schedule's estimated lowered actions (``estimated_actions``). The simulator handles
+~230K actions/s at ~120 B each on one core (measured: p8 n8 m2048, 786K actions in 3.4 s, 99 MB), so the
+cap keeps one command under ~10 s and ~250 MB; ``--max-actions`` raises it."""
+
+
+def check_model(model: ModelConfig) -> None:
+    """Rules on the model alone that the runtime needs (RoPE rotates pairs of channels)."""
+    if model.head_dim % 2:
+        raise ConfigError(
+            f"model.head_dim={model.head_dim} is odd: RoPE rotates pairs of channels; use an even head_dim"
+        )
+
+
+def tp_problem(model: ModelConfig, t: int) -> str | None:
+    """Tensor parallelism shards heads, K/V heads (Megatron's query groups), the FFN and the vocabulary
+    over t ranks: each must be a multiple of t."""
+    if t == 1:
+        return None
+    for field, size in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads),
+                        ("ffn", model.ffn), ("vocab_size", model.vocab_size)):
+        if size % t:
+            divisors = [k for k in range(1, min(size, 64) + 1) if size % k == 0 and model.num_heads % k == 0
+                        and model.num_kv_heads % k == 0 and model.ffn % k == 0 and model.vocab_size % k == 0]
+            return (f"--tp={t} does not divide {field}={size} of {model.name}: tensor parallelism shards it "
+                    f"over t ranks; use --tp in {divisors}")
+    return None
+
+
+def sequence_problem(seq_len: int, n: int, t: int = 1, c: int = 1) -> str | None:
+    """A sequence cuts into n equal slices; context parallelism cuts each slice into 2c zig-zag pieces and
+    sequence parallelism shards a piece's tokens over t, so s must be a multiple of n·t·(2c if c > 1)."""
+    if seq_len % n:
+        return (f"--seq-len={seq_len} is not divisible by --slices={n}: use a seq-len that is a multiple of "
+                f"{n} (e.g. {seq_len - seq_len % n or n}) or a slice count dividing it")
+    shard = t * (2 * c if c > 1 else 1)
+    if (seq_len // n) % shard:
+        unit = n * shard
+        parts = (f"n={n}", f"2c={2 * c}" if c > 1 else "", f"t={t}" if t > 1 else "")
+        what = " · ".join(x for x in parts if x)
+        why = ("context parallelism cuts each slice into 2c zig-zag pieces" if c > 1 else "")
+        why += ("; " if why and t > 1 else "") + ("sequence parallelism shards them over t" if t > 1 else "")
+        return (f"--seq-len={seq_len} is not a multiple of {what} = {unit} ({why}): use a seq-len that is a "
+                f"multiple of {unit} (e.g. {max(unit, seq_len - seq_len % unit)})")
+    return None
+
+
+def check_layout(model: ModelConfig, par: ParallelConfig, seq_len: int) -> None:
+    """Every rule on (model, layout, sequence length); the first violation as a ConfigError."""
+    check_model(model)
+    par.check_layers(model.num_layers)
+    for problem in (tp_problem(model, par.tp), sequence_problem(seq_len, par.slices, par.tp, par.cp)):
+        if problem:
+            raise ConfigError(problem)
+
+
+def estimated_actions(p: int, m: int, n: int, v: int) -> int:
+    """Actions of the lowered schedule: p·v stages × m·n units × (F, B), plus a send and a receive per
+    unit and direction on every stage boundary (exchange markers and vocabulary collectives excluded)."""
+    units = m * n
+    return 2 * p * v * units + 4 * max(0, p * v - 1) * units
+
+
+def check_size(p: int, m: int, n: int, v: int, *, limit: int | None = None) -> None:
+    """Refuse a schedule too large to build in seconds (``limit`` None: MAX_ACTIONS; 0: no limit)."""
+    limit = MAX_ACTIONS if limit is None else limit
+    if limit < 0:
+        raise ConfigError(f"--max-actions={limit} must be ≥ 0 (0 = no limit)")
+    actions = estimated_actions(p, m, n, v)
+    if limit and actions > limit:
+        raise ConfigError(
+            f"p={p} m={m} n={n} v={v} is a schedule of ~{actions:,} actions, over the {limit:,} limit "
+            f"(~{actions / 230e3:,.0f} s and ~{actions * 120 / 2**30:,.1f} GiB to build and simulate): "
+            "use fewer micro-batches, slices or stages, or raise --max-actions"
+        )
+
+
+def exchange_problem(schedule: str, p: int, n: int, attn_balance: int) -> str | None:
+    """The attention context exchange pairs concurrent equal slices of a SlimPipe schedule on ≥ 2 ranks."""
+    if attn_balance and (schedule != "slimpipe" or n < 2 or p < 2):
+        return (f"--attn-balance={attn_balance} needs --schedule slimpipe with --slices ≥ 2 and --pp ≥ 2 "
+                f"(got {schedule}, n={n}, p={p}): use --attn-balance 0 or that schedule")
+    return None
+
+
+def check_exchange(schedule: str, p: int, n: int, attn_balance: int) -> None:
+    problem = exchange_problem(schedule, p, n, attn_balance)
+    if problem:
+        raise ConfigError(problem)
