@@ -23,48 +23,64 @@ def in_program_order(schedule: Schedule) -> bool:
     last, mn, size = num - 1, m * n, num * m * n
     F, B, W, SEND_F, SEND_B = Kind.F, Kind.B, Kind.W, Kind.SEND_F, Kind.SEND_B
     RECV_F, RECV_B, VE, VH, VB = Kind.RECV_F, Kind.RECV_B, Kind.VE, Kind.VH, Kind.VB
-    slot = {F: 0, B: 1, W: 2, SEND_F: 3, SEND_B: 4, RECV_F: 5, RECV_B: 6,
-            Kind.XOWN_F: 7, Kind.XHELP_F: 8, Kind.XOWN_B: 9, Kind.XHELP_B: 10}
-    owner = [-1] * (11 * size)  # rank that ran each action so far (flat key), -1: not yet
+    oB, oW, oSF, oSB, oRF, oRB = size, 2 * size, 3 * size, 4 * size, 5 * size, 6 * size
+    owner = [-1] * (11 * size)  # rank that ran each action so far (flat key, engine.layout), -1: not yet
     vocab = not kinds(schedule).isdisjoint(VOCAB_KINDS)
     for r, prog in enumerate(schedule.ranks):
-        seen_coll: set[tuple[Kind, int, int]] = set()
+        seen = bytearray(3 * mn)  # collectives this rank reached so far, by kind·m·n + mb·n + slice
         for a in prog:
+            # identity tests, no dict of kinds: hashing a str-Enum member runs Python code (hot loop)
             k, s, mb, j = a.kind, a.stage, a.microbatch, a.seq_slice
             if not (0 <= mb < m and 0 <= j < n):
                 return False
             if k is VE or k is VH or k is VB:
-                if s != NO_STAGE or (k, mb, j) in seen_coll:
+                c = (0 if k is VE else (mn if k is VH else 2 * mn)) + mb * n + j
+                if s != NO_STAGE or seen[c]:
                     return False
-                seen_coll.add((k, mb, j))
+                seen[c] = 1
                 continue
             if not 0 <= s < num:
                 return False
             u = (s * m + mb) * n + j
-            key = slot[k] * size + u
-            if owner[key] != -1:
-                return False  # twice
             if k is F:
+                key = u
                 if j > 0 and owner[u - 1] != r:
                     return False
-                if s > 0 and owner[u - mn if (s - 1) % p == r else 5 * size + u] != r:
+                if s > 0 and owner[u - mn if (s - 1) % p == r else oRF + u] != r:
                     return False
-                if vocab and s == 0 and (r != 0 or (VE, mb, j) not in seen_coll):
+                if vocab and s == 0 and (r != 0 or not seen[mb * n + j]):  # rank 0 waits for its VE
                     return False
             elif k is B:
-                if owner[u] != r or (j < n - 1 and owner[size + u + 1] != r):
+                key = oB + u
+                if owner[u] != r or (j < n - 1 and owner[key + 1] != r):
                     return False
-                if s < last and owner[size + u + mn if (s + 1) % p == r else 6 * size + u] != r:
+                if s < last and owner[key + mn if (s + 1) % p == r else oRB + u] != r:
                     return False
-                if vocab and s == last and (VH, mb, j) not in seen_coll:
+                if vocab and s == last and not seen[mn + mb * n + j]:
+                    return False
+            elif k is SEND_F:
+                key = oSF + u
+                if owner[u] != r:
+                    return False
+            elif k is SEND_B:
+                key = oSB + u
+                if owner[oB + u] != r:
+                    return False
+            elif k is RECV_F:
+                key = oRF + u
+                if s == 0:
+                    return False  # its SEND cannot exist
+            elif k is RECV_B:
+                key = oRB + u
+                if s == last:
                     return False
             elif k is W:
-                if owner[size + u] != r:
+                key = oW + u
+                if owner[oB + u] != r:
                     return False
-            elif k is SEND_F or k is SEND_B:
-                if owner[u if k is SEND_F else size + u] != r:
-                    return False
-            elif (k is RECV_F and s == 0) or (k is RECV_B and s == last):
-                return False  # its SEND cannot exist
+            else:  # an exchange marker (engine.SLOTS 7..10)
+                key = (7 if k is Kind.XOWN_F else 8 if k is Kind.XHELP_F else 9 if k is Kind.XOWN_B else 10) * size + u
+            if owner[key] != -1:
+                return False  # twice
             owner[key] = r
     return True
