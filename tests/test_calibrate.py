@@ -71,10 +71,23 @@ def test_quick_profile_is_valid_and_fast(quick_profile) -> None:
     steps = doc["consistency"]["steps"]
     assert [r["what"] for r in steps] == ["slimpipe s=32 n=2 m=2", "slimpipe s=256 n=2 m=2"]
     assert all(r["predicted_s"] > 0 and r["ratio"] == r["predicted_s"] / r["measured_s"] for r in steps)
+    # TP collectives (4 forked ranks, T = 2 and 4, all-gather and reduce-scatter), fitted as a ring
+    assert {(p["tp"], p["op"]) for p in doc["measurements"]["tp"]} == {
+        (t, op) for t in (2, 4) for op in ("all_gather", "reduce_scatter")}
+    assert 0 <= prof.tp_latency_s < 0.05 and prof.tp_bandwidth > 1e6
     fp = prof.footprint
     assert fp is not None and fp.kv_per_layer == 2 * TINY.kv_dim * 4
     # fp32 activations of a tiny layer: several KiB per token; the loss stage keeps logits (256 floats).
     assert 4096 < fp.per_layer < 32768 and fp.last_stage >= 4 * TINY.vocab_size
+
+
+def test_tp_collective_cost_uses_the_fit(quick_profile) -> None:
+    """The simulator charges one TP collective as the calibrated ring at the profile's dtype."""
+    hw = load_profile(str(quick_profile[0]))
+    prof = hw.profile
+    wl = Workload(model=TINY, parallel=ParallelConfig(tp=2), seq_len=1024, global_batch=1)
+    got = AnalyticCost(wl, hw, (1.0,))._layer_comm(0)[0]
+    assert got == pytest.approx(prof.tp_latency_s + 1024 * TINY.hidden * prof.dtype_bytes / 2 / prof.tp_bandwidth)
 
 
 def test_simulate_accepts_the_profile(quick_profile, capsys) -> None:

@@ -31,16 +31,18 @@ def check_model(model: ModelConfig) -> None:
         )
 
 
-def tp_problem(model: ModelConfig, t: int) -> str | None:
+def tp_problem(model: ModelConfig, t: int, *, vocab_parallel: bool = False) -> str | None:
     """Tensor parallelism shards heads, K/V heads (Megatron's query groups), the FFN and the vocabulary
-    over t ranks: each must be a multiple of t."""
+    over t ranks: each must be a multiple of t. With vocabulary parallelism the vocabulary is cut over t·p
+    with padding rows instead (runtime/vocab.py), so it need not divide."""
     if t == 1:
         return None
-    for field, size in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads),
-                        ("ffn", model.ffn), ("vocab_size", model.vocab_size)):
+    sizes = [("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads), ("ffn", model.ffn)]
+    if not vocab_parallel:
+        sizes.append(("vocab_size", model.vocab_size))
+    for field, size in sizes:
         if size % t:
-            divisors = [k for k in range(1, min(size, 64) + 1) if size % k == 0 and model.num_heads % k == 0
-                        and model.num_kv_heads % k == 0 and model.ffn % k == 0 and model.vocab_size % k == 0]
+            divisors = [k for k in range(1, min(size, 64) + 1) if all(v % k == 0 for _, v in sizes)]
             return (f"--tp={t} does not divide {field}={size} of {model.name}: tensor parallelism shards it "
                     f"over t ranks; use --tp in {divisors}")
     return None
@@ -64,11 +66,12 @@ def sequence_problem(seq_len: int, n: int, t: int = 1, c: int = 1) -> str | None
     return None
 
 
-def check_layout(model: ModelConfig, par: ParallelConfig, seq_len: int) -> None:
+def check_layout(model: ModelConfig, par: ParallelConfig, seq_len: int, *, vocab_parallel: bool = False) -> None:
     """Every rule on (model, layout, sequence length); the first violation as a ConfigError."""
     check_model(model)
     par.check_layers(model.num_layers)
-    for problem in (tp_problem(model, par.tp), sequence_problem(seq_len, par.slices, par.tp, par.cp)):
+    for problem in (tp_problem(model, par.tp, vocab_parallel=vocab_parallel),
+                    sequence_problem(seq_len, par.slices, par.tp, par.cp)):
         if problem:
             raise ConfigError(problem)
 

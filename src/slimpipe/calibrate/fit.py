@@ -44,6 +44,16 @@ def _line(points: Sequence[tuple[float, float]]) -> LinearTime:
     return LinearTime(fixed_s=c[0], per_item_s=c[1])
 
 
+def _fit_tp(points: Sequence[dict]) -> dict[str, float]:
+    """tp_latency_s, tp_bandwidth of the ring ``latency·(T−1) + bytes·(T−1)/T / bandwidth`` through the
+    measured all-gathers and reduce-scatters (0, 0 when not measured: the simulator then uses the p2p link)."""
+    if not points:
+        return {"tp_latency_s": 0.0, "tp_bandwidth": 0.0}
+    rows = [((p["tp"] - 1), p["bytes"] * (p["tp"] - 1) / p["tp"]) for p in points]
+    lat, per_byte = _nnls(rows, [p["s"] for p in points])
+    return {"tp_latency_s": lat, "tp_bandwidth": 1.0 / max(per_byte, 1e-15)}
+
+
 def _fit_kernels(cfg: ModelConfig, m: dict) -> dict[str, object]:
     """The CostProfile fields fitted from kernel measurements (everything but κ and the action overhead)."""
     gemms, all_f, all_b = [], [], []

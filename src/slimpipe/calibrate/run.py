@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from slimpipe.calibrate.comm import _measure_p2p
+from slimpipe.calibrate.comm import _measure_p2p, _measure_tp
 from slimpipe.calibrate.executor import measure_executor
 from slimpipe.calibrate.fit import (
-    _fit_composition, _fit_kernels, _fit_messages, _hardware_fields, _line, step_consistency, unit_consistency,
+    _fit_composition, _fit_kernels, _fit_messages, _fit_tp, _hardware_fields, _line, step_consistency,
+    unit_consistency,
 )
 from slimpipe.calibrate.measure import (
     Progress, _Ctx, _gemm_shapes, _itemsize, _measure_attention, _measure_elementwise, _measure_ends,
@@ -53,14 +54,14 @@ class CalibrateOptions:
 # overhead), layers of the model in those runs (0: all), and the tokens of the activation-footprint run.
 GRIDS: dict[str, dict[str, object]] = {
     "cpu": dict(gemm=(64, 256, 1024), elem=(128, 512, 2048), ends=(128, 512, 2048), reps=5, unit_layers=0,
-                p2p=(1 << 10, 1 << 16, 1 << 20, 1 << 23),
+                p2p=(1 << 10, 1 << 16, 1 << 20, 1 << 23), tp=(1 << 15, 1 << 18, 1 << 21, 1 << 23),
                 # up to 4096 tokens unsliced and 512…1024-token slices after 3.5K of prefix (the validation range)
                 attn=((64, 0), (64, 960), (256, 0), (256, 768), (256, 1792), (512, 0), (512, 1536), (512, 3584),
                       (1024, 0), (1024, 1024), (1024, 3072), (2048, 0), (4096, 0)),
                 units=(("slimpipe", 32, 4, 2), ("1f1b", 512, 1, 4), ("slimpipe", 512, 4, 4),
                        ("slimpipe", 1024, 4, 2)), executor_reps=4, foot_tokens=128),
     "cpu-quick": dict(gemm=(64, 256), elem=(64, 256), ends=(64, 256), reps=2, unit_layers=0,
-                      p2p=(1 << 10, 1 << 20),
+                      p2p=(1 << 10, 1 << 20), tp=(1 << 15, 1 << 20),
                       attn=((64, 0), (64, 192), (128, 0), (128, 384)),
                       units=(("slimpipe", 32, 2, 2), ("slimpipe", 256, 2, 2)), executor_reps=2,
                       foot_tokens=64),
@@ -124,6 +125,8 @@ def _measure_all(opts: CalibrateOptions, grid: dict, dev: torch.device,
     bar = progress or Progress(steps)
     try:
         m: dict[str, object] = {"p2p": _measure_p2p(dev, grid["p2p"], int(grid["reps"]))}
+        # TP collectives: gloo on CPU (one GPU cannot form a TP group; CUDA keeps the preset's links)
+        m["tp"] = _measure_tp(grid["tp"], 3 * int(grid["reps"])) if "tp" in grid else []
         bar.step("p2p")
         if dev.type == "cpu":  # forked too: before this process runs parallel kernels
             m["units"] = measure_executor(opts.model, grid["units"], int(grid["executor_reps"]))
@@ -151,7 +154,7 @@ def _fit_hardware(opts: CalibrateOptions, m: dict, footprint: ActivationFootprin
                 threads=threads, model=cfg.name, **_fit_kernels(cfg, m), compose_fwd=1.0, compose_bwd=1.0,
                 action_fwd_s=0.0, action_bwd_s=0.0, p2p_latency_s=p2p.fixed_s,
                 p2p_bandwidth=1.0 / max(p2p.per_item_s, 1e-15), footprint=footprint,
-                **_fit_messages(m["units"] if dev.type == "cpu" else []))
+                **_fit_messages(m["units"] if dev.type == "cpu" else []), **_fit_tp(m.get("tp", [])))
     fields = _hardware_fields(cfg, m, dev, opts.links)
     kernels_only = Hardware(**fields, profile=CostProfile(**prof))
     kf, kb, af, ab = _fit_composition(cfg, m["units"], kernels_only)

@@ -18,13 +18,14 @@ parameter name), so every pipeline layout starts from identical weights.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-__all__ = ["LayerContext", "DecoderParts", "init_parameters", "param_generator", "PlainContext"]
+__all__ = ["LayerContext", "DecoderParts", "init_parameters", "param_generator", "PlainContext", "Shard"]
 
 
 @runtime_checkable
@@ -92,17 +93,44 @@ def param_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(name.encode(), int(seed) & 0xFFFFFFFF))
 
 
-def init_parameters(parts: DecoderParts, named: Iterable[tuple[str, nn.Parameter]], seed: int) -> None:
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Shard:
+    """One rank's equal piece of a parameter along one dimension (tensor parallelism)."""
+
+    dim: int
+    """The split dimension (0: rows / output features, 1: columns / input features)."""
+    index: int
+    """Which piece this rank holds, in [0, count)."""
+    count: int
+    """Pieces: the tensor-parallel size T."""
+
+    def full_shape(self, local: Iterable[int]) -> tuple[int, ...]:
+        shape = list(local)
+        shape[self.dim] *= self.count
+        return tuple(shape)
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of the full tensor (a view)."""
+        size = full.size(self.dim) // self.count
+        return full.narrow(self.dim, self.index * size, size)
+
+
+def init_parameters(parts: DecoderParts, named: Iterable[tuple[str, nn.Parameter]], seed: int,
+                    shards: Mapping[str, Shard] | None = None) -> None:
     """Initialise every parameter from (seed, its global name) only.
 
     Values are drawn in float32 on the CPU and then cast, so float32 and float64 runs start from the same
-    numbers and the result does not depend on the device or on which rank owns the parameter.
+    numbers and the result does not depend on the device or on which rank owns the parameter. A sharded
+    parameter (``shards``) draws the full tensor and keeps its piece, so every tensor-parallel size starts
+    from the same weights (one full parameter at a time in memory).
     """
     with torch.no_grad():
         for name, param in named:
-            buf = torch.empty(param.shape, dtype=torch.float32)
+            shard = shards.get(name) if shards else None
+            buf = torch.empty(param.shape if shard is None else shard.full_shape(param.shape),
+                              dtype=torch.float32)
             parts.init_parameter(name, buf, param_generator(seed, name))
-            param.copy_(buf)
+            param.copy_(buf if shard is None else shard.take(buf))
 
 
 class PlainContext:

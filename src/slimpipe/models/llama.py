@@ -51,6 +51,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def _linears(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
+    return tuple(layer(x) for layer in layers)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return layer(x)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -60,16 +68,24 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.hidden, cfg.kv_dim, bias=False)
         self.wv = nn.Linear(cfg.hidden, cfg.kv_dim, bias=False)
         self.wo = nn.Linear(cfg.q_dim, cfg.hidden, bias=False)
+        # Tensor-parallel seams: models/llama_parallel.py swaps in the column-/row-parallel linears of
+        # sequence parallelism (x then holds 1/T of the slice's tokens, the heads are H/T).
+        self.columns, self.rows = _linears, _linear
 
     def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        return self.wo(self.core(x, ctx))
+        return self.project_out(self.core(x, ctx))
+
+    def project_out(self, a: torch.Tensor) -> torch.Tensor:
+        """The output projection of the attention output a (b, t, H·d) -> (b, t, h)."""
+        return self.rows(self.wo, a)
 
     def core(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """Normalised x (b, t, h) -> attention output before the output projection (b, t, H·d)."""
-        b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.heads, self.head_dim)
-        k = self.wk(x).view(b, t, self.kv_heads, self.head_dim)
-        v = self.wv(x).view(b, t, self.kv_heads, self.head_dim)
+        q, k, v = self.columns(x, self.wq, self.wk, self.wv)  # (b, t, H·d), (b, t, H_kv·d) ×2
+        b, t, _ = q.shape
+        q = q.view(b, t, self.heads, self.head_dim)
+        k = k.view(b, t, self.kv_heads, self.head_dim)
+        v = v.view(b, t, self.kv_heads, self.head_dim)
         key = f"rope:{self.head_dim}:{self.theta}"
         if key not in ctx.shared:  # once per slice, shared by every layer of the stage
             ctx.shared[key] = rope_tables(ctx.start, t, self.head_dim, self.theta, device=x.device,
@@ -87,16 +103,17 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
         self.w3 = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
         self.w2 = nn.Linear(cfg.ffn, cfg.hidden, bias=False)
+        self.columns, self.rows = _linears, _linear  # tensor-parallel seams, as in Attention
 
     def forward(self, x: torch.Tensor, ctx: LayerContext | None = None) -> torch.Tensor:
         """x (b, t, h); with ``ctx.recompute == "partial"`` the SwiGLU output is not kept but replayed."""
-        gate, up = self.w1(x), self.w3(x)  # (b, t, f) each: the SwiGLU input every mode but full keeps
+        gate, up = self.columns(x, self.w1, self.w3)  # (b, t, f) each: the SwiGLU input every mode but full keeps
         if ctx is not None and ctx.recompute == "partial":
             return ctx.checkpoint(self._down, gate, up)
         return self._down(gate, up)
 
     def _down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return self.w2(swiglu(gate, up))
+        return self.rows(self.w2, swiglu(gate, up))
 
 
 class Block(nn.Module):
@@ -129,7 +146,7 @@ class Block(nn.Module):
 
     def _rest(self, x: torch.Tensor, a: torch.Tensor, ctx: LayerContext | None = None) -> torch.Tensor:
         """Output projection, residual, norm-2, MLP, residual."""
-        x = x + self.attn.wo(a)
+        x = x + self.attn.project_out(a)
         return x + self.mlp(self.mlp_norm(x), ctx)
 
 
@@ -173,6 +190,13 @@ class LlamaParts:
 
     def head(self, tied: nn.Module | None) -> nn.Module:
         return Head(self.cfg, tied)
+
+    def parallelize(self, model: nn.Module, tp: object) -> dict[str, object]:
+        """Megatron TP + sequence parallelism on the parts one rank holds (models/llama_parallel.py);
+        {global parameter name: Shard} of what got split."""
+        from slimpipe.models.llama_parallel import parallelize_llama
+
+        return parallelize_llama(model, self.cfg, tp)  # type: ignore[arg-type]
 
     def init_parameter(self, name: str, param: torch.Tensor, generator: torch.Generator) -> None:
         if name.endswith("norm.weight"):

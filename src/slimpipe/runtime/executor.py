@@ -50,11 +50,12 @@ class RankExecutor:
                  transport: Transport, hidden: int, device: torch.device, dtype: torch.dtype,
                  masks: MaskCache | None = None, exchange: RankExchange | None = None,
                  vocab: VocabRuntime | None = None, recompute: str = "none",
-                 offload: OffloadConfig | None = None) -> None:
+                 offload: OffloadConfig | None = None, seq_shards: int = 1) -> None:
         self.rank, self.schedule, self.model = rank, schedule, model
         for block in model.layers.values():
             check_recompute(recompute, block)
         self.recompute = recompute  # activation recompute mode (runtime/recompute.py)
+        self.seq_shards = seq_shards  # T: sequence parallelism splits a slice's tokens over the TP ranks
         self.program = schedule.ranks[rank]
         self.stages = {st.stage: st for st in stages}
         self.transport, self.hidden, self.device, self.dtype = transport, hidden, device, dtype
@@ -181,7 +182,8 @@ class RankExecutor:
         return self.schedule.rank_of(nxt)
 
     def _shape(self, a: Action) -> tuple[int, int, int]:
-        return (1, self.bounds[a.seq_slice + 1] - self.bounds[a.seq_slice], self.hidden)  # (b, t, h)
+        tokens = self.bounds[a.seq_slice + 1] - self.bounds[a.seq_slice]
+        return (1, tokens // self.seq_shards, self.hidden)  # (b, t/T, h): this TP rank's tokens
 
     # ---- handlers -------------------------------------------------------------------------------
     def _forward(self, a: Action) -> None:

@@ -26,7 +26,9 @@ from slimpipe.runtime.p2p import DistTransport
 from slimpipe.runtime.parallel_state import ParallelState
 from slimpipe.runtime.result import StepResult
 from slimpipe.runtime.steps import StepLoop
-from slimpipe.runtime.stage import RankModel, as_parts, build_rank_model, stages_of_rank
+from slimpipe.runtime.stage import RankModel, as_parts, build_rank_model, slice_bounds, stages_of_rank
+from slimpipe.runtime.tensor_parallel import TensorParallel
+from slimpipe.runtime.tp_state import TPLayout, local_tensors
 from slimpipe.runtime.vocab import vocab_runtime, vocab_stages, with_vocab
 from slimpipe.runtime.vocab_comm import DistCollectives
 from slimpipe.runtime.vocab_state import VocabLayout, dist_gather, full_model_state, load_model_state
@@ -51,7 +53,7 @@ def prepare_schedule(schedule: Schedule, *, pp: int, num_layers: int, check: boo
     return lowered
 
 
-def check_tokens(tokens: torch.Tensor, schedule: Schedule) -> None:
+def check_tokens(tokens: torch.Tensor, schedule: Schedule, tp: int = 1) -> None:
     m, n = schedule.num_microbatches, schedule.num_slices
     if tokens.dim() != 2 or tokens.size(0) != m or tokens.dtype != torch.long:
         raise ValueError(
@@ -60,6 +62,14 @@ def check_tokens(tokens: torch.Tensor, schedule: Schedule) -> None:
         )
     if tokens.size(1) - 1 < n:
         raise ConfigError(f"sequence length {tokens.size(1) - 1} is shorter than the {n} slices: use s ≥ n")
+    if tp > 1:  # sequence parallelism splits every slice's tokens over the TP ranks
+        bounds = slice_bounds(tokens.size(1) - 1, schedule.slice_fractions())
+        bad = [b1 - b0 for b0, b1 in zip(bounds, bounds[1:]) if (b1 - b0) % tp]
+        if bad:
+            raise ConfigError(
+                f"slices of {bad[0]} tokens do not split over tp={tp} ranks (sequence parallelism): use a "
+                f"sequence length that is a multiple of n·t = {n * tp}"
+            )
 
 
 def reduce_step_stats(values: list[list[float]], trace, loss: float, grad_norm: float,
@@ -106,14 +116,18 @@ class PipelineRuntime(StepLoop):
         self.stages = stages_of_rank(self.parts.num_layers, p, v, state.pp_rank)
         if vocab_parallel:
             self.stages = vocab_stages(self.stages)
+        self.tp = TensorParallel(group=state.tp_group if state.tp > 1 else None, size=state.tp,
+                                 rank=state.tp_rank)
         self.model: RankModel = build_rank_model(self.parts, self.stages, seed=seed, device=state.device,
-                                                 dtype=dtype)
+                                                 dtype=dtype, tp=self.tp)
         self.vocab = None if not vocab_parallel else vocab_runtime(
             self.model, self.parts, rank=state.pp_rank, p=p, seed=seed, device=state.device, dtype=dtype,
-            driver=DistCollectives(state))
+            driver=DistCollectives(state), tp=self.tp)
         self.vocab_layout = None if self.vocab is None else VocabLayout(
             vocab=self.parts.vocab_size, members=((self.model, self.vocab.shard),),
-            gather=dist_gather(state.pp_group, p))
+            gather=dist_gather(state.pp_tp_group, p * state.tp))
+        # checkpoints: TP pieces as DTensors on the TP mesh (runtime/tp_state.py), None when t = 1
+        self.tp_layout = None if state.tp == 1 else TPLayout(mesh=state.mesh["tp"], shards=self.model.tp_shards)
         self.optim_config = optim or OptimConfig()
         self.optimizer = build_optimizer(self.model.named_parameters(), self.optim_config)
         self.executor = RankExecutor(
@@ -121,6 +135,7 @@ class PipelineRuntime(StepLoop):
             transport=DistTransport(state), hidden=self.parts.hidden, device=state.device, dtype=dtype,
             masks=MaskCache(mask_mode), vocab=self.vocab, recompute=recompute, offload=as_offload(offload),
             exchange=dist_exchange(self.schedule, state, replays_attention=recompute == "full"),
+            seq_shards=state.tp,
         )
         self.step = 0
 
@@ -130,12 +145,13 @@ class PipelineRuntime(StepLoop):
         return self.model.named_parameters()
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """Global names; with vocab_parallel the vocabulary tensors are full (gathered: collective)."""
-        if self.vocab_layout is not None:
-            return full_model_state(self.vocab_layout)
-        return self.model.state_dict()
+        """Global names; with vocab_parallel the vocabulary tensors are full (gathered: collective); with
+        tensor parallelism the split weights are DTensors (their global shape and this rank's piece)."""
+        state = full_model_state(self.vocab_layout) if self.vocab_layout is not None else self.model.state_dict()
+        return state if self.tp_layout is None else self.tp_layout.model_state(state)
 
     def load_model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        state_dict = local_tensors(state_dict)  # DTensors (loaded by DCP for this rank's piece) → pieces
         if self.vocab_layout is not None:  # full vocabulary tensors in, this rank's rows kept
             return load_model_state(self.vocab_layout, state_dict)
         self.model.load_state_dict(state_dict)
@@ -148,7 +164,7 @@ class PipelineRuntime(StepLoop):
         return self.model.parameters()
 
     def _run(self, tokens: torch.Tensor, loss_tokens: int | None) -> StepResult:
-        check_tokens(tokens, self.schedule)
+        check_tokens(tokens, self.schedule, self.state.tp)
         st, ex = self.state, self.executor
         tokens = tokens.to(st.device)
         normaliser = loss_tokens if loss_tokens is not None else tokens.size(0) * (tokens.size(1) - 1) * st.dp
@@ -180,15 +196,24 @@ class PipelineRuntime(StepLoop):
         tied_ends = model.tied and not self.vocab_parallel  # vocab shards are disjoint: nothing to sum
         if st.embed_group is not None and tied_ends and st.pp_rank in (0, st.pp - 1):
             dist.all_reduce(model.embed.weight.grad, group=st.embed_group)  # Megatron's embedding group
+        if st.tp > 1:  # sequence parallelism: a replicated weight saw only this rank's tokens
+            _all_reduce_grads(model.tp_replicated(), st.tp_group)
         if st.dp * st.cp > 1:  # every replica of this shard: DP and CP ranks hold the same parameters
-            grads = [p.grad for p in model.parameters()]
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=st.dp_cp_group)
-            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(synced)
+            _all_reduce_grads(list(model.parameters()), st.dp_cp_group)
 
     def _grad_norm(self) -> float:
         sq = squared_norm(self.model.norm_parameters(), self.state.device)
-        if self.state.pp > 1:
-            dist.all_reduce(sq, group=self.state.pp_group)
+        if self.state.pp * self.state.tp > 1:  # every shard once: replicas and TP copies are left out
+            dist.all_reduce(sq, group=self.state.pp_tp_group)
         return math.sqrt(float(sq))
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], group: dist.ProcessGroup) -> None:
+    """Sum the gradients of ``params`` over ``group`` through one flat buffer."""
+    grads = [p.grad for p in params]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)

@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from slimpipe.config import ConfigError, ModelConfig
-from slimpipe.models.base import DecoderParts, PlainContext, init_parameters
+from slimpipe.models.base import DecoderParts, PlainContext, Shard, init_parameters
 from slimpipe.models.llama import LlamaParts
+from slimpipe.runtime.tensor_parallel import TensorParallel
 
 __all__ = [
     "StageInfo", "RankModel", "stages_of_rank", "slice_bounds", "stage_forward", "as_parts",
-    "build_rank_model", "reference_loss",
+    "build_rank_model", "reference_loss", "full_cross_entropy",
 ]
 
 
@@ -80,6 +81,13 @@ def slice_bounds(seq_len: int, fractions: Sequence[float]) -> list[int]:
     return bounds
 
 
+def full_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ token cross-entropy of logits (b, t, V) against labels (b, t), in fp32 at least."""
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+
+
 class RankModel(nn.Module):
     """The parts one rank holds, registered under their global names."""
 
@@ -94,30 +102,51 @@ class RankModel(nn.Module):
         if has_head:
             self.norm = parts.final_norm()
             self.head = parts.head(self.embed if self.tied else None)
+        self.cross_entropy = full_cross_entropy  # the TP plan swaps in the vocabulary-parallel one
+        self.tp_shards: dict[str, Shard] = {}  # global name -> this rank's piece (tensor parallelism)
+        self.tp_rank = 0
+        self.sharded: set[str] = set()  # names whose ranks hold disjoint pieces (TP or vocabulary shards)
 
     def norm_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters the global grad norm counts on this rank (a tied replica is counted on rank 0)."""
+        """Parameters the global grad norm counts on this rank: a tied replica is counted on pp rank 0, a
+        parameter every TP rank holds whole on TP rank 0."""
         for name, param in self.named_parameters():
-            if not (self.embed_replica and name == "embed.weight"):
-                yield param
+            if self.embed_replica and name == "embed.weight":
+                continue
+            if self.tp_rank and name not in self.sharded:
+                continue
+            yield param
+
+    def tp_replicated(self) -> list[nn.Parameter]:
+        """Parameters every TP rank holds whole (norm weights): with sequence parallelism each rank's
+        gradient covers its tokens only, so they are summed over the TP group."""
+        return [p for name, p in self.named_parameters() if name not in self.sharded]
 
 
 def build_rank_model(parts: DecoderParts, stages: Sequence[StageInfo], *, seed: int, device: torch.device,
-                     dtype: torch.dtype) -> RankModel:
-    """Build on the CPU in float32, initialise from (seed, global name), then move and cast."""
+                     dtype: torch.dtype, tp: TensorParallel | None = None) -> RankModel:
+    """Build on the CPU in float32, apply the tensor-parallel plan (tp.size > 1), initialise from
+    (seed, global name) — each TP rank keeps its piece of the full draw — then move and cast."""
     layers = [i for st in stages for i in st.layers]
     model = RankModel(parts, layers, has_embed=any(s.first for s in stages),
                       has_head=any(s.last for s in stages))
-    init_parameters(parts, model.named_parameters(), seed)
+    if tp is not None and tp.size > 1:
+        plan = getattr(parts, "parallelize", None)
+        if plan is None:
+            raise ConfigError(
+                f"tensor parallelism (tp={tp.size}) needs a model with a tensor-parallel plan "
+                f"({type(parts).__name__} has no parallelize method): use LlamaParts or tp=1"
+            )
+        model.tp_shards, model.tp_rank = plan(model, tp), tp.rank
+        model.sharded = set(model.tp_shards)
+    init_parameters(parts, model.named_parameters(), seed, model.tp_shards)
     return model.to(device=device, dtype=dtype)
 
 
 def _loss(model: RankModel, x: torch.Tensor, labels: torch.Tensor, normaliser: float) -> torch.Tensor:
-    logits = model.head(model.norm(x))  # (b, t, V)
-    if logits.dtype in (torch.bfloat16, torch.float16):
-        logits = logits.float()
-    ce = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
-    return ce / normaliser  # per-slice sum over the GLOBAL batch's token count: slices add up to the mean
+    logits = model.head(model.norm(x))  # (b, t, V), or (b, t, V/T) vocabulary-sharded under TP
+    # per-slice sum over the GLOBAL batch's token count: slices add up to the mean
+    return model.cross_entropy(logits, labels) / normaliser
 
 
 def stage_forward(model: RankModel, info: StageInfo, inp: torch.Tensor, slice_kv, labels: torch.Tensor | None,

@@ -38,6 +38,7 @@ from slimpipe.config import ConfigError
 from slimpipe.models.base import DecoderParts, init_parameters, param_generator
 from slimpipe.runtime.ports import EndsPort
 from slimpipe.runtime.stage import RankModel, StageInfo
+from slimpipe.runtime.tensor_parallel import TensorParallel
 from slimpipe.runtime.vocab_comm import Collective, Driver, Program
 from slimpipe.schedule.actions import Action, Kind, Schedule
 from slimpipe.schedule.vocab import add_vocab_parallel, has_vocab, waits_for
@@ -140,11 +141,14 @@ def _probe_parts(parts: DecoderParts) -> None:
 
 
 def attach_vocab_shards(model: RankModel, parts: DecoderParts, *, rank: int, p: int, seed: int,
-                        device: torch.device, dtype: torch.dtype) -> VocabShard:
+                        device: torch.device, dtype: torch.dtype, tp: TensorParallel | None = None) -> VocabShard:
     """Register this rank's shards as ``embed`` (and ``head`` when untied) and, on the last rank, ``norm``;
-    initialise each shard as rows of the full tensor drawn from (seed, global name)."""
+    initialise each shard as rows of the full tensor drawn from (seed, global name). With tensor
+    parallelism the vocabulary is cut into t·p shards, shard r·t + i on (pp rank r, TP rank i)."""
     _check_parts(parts)
-    shard = VocabShard.of(parts.vocab_size, p, rank)
+    t, i = (tp.size, tp.rank) if tp is not None else (1, 0)
+    shard = VocabShard.of(parts.vocab_size, p * t, rank * t + i)
+    model.sharded |= set(VOCAB_SHARDED)
     model.embed = nn.Embedding(shard.rows, parts.hidden)
     model.head = _SharedWeight(model.embed) if parts.tie_embeddings else nn.Linear(parts.hidden, shard.rows,
                                                                                   bias=False)
@@ -166,9 +170,12 @@ def attach_vocab_shards(model: RankModel, parts: DecoderParts, *, rank: int, p: 
 class VocabRuntime:
     """The VE/VH/VB handlers of one rank (bound to its RankExecutor)."""
 
-    def __init__(self, model: RankModel, shard: VocabShard, *, rank: int, p: int, driver: Driver) -> None:
+    def __init__(self, model: RankModel, shard: VocabShard, *, rank: int, p: int, driver: Driver,
+                 tp: TensorParallel | None = None) -> None:
         self.model, self.shard, self.rank, self.p, self.driver = model, shard, rank, p, driver
         self._port: EndsPort | None = None  # the RankExecutor, set by bind()
+        self.tp = tp if tp is not None else TensorParallel(group=None, size=1, rank=0)
+        self.index = rank * self.tp.size + self.tp.rank  # this shard's place among the t·p
 
     @property
     def ex(self) -> EndsPort:
@@ -212,11 +219,15 @@ class VocabRuntime:
         total = yield Collective(op="reduce", tensor=part, root=0, p2p=True)
         if self.rank == 0:
             assert total is not None
+            if self.tp.size > 1:  # Σ over the TP ranks too, each keeping its token shard (1, t/T, h)
+                total = yield Collective(op="reduce_scatter_seq", tensor=total)
             self.ex.put_embedding(mb, j, total.requires_grad_())  # the input leaf of F(0, mb, j)
 
     def _embed_backward(self, mb: int, j: int) -> Program:
         h, ex = self.model.embed.weight.size(1), self.ex
-        grad = ex.take_embedding_grad(mb, j).contiguous() if self.rank == 0 else None  # (1, t, h)
+        grad = ex.take_embedding_grad(mb, j).contiguous() if self.rank == 0 else None  # (1, t/T, h)
+        if grad is not None and self.tp.size > 1:
+            grad = yield Collective(op="all_gather_seq", tensor=grad)  # (1, t, h)
         grad = yield Collective(op="broadcast", tensor=grad, root=0, shape=(1, len(self._ids(mb, j)), h),
                                 dtype=ex.dtype, p2p=True)
         assert grad is not None
@@ -231,11 +242,13 @@ class VocabRuntime:
         t, h = len(self._ids(mb, j)), self.model.embed.weight.size(1)
         x = y = None
         if self.rank == last:
-            x = ex.take_head_input(mb, j)  # (1, t, h) the last stage's output, a leaf
+            x = ex.take_head_input(mb, j)  # (1, t/T, h) the last stage's output, a leaf
             with torch.enable_grad():
-                y = self.model.norm(x)
-        y_all = yield Collective(op="broadcast", tensor=None if y is None else y.detach().contiguous(),
-                                 root=last, shape=(1, t, h), dtype=ex.dtype)
+                y = self.model.norm(x)  # on this TP rank's tokens (sequence parallelism)
+        y_mine = None if y is None else y.detach().contiguous()
+        if y_mine is not None and self.tp.size > 1:
+            y_mine = yield Collective(op="all_gather_seq", tensor=y_mine)  # (1, t, h)
+        y_all = yield Collective(op="broadcast", tensor=y_mine, root=last, shape=(1, t, h), dtype=ex.dtype)
         assert y_all is not None
         head = self.model.head.weight
         w = head.detach().float() if head.dtype in _LOW else head.detach()
@@ -249,14 +262,14 @@ class VocabRuntime:
         # One round for the normaliser: every shard's (max, Σexp relative to it, target logit), combined
         # like an online softmax: M = max_r m_r, S = Σ_r s_r·exp(m_r − M). Identical on every rank.
         stats = yield Collective(op="all_gather", tensor=torch.stack([lmax, e.sum(dim=1), target]))
-        assert stats is not None  # (p, 3, t)
+        assert stats is not None  # (t·p, 3, t): every vocabulary shard's, in shard order
         gmax = stats[:, 0].max(dim=0).values
         rescale = torch.exp(stats[:, 0] - gmax)  # (p, t)
         sumexp = (stats[:, 1] * rescale).sum(dim=0)
         if self.rank == last:  # everyone knows the loss; one rank accounts it
             loss = torch.log(sumexp) + gmax - stats[:, 2].sum(dim=0)
             ex.add_loss(loss.sum().double() / ex.normaliser)
-        g = e.mul_((rescale[self.rank] / sumexp)[:, None])  # softmax on the shard, − onehot, / token count
+        g = e.mul_((rescale[self.index] / sumexp)[:, None])  # softmax on the shard, − onehot, / token count
         rows = torch.arange(t, device=g.device)[mask]
         g[rows, local[mask]] -= 1.0
         g.div_(ex.normaliser)
@@ -270,6 +283,9 @@ class VocabRuntime:
         dy = yield Collective(op="reduce", tensor=dy, root=last)
         if self.rank == last:
             assert dy is not None and x is not None and y is not None
+            if self.tp.size > 1:  # Σ over the TP ranks' shards too, each keeping its tokens (1, t/T, h)
+                dy = yield Collective(op="reduce_scatter_seq", tensor=dy)
+                assert dy is not None
             torch.autograd.backward(y, dy)  # through the final norm
             ex.put_head_grad(mb, j, x.grad)  # output gradient of B(last, mb, j)
 
@@ -279,8 +295,9 @@ def _key(a: Action) -> tuple[str, int, int]:
 
 
 def vocab_runtime(model: RankModel, parts: DecoderParts, *, rank: int, p: int, seed: int,
-                  device: torch.device, dtype: torch.dtype, driver: Driver) -> VocabRuntime:
+                  device: torch.device, dtype: torch.dtype, driver: Driver,
+                  tp: TensorParallel | None = None) -> VocabRuntime:
     """Attach this rank's vocabulary shards to ``model`` (before its optimizer is built) and return the
     handlers that run the VE/VH/VB actions through ``driver``."""
-    shard = attach_vocab_shards(model, parts, rank=rank, p=p, seed=seed, device=device, dtype=dtype)
-    return VocabRuntime(model, shard, rank=rank, p=p, driver=driver)
+    shard = attach_vocab_shards(model, parts, rank=rank, p=p, seed=seed, device=device, dtype=dtype, tp=tp)
+    return VocabRuntime(model, shard, rank=rank, p=p, driver=driver, tp=tp)

@@ -26,10 +26,11 @@ import torch
 import torch.distributed as dist
 
 from slimpipe.runtime.parallel_state import ParallelState
+from slimpipe.runtime.tensor_parallel import TensorParallel, all_gather_seq, reduce_scatter_seq
 
 __all__ = ["Collective", "Program", "DistCollectives", "LocalCollectiveHub", "LocalCollectives", "OPS"]
 
-OPS = ("reduce", "broadcast", "all_gather")
+OPS = ("reduce", "broadcast", "all_gather", "all_gather_seq", "reduce_scatter_seq")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -37,8 +38,10 @@ class Collective:
     """One request of a program."""
 
     op: str
-    """One of OPS: reduce (sum to ``root``), broadcast (from ``root``), all_gather (every rank's tensor,
-    stacked in rank order, on every rank)."""
+    """One of OPS: reduce (sum to ``root``), broadcast (from ``root``) over the pipeline; all_gather
+    (every vocabulary shard's tensor, stacked in shard order, on every rank of the t·p shards); and with
+    tensor parallelism (T > 1 only) all_gather_seq / reduce_scatter_seq along the tokens over the TP group
+    (runtime/tensor_parallel.py)."""
     tensor: torch.Tensor | None
     """This rank's contribution (contiguous); None for a broadcast on a non-root rank."""
     root: int = -1
@@ -104,8 +107,11 @@ class DistCollectives:
         if req.op == "reduce":
             dist.reduce(t, dst=st.global_rank(req.root), op=dist.ReduceOp.SUM, group=st.pp_group)
             return t if mine else None
-        out = [torch.empty_like(t) for _ in range(st.pp)]
-        dist.all_gather(out, t.contiguous(), group=st.pp_group)
+        if req.op in ("all_gather_seq", "reduce_scatter_seq"):
+            tp = TensorParallel(group=st.tp_group, size=st.tp, rank=st.tp_rank)
+            return (all_gather_seq if req.op == "all_gather_seq" else reduce_scatter_seq)(t, tp)
+        out = [torch.empty_like(t) for _ in range(st.pp * st.tp)]  # pp_tp ranks: shard order r·t + i
+        dist.all_gather(out, t.contiguous(), group=st.pp_tp_group)
         return torch.stack(out)
 
     def _p2p(self, req: Collective, program: Program, waits: bool,

@@ -193,7 +193,11 @@ class AnalyticCost:
             flops = 2 * tok * m.hidden * m.ffn / t
             bwd += 2 * (g.fwd(flops) if g else prof.gemm_fwd(flops))  # w1 and w3 replayed
         cf, cb = self._comm_times(j)
-        return prof.compose_fwd * fwd + cf, prof.compose_bwd * bwd + cb
+        # slimpipe's runtime (what a profile describes) saves only the token shard and gathers it again in
+        # backward (Megatron's SP), overlapping nothing: one more all-gather per TP region than the 4
+        # exposed collectives per direction the presets charge (Megatron overlaps the re-gather).
+        attn_tp, mlp_tp, _, _ = self._layer_comm(j)
+        return prof.compose_fwd * fwd + cf, prof.compose_bwd * bwd + cb + attn_tp + mlp_tp
 
     def _profiled_ends(self, prof: CostProfile, j: int, *, head: bool, embed: bool) -> tuple[float, float]:
         """(forward, backward) of the embedding and/or head + loss on slice j from fitted times."""
@@ -225,6 +229,16 @@ class AnalyticCost:
         replayed = {"partial+fc1": mlp_tp, "full": attn_tp + mlp_tp}.get(self.workload.recompute, 0.0)
         return 2 * (attn_tp + mlp_tp) + cp + ep, 2 * (attn_tp + mlp_tp) + replayed + 2 * cp + ep
 
+    def _tp_ring(self, elements: float, group: int) -> float:
+        """One TP ring collective over ``group`` GPUs of ``elements`` per GPU: the profile's calibrated TP
+        ring (tp_latency_s, tp_bandwidth) when it has one, else the link; bytes at the profile's dtype
+        (bf16 without a profile)."""
+        hw, prof = self.hw, self.hw.profile
+        nbytes = elements * (2 if prof is None else prof.dtype_bytes)
+        if prof is not None and prof.tp_bandwidth > 0:
+            return _ring_time(nbytes, group, prof.tp_bandwidth, prof.tp_latency_s)
+        return _ring_time(nbytes, group, hw.link_bw(self._span_tp), hw.p2p_latency_s)
+
     def _layer_comm(self, j: int) -> tuple[float, float, float, float]:
         """(one TP+SP collective of attention, one of the MLP, CP forward exchange, EP all-to-all pair)
         seconds for slice j."""
@@ -233,13 +247,14 @@ class AnalyticCost:
         tok = self.tokens[j] * self.b
         lat = hw.p2p_latency_s
         # TP+SP: all-gather before attention and MLP, reduce-scatter after each (backward mirrors them).
-        attn_tp = _ring_time(tok / c * model.hidden * 2, t, hw.link_bw(self._span_tp), lat)
+        ring = self._tp_ring
+        attn_tp = ring(tok / c * model.hidden, t)
         mlp_tp, ep = attn_tp, 0.0
         if model.num_experts > 1:
             etp, e, k = par.expert_tp, par.ep, model.top_k
             # Expert-TP = 1: tokens stay SP-sharded through whole experts; e > 1: the k routed copies.
             volume = 0 if etp == 1 else (k if e > 1 else 1)
-            mlp_tp = _ring_time(volume * tok / c * model.hidden * 2, etp, hw.link_bw(self._span_tp), lat)
+            mlp_tp = ring(volume * tok / c * model.hidden, etp)
             if e > 1:  # dispatch + combine all-to-all of the k routed copies of this GPU's tokens
                 routed = tok / (t * c) * k * model.hidden * 2
                 ep = 2 * (lat + routed * (e - 1) / e / hw.link_bw(etp * e))  # members etp GPU ids apart

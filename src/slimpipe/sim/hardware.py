@@ -216,6 +216,11 @@ class CostProfile:
     receiver's ready notice, the busy sender's progress thread answering, the copy); 0 where not
     measured. With the send cost it is charged on the ranks, and the transfer keeps only the rest of the
     one-way latency (LogP: latency = send overhead + wire + receive overhead)."""
+    tp_latency_s: float = 0.0
+    """Per-step latency of a TP ring collective (sequence-parallel all-gather / reduce-scatter, fitted
+    over T = 2 and 4); 0 where not measured: the simulator then rings over the p2p link."""
+    tp_bandwidth: float = 0.0
+    """Bytes/s of the same ring (bytes·(T−1)/T per collective); 0 where not measured."""
 
     def gemm(self, in_features: int, out_features: int) -> GemmProfile | None:
         """The measured shape, if calibrated."""

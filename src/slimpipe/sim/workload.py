@@ -48,7 +48,8 @@ class Workload:
             raise ConfigError(f"--recompute={self.recompute!r} is unknown: use one of {modes}")
         if not 0.0 <= self.offload < 1.0:
             raise ConfigError(f"--offload={self.offload!r} must be in [0, 1): it is the offloaded fraction α")
-        check_layout(mod, par, self.seq_len)  # layers, heads/FFN/vocab by t, s by n·t·2c (slimpipe.rules)
+        # layers, heads/FFN/vocab by t, s by n·t·2c (slimpipe.rules)
+        check_layout(mod, par, self.seq_len, vocab_parallel=self.vocab_parallel)
         par.microbatches(self.global_batch)
         if mod.num_experts == 1 and par.ep > 1:
             raise ConfigError(f"--ep={par.ep} needs an MoE model (model {mod.name!r} is dense): use --ep 1")

@@ -115,10 +115,12 @@ def _optim_state(rt: Any, *, template: bool) -> dict[str, dict[str, Any]]:
     """AdamW state keyed by global parameter name; zeros of the right shape where none exists yet."""
     import torch
 
+    tp = getattr(rt, "tp_layout", None)  # tensor-parallel pieces as DTensors (runtime/tp_state.py)
     if getattr(rt, "vocab_layout", None) is not None:  # vocab shards saved as full tensors (collective)
         from slimpipe.runtime.vocab_state import full_optim_state
 
-        return full_optim_state(rt.vocab_layout, rt.optimizer, template=template)
+        out = full_optim_state(rt.vocab_layout, rt.optimizer, template=template)
+        return out if tp is None else tp.optim_state(out)
     opt = rt.optimizer
     on_device = bool(opt.defaults.get("fused") or opt.defaults.get("capturable"))
     out: dict[str, dict[str, Any]] = {}
@@ -130,7 +132,7 @@ def _optim_state(rt: Any, *, template: bool) -> dict[str, dict[str, Any]]:
             step = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
             st = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
         out[name] = dict(st)
-    return out
+    return out if tp is None else tp.optim_state(out)
 
 
 def _all_parameters(rt: Any) -> list[tuple[str, Any]]:
@@ -295,6 +297,10 @@ def load_checkpoint(rt: Any, step_dir: Path) -> int:
     except BaseException as exc:  # noqa: BLE001 - verified (or older than checksums) yet unloadable
         raise BadCheckpoint(f"--resume {step_dir}: DCP cannot load it ({_one_line(exc)}); resume "
                             "from another step_* directory") from exc
+    if getattr(rt, "tp_layout", None) is not None:  # DTensors filled with this rank's piece → pieces
+        from slimpipe.runtime.tp_state import local_tensors
+
+        sd["optim"] = local_tensors(sd["optim"])
     rt.load_model_state_dict(sd["model"])
     if getattr(rt, "vocab_layout", None) is not None:  # each rank keeps its rows of the full tensors
         from slimpipe.runtime.vocab_state import load_optim_state

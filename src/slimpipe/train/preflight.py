@@ -65,14 +65,16 @@ def preflight(cfg: TrainConfig, *, env: TorchrunEnv | None = None, check_outputs
 
     cfg = cfg.resolved()
     model = load_model(cfg.model)
-    layout = ParallelConfig(pp=cfg.pp, dp=cfg.dp, vpp=cfg.vpp, slices=cfg.slices)
-    check_layout(model, layout, cfg.seq_len)  # the rules simulate and plan apply too (slimpipe.rules)
+    layout = ParallelConfig(tp=cfg.tp, pp=cfg.pp, dp=cfg.dp, vpp=cfg.vpp, slices=cfg.slices)
+    # the rules simulate and plan apply too (slimpipe.rules)
+    check_layout(model, layout, cfg.seq_len, vocab_parallel=cfg.vocab_parallel)
     m = layout.microbatches(cfg.global_batch)
     check_exchange(cfg.schedule, cfg.pp, cfg.slices, cfg.attn_balance)
     _check_processes(cfg, env)
     _check_threads(cfg, env)
     schedule = build(cfg.schedule, p=cfg.pp, m=m, n=cfg.slices, v=cfg.vpp, warmup=cfg.warmup,
                      slice_weights=_slice_weights(cfg, model))
+    _check_slices_split(cfg, schedule)
     procs = env.local_world if env is not None else cfg.world
     if cfg.device == "cpu":  # before loading data; CUDA runs are checked once torch says how big a GPU is
         check_memory(cfg, model, layout, schedule, local_procs=procs)
@@ -110,14 +112,38 @@ def _slice_weights(cfg: TrainConfig, model) -> tuple[float, ...] | None:
 
 def _check_processes(cfg: TrainConfig, env: TorchrunEnv | None) -> None:
     need = cfg.world
-    layout = "1 (--local-pipeline)" if cfg.local_pipeline else f"pp·dp = {cfg.pp}·{cfg.dp} = {need}"
+    layout = ("1 (--local-pipeline)" if cfg.local_pipeline
+              else f"tp·pp·dp = {cfg.tp}·{cfg.pp}·{cfg.dp} = {need}")
     if env is not None and env.world != need:
         raise ConfigError(
             f"the launcher started WORLD_SIZE={env.world} processes but the layout needs {layout}: "
-            f"start {need} processes or change --pp/--dp"
+            f"start {need} processes or change --tp/--pp/--dp"
         )
     if env is None and cfg.nproc and cfg.nproc != need:
-        raise ConfigError(f"--nproc={cfg.nproc} but the layout needs {layout}: use --nproc {need} or change --pp/--dp")
+        raise ConfigError(f"--nproc={cfg.nproc} but the layout needs {layout}: use --nproc {need} or change "
+                          "--tp/--pp/--dp")
+
+
+def _check_slices_split(cfg: TrainConfig, schedule: Schedule) -> None:
+    """Sequence parallelism splits every slice's tokens over t: unequal slices (seq1f1b, equal-FLOP) must
+    each divide (equal ones are slimpipe.rules.sequence_problem's)."""
+    t = cfg.tp
+    for tokens in _slice_tokens(cfg.seq_len, schedule.slice_fractions()) if t > 1 else []:
+        if tokens % t:
+            raise ConfigError(
+                f"--tp {t}: a slice of {tokens} tokens cannot be split over {t} ranks (sequence parallelism): "
+                f"use a --seq-len that is a multiple of slices·tp = {cfg.slices * t} and --slice-split equal"
+            )
+
+
+def _slice_tokens(seq_len: int, fractions: tuple[float, ...]) -> list[int]:
+    """Tokens per slice, rounded as slimpipe.runtime.stage.slice_bounds rounds them."""
+    bounds, cum = [0], 0.0
+    for f in fractions[:-1]:
+        cum += f
+        bounds.append(int(round(cum * seq_len)))
+    bounds.append(seq_len)
+    return [b1 - b0 for b0, b1 in zip(bounds, bounds[1:])]
 
 
 def _check_threads(cfg: TrainConfig, env: TorchrunEnv | None) -> None:
