@@ -88,7 +88,7 @@ def test_launcher_world_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[s
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    _fails([*TINY, "--out-dir", str(tmp_path)], capsys, "WORLD_SIZE=4", "pp·dp = 2·1 = 2")
+    _fails([*TINY, "--out-dir", str(tmp_path)], capsys, "WORLD_SIZE=4", "tp·pp·dp = 1·2·1 = 2")
 
 
 def test_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
