@@ -16,6 +16,8 @@ __all__ = ["main", "COMMANDS"]
 # subcommand -> module; order is the order of `slimpipe --help`.
 COMMANDS: dict[str, str] = {
     "train": "slimpipe.commands.train",
+    "eval": "slimpipe.commands.eval",
+    "export": "slimpipe.commands.export",
     "simulate": "slimpipe.commands.simulate",
     "show": "slimpipe.commands.show",
     "plot": "slimpipe.commands.plot",

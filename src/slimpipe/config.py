@@ -11,11 +11,41 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ModelConfig", "ParallelConfig", "MODEL_PRESETS", "load_model", "ConfigError"]
+__all__ = ["ModelConfig", "RopeScaling", "ParallelConfig", "MODEL_PRESETS", "load_model", "ConfigError"]
 
 
 class ConfigError(ValueError):
     """A user-facing configuration error; its message names the field, the value and the fix."""
+
+
+ROPE_SCALINGS = ("linear", "llama3")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RopeScaling:
+    """RoPE frequency scaling for context extension (Hugging Face's ``rope_type`` linear or llama3)."""
+
+    kind: str
+    """linear (every frequency divided by factor) or llama3 (Llama 3.1's band-wise rule)."""
+    factor: float
+    """Context extension factor."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_max_positions / low_freq_factor are divided by factor."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_max_positions / high_freq_factor are kept; between, smoothed."""
+    original_max_positions: int = 8192
+    """llama3: the context length the model was pretrained with."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_SCALINGS:
+            raise ConfigError(f"model.rope_scaling.kind={self.kind!r} is unknown: use one of {ROPE_SCALINGS}")
+        if not self.factor > 0:
+            raise ConfigError(f"model.rope_scaling.factor={self.factor!r} must be > 0")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ConfigError(
+                f"model.rope_scaling: llama3 needs high_freq_factor > low_freq_factor > 0 (got "
+                f"{self.high_freq_factor}, {self.low_freq_factor})"
+            )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -42,6 +72,8 @@ class ModelConfig:
     """Share the input embedding and output layer weights."""
     rope_theta: float = 10000.0
     """RoPE base."""
+    rope_scaling: RopeScaling | None = None
+    """RoPE frequency scaling (context-extended checkpoints such as Llama 3.1), or None."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     num_experts: int = 1
@@ -50,6 +82,11 @@ class ModelConfig:
     """Experts each token is routed to (MoE only)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):  # from JSON (to_dict writes it as a table)
+            try:
+                object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            except TypeError as exc:
+                raise ConfigError(f"model.rope_scaling={self.rope_scaling!r}: {exc}") from None
         for f in ("num_layers", "hidden", "ffn", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
             val = getattr(self, f)
             if not isinstance(val, int) or val < 1:

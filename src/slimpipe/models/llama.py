@@ -14,11 +14,11 @@ import math
 import torch
 from torch import nn
 
-from slimpipe.config import ConfigError, ModelConfig
+from slimpipe.config import ConfigError, ModelConfig, RopeScaling
 from slimpipe.models.base import LayerContext
 from slimpipe.models.fused import rms_norm, swiglu
 
-__all__ = ["LlamaParts", "RMSNorm", "Attention", "MLP", "Block", "Head", "rope_tables", "apply_rope"]
+__all__ = ["LlamaParts", "RMSNorm", "Attention", "MLP", "Block", "Head", "rope_tables", "rope_inv_freq", "apply_rope"]
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -30,14 +30,35 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)  # statistics in fp32 at least; saves x and rstd only
 
 
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None, *,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in float64, with Hugging Face's ``linear`` or ``llama3`` scaling.
+
+    llama3 (Llama 3.1): wavelengths longer than original/low_freq_factor are divided by factor, shorter
+    than original/high_freq_factor kept, and the band between interpolated smoothly.
+    """
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    if scaling is None:
+        return inv
+    if scaling.kind == "linear":
+        return inv / scaling.factor
+    old, lo, hi = scaling.original_max_positions, scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / scaling.factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
 def rope_tables(start: int, length: int, head_dim: int, theta: float, *, device: torch.device,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                dtype: torch.dtype, scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (length, head_dim) for global positions [start, start + length).
 
     Angles are computed per position in float64, so a slice's table equals the matching rows of the whole
     sequence's table bit for bit (sliced and unsliced runs see the same numbers).
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, device=device)
     pos = torch.arange(start, start + length, dtype=torch.float64, device=device)
     ang = torch.outer(pos, inv_freq)  # (t, d/2)
     ang = torch.cat([ang, ang], dim=-1)  # (t, d): rotate-half layout
@@ -63,7 +84,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.theta = cfg.rope_theta
+        self.theta, self.scaling = cfg.rope_theta, cfg.rope_scaling
         self.wq = nn.Linear(cfg.hidden, cfg.q_dim, bias=False)
         self.wk = nn.Linear(cfg.hidden, cfg.kv_dim, bias=False)
         self.wv = nn.Linear(cfg.hidden, cfg.kv_dim, bias=False)
@@ -86,10 +107,10 @@ class Attention(nn.Module):
         q = q.view(b, t, self.heads, self.head_dim)
         k = k.view(b, t, self.kv_heads, self.head_dim)
         v = v.view(b, t, self.kv_heads, self.head_dim)
-        key = f"rope:{self.head_dim}:{self.theta}"
+        key = f"rope:{self.head_dim}:{self.theta}:{self.scaling}"
         if key not in ctx.shared:  # once per slice, shared by every layer of the stage
             ctx.shared[key] = rope_tables(ctx.start, t, self.head_dim, self.theta, device=x.device,
-                                          dtype=x.dtype)
+                                          dtype=x.dtype, scaling=self.scaling)
         cos, sin = ctx.shared[key]  # type: ignore[misc]
         out = ctx.attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)  # (b, t, H, d)
         return out.reshape(b, t, self.heads * self.head_dim)

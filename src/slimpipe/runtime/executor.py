@@ -80,16 +80,22 @@ class RankExecutor:
             offload, self.program, device, self.tracker.moved_out)
         self.store: KVStore | None = None
         self.step = 0
+        self.training = True  # False in a forward-only step (evaluate): nothing is kept for a backward
+        self._program = self.program
         self.trace: list[TraceEvent] = []
         self.busy_s = 0.0
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
     # ---- step lifecycle -------------------------------------------------------------------------
-    def begin_step(self, step: int, tokens: torch.Tensor, normaliser: float) -> None:
-        """tokens (m, s+1) on this rank's device; normaliser = tokens of the global batch."""
+    def begin_step(self, step: int, tokens: torch.Tensor, normaliser: float, *,
+                   program: tuple[Action, ...] | None = None) -> None:
+        """tokens (m, s+1) on this rank's device; normaliser = tokens of the global batch. ``program``: a
+        forward-only program to run instead of the schedule's (an evaluation step, under no_grad)."""
         self.step, self.tokens, self.normaliser = step, tokens, float(normaliser)
+        self.training = program is None
+        self._program = self.program if program is None else program
         self.bounds = slice_bounds(tokens.size(1) - 1, self.schedule.slice_fractions())
-        self.store = KVStore(self.bounds, self.masks, self.recompute)
+        self.store = KVStore(self.bounds, self.masks, self.recompute, training=self.training)
         if self.exchange is not None:
             self.exchange.begin_step(self.bounds)
         self._token_ptr = tokens.untyped_storage().data_ptr()
@@ -101,7 +107,7 @@ class RankExecutor:
         self._head_in: dict[tuple[int, int], torch.Tensor] = {}  # (mb, slice) -> last stage output, for VH
         self._embed_grad: dict[tuple[int, int], torch.Tensor] = {}  # (mb, slice) -> stage-0 input grad, VB
         self.tracker.reset()
-        if self.offload is not None:
+        if self.offload is not None and self.training:
             self.offload.begin_step()
         self.trace, self.busy_s, self.executed = [], 0.0, 0
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -110,7 +116,7 @@ class RankExecutor:
 
     def run(self) -> Iterator[Action]:
         """Execute the program in order; yields the blocked action while a RECV cannot complete yet."""
-        for idx, action in enumerate(self.program):
+        for idx, action in enumerate(self._program):
             while action.kind in (Kind.RECV_F, Kind.RECV_B) and not self.transport.ready(
                     _channel(action), self._peer(action)):
                 yield action
@@ -132,12 +138,12 @@ class RankExecutor:
             if left:
                 raise RuntimeError(f"tensors left over at the end of the step: {left}")
             self.transport.finish()
-            if self.offload is not None:
+            if self.offload is not None and self.training:
                 self.offload.end_step()
             if self.exchange is not None:
                 self.exchange.end_step()
         except Exception as exc:
-            raise self._error(len(self.program), None, exc) from exc
+            raise self._error(len(self._program), None, exc) from exc
 
     # ---- dispatch -------------------------------------------------------------------------------
     def _execute(self, idx: int, action: Action) -> None:
@@ -201,13 +207,17 @@ class RankExecutor:
         slice_kv = self.store.begin_forward(a.stage, mb, j)
         if self.exchange is not None:
             slice_kv.attention_hook = self.exchange.on_forward(a, slice_kv)
-        if self.offload is not None:  # the next backward's activations start coming back
-            self.offload.before_forward(unit)
-        with self.tracker.saving(unit, self.offload):
+        offload = self.offload if self.training else None  # a forward-only step saves nothing
+        if offload is not None:  # the next backward's activations start coming back
+            offload.before_forward(unit)
+        with self.tracker.saving(unit, offload):
             out = stage_forward(self.model, info, inp, slice_kv, labels, self.normaliser)
-        if self.offload is not None:  # the input stays held for its .grad: moving it would free nothing
-            self.offload.after_forward(unit, keep=set() if leaf is None else {leaf.untyped_storage().data_ptr()})
-        self._held[unit] = (leaf, out)
+        if not self.training:
+            self.store.end_forward(a.stage, mb, j)
+        else:
+            if self.offload is not None:  # the input stays held for its .grad: moving it would free nothing
+                self.offload.after_forward(unit, keep=set() if leaf is None else {leaf.untyped_storage().data_ptr()})
+            self._held[unit] = (leaf, out)
         if info.last:
             self.loss_sum += out.detach().double()
             return

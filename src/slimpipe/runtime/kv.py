@@ -53,8 +53,10 @@ class _Entry:
 class KVStore:
     """K/V carry across slices for every (stage, micro-batch) of one rank."""
 
-    def __init__(self, bounds: list[int], masks: MaskCache, recompute: str = "none") -> None:
+    def __init__(self, bounds: list[int], masks: MaskCache, recompute: str = "none", *,
+                 training: bool = True) -> None:
         self.bounds = bounds  # token boundaries of the n slices: slice j = [bounds[j], bounds[j+1])
+        self.training = training  # False: forward-only (evaluate); an entry ends after its last forward
         self.n = len(bounds) - 1
         self.masks = masks
         self.recompute = recompute  # activation recompute mode (runtime/recompute.py)
@@ -75,6 +77,16 @@ class KVStore:
         if entry.next_fwd == self.n:
             entry.next_bwd = self.n - 1
         return SliceKV(self, entry, j)
+
+    def end_forward(self, stage: int, mb: int, j: int) -> None:
+        """Forward-only steps: drop the entry once its last slice was forwarded (no backward follows)."""
+        if self.training:
+            raise KVOrderError("end_forward is for forward-only steps; a training step ends entries in backward")
+        if j == self.n - 1:
+            for lk in self._entries[(stage, mb)].layers.values():
+                self.buffer_ptrs.difference_update(_ptr(t) for t in (lk.k, lk.v))
+                self.kv_bytes -= _storage_bytes(lk.k) + _storage_bytes(lk.v)
+            del self._entries[(stage, mb)]
 
     def begin_backward(self, stage: int, mb: int, j: int) -> None:
         entry = self._entries.get((stage, mb))
@@ -192,7 +204,7 @@ class SliceKV:
         assert lk.v is not None
         start = self.start
         kp = vp = None
-        if start:
+        if start and self.store.training:
             kp = lk.k[:, :start].detach().requires_grad_()  # (b, start, H_kv, d): the prefix leaves
             vp = lk.v[:, :start].detach().requires_grad_()
             lk.prefix[self.j] = (kp, vp)

@@ -78,6 +78,7 @@ class LocalPipelineRuntime(StepLoop):
                 dtype=dtype, masks=masks, exchange=local_exchange(self.schedule, r), vocab=vocab,
                 recompute=recompute, offload=as_offload(offload),
             ))
+        self.shards = shards
         self.vocab_layout = None if not vocab_parallel else VocabLayout(
             vocab=self.parts.vocab_size, members=tuple(zip(self.models, shards)), gather=list)
         self.optim_config = optim or OptimConfig()
@@ -99,6 +100,13 @@ class LocalPipelineRuntime(StepLoop):
 
     def rank_parameters(self, rank: int) -> Iterator[tuple[str, nn.Parameter]]:
         return self.models[rank].named_parameters()
+
+    def _has_exchange(self) -> bool:
+        return any(ex.exchange is not None for ex in self.executors)
+
+    def rank_models(self) -> list[tuple[RankModel, object]]:
+        """(model, vocabulary shard or None) of every pipeline rank: what a checkpoint loader fills."""
+        return list(zip(self.models, self.shards))
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         if self.vocab_layout is not None:  # shards joined into the full vocabulary tensors
@@ -122,14 +130,14 @@ class LocalPipelineRuntime(StepLoop):
     def _trainable_parameters(self):
         return (p for model in self.models for p in model.parameters())
 
-    def _run(self, tokens: torch.Tensor, loss_tokens: int | None) -> StepResult:
-        check_tokens(tokens, self.schedule)
+    def _run(self, tokens: torch.Tensor, loss_tokens: int | None, evaluate: Schedule | None = None) -> StepResult:
+        check_tokens(tokens, evaluate or self.schedule)
         tokens = tokens.to(self.device)
         normaliser = loss_tokens if loss_tokens is not None else tokens.size(0) * (tokens.size(1) - 1)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        for ex in self.executors:
-            ex.begin_step(self.step, tokens, normaliser)
+        for r, ex in enumerate(self.executors):
+            ex.begin_step(self.step, tokens, normaliser, program=None if evaluate is None else evaluate.ranks[r])
         self.step += 1
         self.hub.queues.clear()
         t0 = time.time()

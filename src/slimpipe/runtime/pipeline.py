@@ -144,6 +144,13 @@ class PipelineRuntime(StepLoop):
         """(global name, Parameter) of this rank's stages."""
         return self.model.named_parameters()
 
+    def _has_exchange(self) -> bool:
+        return self.executor.exchange is not None
+
+    def rank_models(self) -> list[tuple[RankModel, object]]:
+        """(this rank's model, its vocabulary shard or None): what a checkpoint loader fills (hf/weights.py)."""
+        return [(self.model, None if self.vocab is None else self.vocab.shard)]
+
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """Global names; with vocab_parallel the vocabulary tensors are full (gathered: collective); with
         tensor parallelism the split weights are DTensors (their global shape and this rank's piece)."""
@@ -163,14 +170,15 @@ class PipelineRuntime(StepLoop):
     def _trainable_parameters(self):
         return self.model.parameters()
 
-    def _run(self, tokens: torch.Tensor, loss_tokens: int | None) -> StepResult:
-        check_tokens(tokens, self.schedule, self.state.tp)
+    def _run(self, tokens: torch.Tensor, loss_tokens: int | None, evaluate: Schedule | None = None) -> StepResult:
+        check_tokens(tokens, evaluate or self.schedule, self.state.tp)
         st, ex = self.state, self.executor
         tokens = tokens.to(st.device)
         normaliser = loss_tokens if loss_tokens is not None else tokens.size(0) * (tokens.size(1) - 1) * st.dp
         if st.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(st.device)
-        ex.begin_step(self.step, tokens, normaliser)
+        ex.begin_step(self.step, tokens, normaliser,
+                      program=None if evaluate is None else evaluate.ranks[st.pp_rank])
         self.step += 1
         t0 = time.time()
         for blocked in ex.run():

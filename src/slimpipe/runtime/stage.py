@@ -174,6 +174,15 @@ def reference_loss(model: RankModel, tokens: torch.Tensor, normaliser: float | N
     return _loss(model, x, labels, norm)
 
 
+def reference_logits(model: RankModel, ids: torch.Tensor) -> torch.Tensor:
+    """Unsliced, unpipelined logits (B, s, V) of a whole-model RankModel on ids (B, s)."""
+    x = model.embed(ids)
+    ctx = PlainContext()
+    for blk in model.layers.values():
+        x = blk(x, ctx)
+    return model.head(model.norm(x))
+
+
 def build_reference(model: ModelConfig | DecoderParts, *, seed: int, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> RankModel:
     """The whole model in one RankModel (same names and initial weights as any pipelined layout)."""
@@ -182,4 +191,4 @@ def build_reference(model: ModelConfig | DecoderParts, *, seed: int, dtype: torc
     return build_rank_model(parts, [whole], seed=seed, device=torch.device(device), dtype=dtype)
 
 
-__all__ += ["build_reference"]
+__all__ += ["build_reference", "reference_logits"]

@@ -8,8 +8,14 @@ from collections.abc import Iterable
 
 import torch
 
+from slimpipe.config import ConfigError
 from slimpipe.runtime.optim import OptimConfig, clip_coefficient, scale_grads
 from slimpipe.runtime.result import StepResult
+from slimpipe.schedule.actions import Schedule
+from slimpipe.runtime.vocab import with_vocab
+from slimpipe.schedule.builders import build
+from slimpipe.schedule.passes import forward_only, lower
+from slimpipe.schedule.validate import validate
 
 __all__ = ["StepLoop"]
 
@@ -21,6 +27,8 @@ class StepLoop:
 
     optimizer: torch.optim.Optimizer
     optim_config: OptimConfig
+    schedule: Schedule
+    vocab_parallel: bool
 
     def forward_backward(self, tokens: torch.Tensor, *, reduce_grads: bool = False,
                          loss_tokens: int | None = None) -> StepResult:
@@ -48,8 +56,34 @@ class StepLoop:
         self.optimizer.step()
         return dataclasses.replace(res, grad_norm=norm)
 
+    def evaluate(self, tokens: torch.Tensor, *, loss_tokens: int | None = None) -> StepResult:
+        """Forward only, under no_grad: the loss of ``tokens`` (rows, s+1), any number of rows.
+
+        Runs the forward half of a GPipe-ordered schedule with this runtime's p, n and v (every builder's
+        forward order is a pipeline of (micro-batch, slice) units, so one order serves them all), K/V
+        carried across slices as in training; no activation is kept, no gradient touched.
+        ``loss_tokens`` as in forward_backward (default: every token of the rows, times dp)."""
+        if self._has_exchange():
+            raise ConfigError("evaluate runs without attention exchange: build the runtime with attn_balance=0")
+        with torch.no_grad():
+            return self._run(tokens, loss_tokens, self._eval_schedule(tokens.size(0)))
+
+    def _eval_schedule(self, rows: int) -> Schedule:
+        cache = self.__dict__.setdefault("_eval_schedules", {})
+        if rows not in cache:
+            s = self.schedule
+            plain = build("gpipe", p=s.num_ranks, m=rows, n=s.num_slices, v=s.virtual_stages)
+            full = lower(with_vocab(plain, self.vocab_parallel))
+            validate(full)
+            cache[rows] = forward_only(full)  # slice bounds stay the runtime schedule's (executor)
+        return cache[rows]
+
     # ---- provided by the runtime --------------------------------------------------------------------
-    def _run(self, tokens: torch.Tensor, loss_tokens: int | None) -> StepResult:
+    def _run(self, tokens: torch.Tensor, loss_tokens: int | None, evaluate: Schedule | None = None) -> StepResult:
+        """One step; ``evaluate``: run this forward-only schedule instead of the training one."""
+        raise NotImplementedError
+
+    def _has_exchange(self) -> bool:
         raise NotImplementedError
 
     def _reduce_grads(self) -> None:

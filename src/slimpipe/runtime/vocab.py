@@ -269,6 +269,8 @@ class VocabRuntime:
         if self.rank == last:  # everyone knows the loss; one rank accounts it
             loss = torch.log(sumexp) + gmax - stats[:, 2].sum(dim=0)
             ex.add_loss(loss.sum().double() / ex.normaliser)
+        if not ex.training:  # a forward-only step (every rank alike): no head gradient, no reduce
+            return
         g = e.mul_((rescale[self.index] / sumexp)[:, None])  # softmax on the shard, − onehot, / token count
         rows = torch.arange(t, device=g.device)[mask]
         g[rows, local[mask]] -= 1.0

@@ -12,9 +12,11 @@ from contextlib import contextmanager
 
 from slimpipe.schedule.actions import Action, Kind, Schedule
 
-__all__ = ["lower", "uniform_duration", "peak_inflight", "inflight_curve"]
+__all__ = ["lower", "forward_only", "uniform_duration", "peak_inflight", "inflight_curve", "BACKWARD_KINDS"]
 
 _UNIFORM = {Kind.F: 1.0, Kind.B: 2.0, Kind.W: 1.0}
+BACKWARD_KINDS = frozenset({Kind.B, Kind.W, Kind.SEND_B, Kind.RECV_B, Kind.VB, Kind.XOWN_B, Kind.XHELP_B})
+"""What an evaluation (forward-only) step drops from a lowered schedule."""
 
 
 def uniform_duration(action: Action) -> float:
@@ -40,6 +42,17 @@ def lower(schedule: Schedule) -> Schedule:
     with _gc_paused():
         ranks = tuple(_lower_program(prog, r, p, last) for r, prog in enumerate(schedule.ranks))
     return schedule.replace_ranks(ranks)
+
+
+def forward_only(schedule: Schedule) -> Schedule:
+    """The forward half of a (lowered, validated) schedule: every backward action removed.
+
+    Forwards keep their order on every rank, so sends and receives still match and the forward
+    collectives (VE, VH) still meet in one order; with nothing but downstream dependencies left, a
+    schedule that was deadlock-free stays so. What ``evaluate`` runs.
+    """
+    ranks = tuple(tuple(a for a in prog if a.kind not in BACKWARD_KINDS) for prog in schedule.ranks)
+    return schedule.replace_ranks(ranks, forward_only=True)
 
 
 _SET_FIELDS = tuple(getattr(Action, name).__set__ for name in ("stage", "kind", "microbatch", "seq_slice"))

@@ -26,14 +26,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from slimpipe.config import ConfigError
+from slimpipe.config import ConfigError, ModelConfig
 from slimpipe.train.exits import BadCheckpoint, SaveFailed
 from slimpipe.train.manifest import (
     content_problems, file_digest, read_manifest, saved_files, share, size_problems, write_manifest,
 )
 
-__all__ = ["resolve_checkpoint", "check_checkpoint", "save_checkpoint", "load_checkpoint", "STATE_FILE",
-           "LATEST", "last_finite_checkpoint"]
+__all__ = ["resolve_checkpoint", "check_checkpoint", "checkpoint_model", "save_checkpoint", "load_checkpoint",
+           "load_model_weights", "STATE_FILE", "LATEST", "last_finite_checkpoint"]
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
@@ -45,7 +45,7 @@ def _step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:06d}"
 
 
-def resolve_checkpoint(resume: str, checkpoint_dir: str) -> Path:
+def resolve_checkpoint(resume: str, checkpoint_dir: str, *, flag: str = "--resume") -> Path:
     """The step directory ``--resume`` names: 'latest' in checkpoint_dir, a root with 'latest', or a step dir."""
     path = Path(checkpoint_dir if resume == "latest" else resume)
     if (path / STATE_FILE).is_file():
@@ -53,7 +53,7 @@ def resolve_checkpoint(resume: str, checkpoint_dir: str) -> Path:
     pointer = path / LATEST
     if not pointer.is_file():
         raise ConfigError(
-            f"--resume {resume}: no checkpoint at {path} (no '{LATEST}' pointer or {STATE_FILE}); "
+            f"{flag} {resume}: no checkpoint at {path} (no '{LATEST}' pointer or {STATE_FILE}); "
             "give a checkpoint directory written by `slimpipe train --checkpoint-every N`"
         )
     name = pointer.read_bytes()[:256].decode("utf-8", errors="replace").strip()
@@ -62,7 +62,7 @@ def resolve_checkpoint(resume: str, checkpoint_dir: str) -> Path:
                           f"{name[:40]!r}); resume from a step_* directory inside it")
     step_dir = path / name
     if not (step_dir / STATE_FILE).is_file():
-        raise ConfigError(f"--resume {resume}: '{LATEST}' points to {step_dir}, which is incomplete; resume from an older step_* directory")
+        raise ConfigError(f"{flag} {resume}: '{LATEST}' points to {step_dir}, which is incomplete; resume from an older step_* directory")
     return step_dir
 
 
@@ -105,6 +105,14 @@ def check_checkpoint(step_dir: Path, *, model: dict[str, Any], seed: int, data_f
     if step >= steps:
         raise ConfigError(f"--resume {step_dir}: already at step {step} ≥ --steps {steps}; raise --steps to continue")
     return state
+
+
+def checkpoint_model(step_dir: Path) -> ModelConfig:
+    """The model a checkpoint was saved for (evaluation and export build it from here)."""
+    try:
+        return ModelConfig(**json.loads((step_dir / STATE_FILE).read_text())["model"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--resume {step_dir}: unreadable {STATE_FILE} ({exc}); give a checkpoint of `slimpipe train`") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,6 +282,15 @@ def _finite(step_dir: Path) -> bool:
         return json.loads((step_dir / STATE_FILE).read_text()).get("finite", True) is not False
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def load_model_weights(rt: Any, step_dir: Path) -> None:
+    """Collective: the model weights only (evaluation); any layout, like load_checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    sd = {"model": rt.model_state_dict()}
+    dcp.load(sd, checkpoint_id=str(step_dir))
+    rt.load_model_state_dict(sd["model"])
 
 
 def load_checkpoint(rt: Any, step_dir: Path) -> int:

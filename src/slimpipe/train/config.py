@@ -36,9 +36,18 @@ class TrainConfig:
     """Model preset (tiny, small, llama-1b, ...) or a JSON file of ModelConfig fields."""
     data: str = "stdlib"
     """stdlib (byte-level text of the Python standard library's .py files), synthetic (a learnable
-    pattern, for tests), a .bin token file (flat uint16/uint32), or any other file read as bytes."""
+    pattern, for tests), a .bin token file (flat uint16/uint32), a .npy token array, text/JSONL with
+    --tokenizer, or any other file read as bytes."""
     data_dtype: str = "auto"
     """Element type of a .bin token file: uint16, uint32, or auto (uint16 when vocab ≤ 65536)."""
+    init_from: str = ""
+    """A Hugging Face Llama directory (config.json + safetensors) to start from: its config replaces
+    --model and each rank reads only the tensors it holds (docs/hf.md)."""
+    tokenizer: str = ""
+    """A Hugging Face tokenizer directory: --data text/JSONL is tokenized once, cached next to it, EOS
+    after every document."""
+    text_field: str = "text"
+    """The JSON field holding a document's text in a .jsonl --data file."""
     seq_len: int = 2048
     """s: tokens per sequence (each sample reads s + 1 tokens: inputs and shifted labels)."""
     global_batch: int = 4

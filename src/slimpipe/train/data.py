@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from slimpipe.config import ConfigError
+from slimpipe.train.corpus import check_ids, open_npy, tokenize_corpus
 
 __all__ = ["TokenData", "load_data", "stdlib_corpus"]
 
@@ -37,6 +38,8 @@ class TokenData:
     """Vocabulary size the ids were checked against."""
     fingerprint: str
     """Short content hash stored in checkpoints so a resume on other data is refused."""
+    docs: np.ndarray | None = None
+    """Start offset of every document in ``tokens`` (tokenized text), or None when unknown."""
 
     @property
     def num_tokens(self) -> int:
@@ -49,6 +52,20 @@ class TokenData:
             return _synthetic(rng, batch, seq_len, self.vocab_size, seed)
         starts = rng.integers(0, self.num_tokens - seq_len, size=batch)  # window s+1 fits
         return np.stack([np.asarray(self.tokens[o : o + seq_len + 1], dtype=np.int64) for o in starts])
+
+
+    def eval_windows(self, seq_len: int) -> int:
+        """K = ⌊(N − 1)/S⌋: the non-overlapping windows of an evaluation (window k is
+        tokens[k·S : k·S + S + 1]: inputs its first S tokens, labels its last S)."""
+        if self.tokens is None:
+            raise ConfigError("--data synthetic has no fixed token sequence to evaluate: give a token or text file")
+        return (self.num_tokens - 1) // seq_len
+
+    def windows(self, first: int, count: int, seq_len: int) -> np.ndarray:
+        """Windows first … first + count − 1 as (count, S + 1) int64 ids."""
+        assert self.tokens is not None
+        rows = [self.tokens[k * seq_len : k * seq_len + seq_len + 1] for k in range(first, first + count)]
+        return np.stack([np.asarray(r, dtype=np.int64) for r in rows])
 
 
 def _synthetic(rng: np.random.Generator, batch: int, seq_len: int, vocab: int, seed: int) -> np.ndarray:
@@ -73,8 +90,14 @@ def stdlib_corpus() -> tuple[np.ndarray, str]:
     return np.frombuffer(blob, dtype=np.uint8), str(root)
 
 
-def load_data(spec: str, *, vocab_size: int, seq_len: int, data_dtype: str = "auto") -> TokenData:
-    """Load and check a data spec; every problem is a ConfigError naming the fix."""
+def load_data(spec: str, *, vocab_size: int, seq_len: int, data_dtype: str = "auto", tokenizer: str = "",
+              text_field: str = "text") -> TokenData:
+    """Load and check a data spec; every problem is a ConfigError naming the fix.
+
+    .bin: flat uint16/uint32 ids; .npy: a 1-D integer array (memory-mapped); with ``tokenizer`` any other
+    file is text (.jsonl: one document per line) tokenized once and cached (slimpipe.train.corpus);
+    without it, bytes."""
+    docs = None
     if spec == "synthetic":
         return TokenData("synthetic", None, vocab_size, "synthetic")
     if spec == "stdlib":
@@ -91,6 +114,10 @@ def load_data(spec: str, *, vocab_size: int, seq_len: int, data_dtype: str = "au
             raise ConfigError(f"--data {spec}: the file is empty; give a file with at least seq_len+1 tokens")
         if path.suffix == ".bin":
             tokens = _token_file(path, vocab_size, data_dtype)
+        elif path.suffix == ".npy":
+            tokens = open_npy(path, vocab_size)
+        elif tokenizer:
+            tokens, docs = tokenize_corpus(path, tokenizer, text_field, vocab_size)
         else:
             _check_bytes(vocab_size, spec)
             tokens = np.memmap(path, dtype=np.uint8, mode="r")
@@ -100,7 +127,7 @@ def load_data(spec: str, *, vocab_size: int, seq_len: int, data_dtype: str = "au
             f"--data {spec}: has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}: "
             "use more data or a shorter --seq-len"
         )
-    return TokenData(name, tokens, vocab_size, _fingerprint(tokens))
+    return TokenData(name, tokens, vocab_size, _fingerprint(tokens), docs)
 
 
 def _check_bytes(vocab_size: int, spec: str) -> None:
@@ -121,13 +148,7 @@ def _token_file(path: Path, vocab_size: int, data_dtype: str) -> np.ndarray:
             f"({data_dtype}); pass the right --data-dtype (uint16 or uint32)"
         )
     tokens = np.memmap(path, dtype=dtype, mode="r")
-    # Scan in blocks: a token file can be far larger than memory.
-    top = max(int(tokens[i : i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))
-    if top >= vocab_size:
-        raise ConfigError(
-            f"--data {path}: token id {top} ≥ the model's vocab_size={vocab_size}: use a model whose "
-            f"vocab covers the tokenizer (e.g. --model a JSON with vocab_size ≥ {top + 1}) or check --data-dtype"
-        )
+    check_ids(tokens, vocab_size, str(path))
     return tokens
 
 

@@ -14,6 +14,7 @@ exits PEER, quietly under our launcher.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import shutil
@@ -49,7 +50,7 @@ def _child(rank: int, world: int, prep: Any, store_path: str, threads: int, laun
     if prep.data is None:  # spawned: reload the data rather than pickling a memmap
         from slimpipe.train.preflight import preflight
 
-        prep = preflight(prep.cfg, check_outputs=False)
+        prep = preflight(prep.cfg, check_outputs=False, evaluation=prep.evaluation)
     store = dist.FileStore(store_path, world)
     code = run_rank(prep, rank=rank, world=world, local_rank=rank, store=store, supervised=True)
     sys.stdout.flush()
@@ -99,7 +100,7 @@ def _run_children(prep: Any, nproc: int, store_path: str) -> int:
         import slimpipe.runtime  # noqa: F401
         if cfg.checkpoint_every or prep.resume_dir is not None:
             import torch.distributed.checkpoint  # noqa: F401
-    child_prep = prep if not cuda else type(prep)(cfg, prep.model, prep.schedule, None, prep.resume_dir)
+    child_prep = prep if not cuda else dataclasses.replace(prep, data=None)  # spawned ranks reload data
     sys.stdout.flush()
     sys.stderr.flush()
     args = (nproc, child_prep, store_path, _threads(cfg, nproc), os.getpid())

@@ -6,6 +6,7 @@ checkpoint to resume from) so that a bad flag costs milliseconds, not a process 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,11 @@ from slimpipe.config import ConfigError, ModelConfig, ParallelConfig, load_model
 from slimpipe.outputs import check_output_file, writable_dir
 from slimpipe.rules import check_exchange, check_layout
 from slimpipe.schedule.actions import Schedule
-from slimpipe.train.checkpoint import check_checkpoint, resolve_checkpoint
+from slimpipe.hf.config import HFCheckpoint, open_checkpoint
+from slimpipe.train.checkpoint import check_checkpoint, checkpoint_model, resolve_checkpoint
 from slimpipe.train.config import TrainConfig
 from slimpipe.train.data import TokenData, load_data
+from slimpipe.train.eval_options import EvalOptions
 from slimpipe.train.memory import check_memory
 
 __all__ = ["Prepared", "preflight", "torchrun_env", "TorchrunEnv"]
@@ -36,6 +39,10 @@ class Prepared:
     """Loaded and checked training data."""
     resume_dir: Path | None
     """Step directory to resume from, or None."""
+    hf: HFCheckpoint | None = None
+    """The checked --init-from checkpoint whose weights the ranks load (unless resuming), or None."""
+    evaluation: EvalOptions | None = None
+    """Set by `slimpipe eval`: the ranks evaluate instead of training."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +66,24 @@ def torchrun_env() -> TorchrunEnv | None:
     )
 
 
-def preflight(cfg: TrainConfig, *, env: TorchrunEnv | None = None, check_outputs: bool = True) -> Prepared:
+def _model(cfg: TrainConfig, evaluating: bool) -> tuple[ModelConfig, HFCheckpoint | None, Path | None]:
+    """(model, --init-from checkpoint, --resume step directory); evaluation takes the model from either."""
+    if cfg.init_from and importlib.util.find_spec("safetensors") is None:
+        raise ConfigError("--init-from reads safetensors: pip install 'slimpipe[hf]'")
+    hf = open_checkpoint(cfg.init_from) if cfg.init_from else None
+    resume_dir = resolve_checkpoint(cfg.resume, cfg.checkpoint_dir) if cfg.resume else None
+    if evaluating and resume_dir is not None:
+        return checkpoint_model(resume_dir), None, resume_dir
+    return (hf.model if hf is not None else load_model(cfg.model)), hf, resume_dir
+
+
+def preflight(cfg: TrainConfig, *, env: TorchrunEnv | None = None, check_outputs: bool = True,
+              evaluation: EvalOptions | None = None) -> Prepared:
     """Check the layout, schedule, data, checkpoint and outputs; return what the ranks need."""
     from slimpipe.schedule.builders import build
 
     cfg = cfg.resolved()
-    model = load_model(cfg.model)
+    model, hf, resume_dir = _model(cfg, evaluation is not None)
     layout = ParallelConfig(tp=cfg.tp, pp=cfg.pp, dp=cfg.dp, vpp=cfg.vpp, slices=cfg.slices)
     # the rules simulate and plan apply too (slimpipe.rules)
     check_layout(model, layout, cfg.seq_len, vocab_parallel=cfg.vocab_parallel)
@@ -78,10 +97,9 @@ def preflight(cfg: TrainConfig, *, env: TorchrunEnv | None = None, check_outputs
     procs = env.local_world if env is not None else cfg.world
     if cfg.device == "cpu":  # before loading data; CUDA runs are checked once torch says how big a GPU is
         check_memory(cfg, model, layout, schedule, local_procs=procs)
-    data = load_data(cfg.data, vocab_size=model.vocab_size, seq_len=cfg.seq_len, data_dtype=cfg.data_dtype)
-    resume_dir = None
-    if cfg.resume:
-        resume_dir = resolve_checkpoint(cfg.resume, cfg.checkpoint_dir)
+    data = load_data(cfg.data, vocab_size=model.vocab_size, seq_len=cfg.seq_len, data_dtype=cfg.data_dtype,
+                     tokenizer=cfg.tokenizer, text_field=cfg.text_field)
+    if resume_dir is not None and evaluation is None:
         check_checkpoint(resume_dir, model=model.to_dict(), seed=cfg.seed, data_fingerprint=data.fingerprint,
                          steps=cfg.steps, data_name=data.name)
     if cfg.trace:
@@ -91,7 +109,8 @@ def preflight(cfg: TrainConfig, *, env: TorchrunEnv | None = None, check_outputs
         check_memory(cfg, model, layout, schedule, local_procs=procs, device_bytes=gpu_bytes)
     if check_outputs:
         _check_outputs(cfg)  # last: it creates the run directory
-    return Prepared(cfg=cfg, model=model, schedule=schedule, data=data, resume_dir=resume_dir)
+    return Prepared(cfg=cfg, model=model, schedule=schedule, data=data, resume_dir=resume_dir, hf=hf,
+                    evaluation=evaluation)
 
 
 def _slice_weights(cfg: TrainConfig, model) -> tuple[float, ...] | None:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from slimpipe.train.checkpoint import last_finite_checkpoint, load_checkpoint, save_checkpoint
+from slimpipe.hf.weights import load_hf_weights
+from slimpipe.train.checkpoint import last_finite_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from slimpipe.train.exits import FAILED, OK, PEER, AgreedError, Diverged
 from slimpipe.train.faults import fault_hook
 from slimpipe.train.log import StepLogger, measure_peak_flops
@@ -71,7 +72,10 @@ def run_rank(prep: Prepared, *, rank: int, world: int, local_rank: int, store: A
         if world > 1:
             watchdog = Watchdog(store, rank, world, stale_s=max(2.0, prep.cfg.timeout / 3), quiet=supervised)
             watchdog.start()
-        _train(prep, rank=rank, world=world, device=device, step=step)
+        if prep.evaluation is not None:
+            _evaluate(prep, rank=rank, device=device)
+        else:
+            _train(prep, rank=rank, world=world, device=device, step=step)
         return OK
     except AgreedError as exc:  # every rank raised it at the same point: rank 0 says why, once
         if rank == 0:  # no abort message: the others would stop as PEER before raising it themselves
@@ -193,7 +197,12 @@ def _train(prep: Prepared, *, rank: int, world: int, device: torch.device, step:
     cfg = prep.cfg
     torch.manual_seed(cfg.seed)
     rt, dp_rank = _build_runtime(prep, device)
-    start = load_checkpoint(rt, prep.resume_dir) if prep.resume_dir is not None else 0
+    if prep.resume_dir is not None:
+        start = load_checkpoint(rt, prep.resume_dir)
+    else:
+        start = 0
+        if prep.hf is not None:
+            load_hf_weights(rt, prep.hf)  # each rank reads only the slices it holds
     m = cfg.microbatches
     dist.barrier()  # the other ranks wait idle while rank 0 measures the matmul peak
     logger, config_partial, meter = _open_outputs(prep, world, device, start) if rank == 0 else (None, None, None)
@@ -237,6 +246,18 @@ def _diverged(cfg: Any, step: int, res: Any, skipped: int) -> Diverged:
     return Diverged(f"step {step}: loss {res.loss:.4g}, grad norm {res.grad_norm:.4g} are not finite; the "
                     f"update was not applied and the run stopped ({run}); {where}: lower --lr (now "
                     f"{cfg.lr:g}) or lengthen --lr-warmup, then --resume")
+
+
+def _evaluate(prep: Prepared, *, rank: int, device: torch.device) -> None:
+    """`slimpipe eval` on this rank: weights from --resume or --init-from, then the forward-only loop."""
+    from slimpipe.train.evaluate import evaluate_loop
+
+    rt, _ = _build_runtime(prep, device)
+    if prep.resume_dir is not None:
+        load_model_weights(rt, prep.resume_dir)
+    elif prep.hf is not None:
+        load_hf_weights(rt, prep.hf)
+    evaluate_loop(prep, rt, rank=rank, device=device)
 
 
 def _gather_trace(res: Any, world: int) -> list[tuple[Any, ...]] | None:
