@@ -6,7 +6,8 @@
 ``load``: writes (once) a random Llama-3.2-1B-shaped checkpoint (L16 h2048 f8192 32/8 heads, V 128256,
 untied: 1.50 B parameters, bf16 safetensors in 1 GiB files, 3.0 GB), then for each p forks p gloo ranks
 that build a vocab-parallel bf16 PipelineRuntime and load it with ``load_hf_weights``; each rank reports
-load seconds, bytes read, its own parameter bytes and its peak RSS (VmHWM) before and after the load.
+load seconds, bytes read, its own parameter bytes, its RSS before the load and its peak RSS during it
+(VmHWM, reset through /proc/self/clear_refs just before).
 The control is ``safetensors.torch.load_file`` of the whole checkpoint in one process (what a loader that
 does not slice holds). ``eval``: a random L4 h256 Llama with a BPE tokenizer trained on stdlib text,
 `slimpipe eval` in two layouts against transformers' loss on the same windows.
@@ -77,13 +78,17 @@ def _rank_load(rank: int, world: int, path: str) -> dict[str, float]:
     state = ParallelState.create(pp=world, timeout_s=600)
     rt = PipelineRuntime(ckpt.model, build("gpipe", p=world, m=1, n=1), state, dtype=torch.bfloat16,
                          vocab_parallel=world > 1)
-    before = _status("VmHWM")
+    import gc
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS: the peak of the load alone
+    before = _status("VmRSS")
     t0 = time.perf_counter()
     st = load_hf_weights(rt, ckpt)
     secs = time.perf_counter() - t0
     own = sum(p.numel() * p.element_size() for p in rt.model.parameters())
     return {"rank": rank, "seconds": secs, "read_gb": st.bytes_read / 1e9, "own_gb": own / 1e9,
-            "hwm_before_gb": before / 1e9, "hwm_after_gb": _status("VmHWM") / 1e9, "ckpt_gb": ckpt.num_bytes / 1e9}
+            "rss_before_gb": before / 1e9, "hwm_after_gb": _status("VmHWM") / 1e9, "ckpt_gb": ckpt.num_bytes / 1e9}
 
 
 def _naive(path: str) -> dict[str, float]:
@@ -103,11 +108,11 @@ def bench_load(root: Path, ranks: list[int]) -> None:
     t0 = time.perf_counter()
     write_checkpoint(root)
     print(f"# checkpoint {root} ready in {time.perf_counter() - t0:.1f} s; load average {os.getloadavg()[0]:.2f}")
-    print("p  rank  load_s  read_GB  own_GB  peakRSS_before_GB  peakRSS_after_GB  ckpt_GB")
+    print("p  rank  load_s  read_GB  own_GB  RSS_before_load_GB  peak_RSS_in_load_GB  ckpt_GB")
     for p in ranks:
         for r in run_forked(_rank_load, p, str(root), timeout_s=900):
             print(f"{p}  {r['rank']:4d}  {r['seconds']:6.2f}  {r['read_gb']:7.3f}  {r['own_gb']:6.3f}  "
-                  f"{r['hwm_before_gb']:17.3f}  {r['hwm_after_gb']:16.3f}  {r['ckpt_gb']:7.3f}")
+                  f"{r['rss_before_gb']:18.3f}  {r['hwm_after_gb']:19.3f}  {r['ckpt_gb']:7.3f}")
     n = _naive(str(root))
     print(f"control: safetensors.torch.load_file of every file: {n['seconds']:.2f} s, peak RSS {n['hwm_gb']:.3f} GB")
 
