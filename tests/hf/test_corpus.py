@@ -14,7 +14,7 @@ from slimpipe.train.corpus import cache_paths, load_tokenizer, tokenize_corpus
 from slimpipe.train.data import load_data
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_tokenizer_round_trip_and_cache(assets, tmp_path):
     data = tmp_path / "docs.jsonl"
     data.write_bytes(assets["jsonl"].read_bytes())

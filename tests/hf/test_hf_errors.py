@@ -46,7 +46,7 @@ CASES = {
 }
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_bad_checkpoints_exit_2(assets, tmp_path, capfd):
     data = tmp_path / "tokens.npy"
     import numpy as np
@@ -64,7 +64,7 @@ def test_bad_checkpoints_exit_2(assets, tmp_path, capfd):
         assert _snapshot(tmp_path) == before, how  # nothing written, nothing touched
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_bad_tokenizer_and_export_exit_2(assets, tmp_path, capfd):
     before = _snapshot(assets["jsonl"].parent)
     for tok, words in ((tmp_path / "nowhere", "no tokenizer.json"), (assets["tied"], "no tokenizer.json")):

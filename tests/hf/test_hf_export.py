@@ -18,6 +18,7 @@ from slimpipe.runtime.stage import reference_logits
 from slimpipe.train import TrainConfig, train
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 @pytest.mark.timeout(240)
 def test_train_export_transformers_roundtrip(assets, tmp_path, capfd):
     run = tmp_path / "run"

@@ -6,8 +6,8 @@
   ``tokenizer_config.json`` naming the EOS token): a ``.jsonl`` file is one document per line, its text in
   ``--text-field`` (default ``text``); any other file is one document. Documents are tokenized with the
   ``tokenizers`` library (no special tokens added) and joined with EOS after each document. The result is
-  cached next to the data as ``<data>.<key>.tokens.npy`` (key: a hash of the tokenizer file, the text
-  field and the data file's size and mtime) with the document start offsets in ``<key>.docs.npy``; a
+  cached next to the data as ``<data>.<key>.tokens.npy`` (key: a hash of the tokenizer file, its EOS
+  token, the text field and the data file's size and mtime) with the document start offsets in ``<key>.docs.npy``; a
   second run memory-maps the cache. The cache is written under a temporary name and renamed, so
   concurrent runs (torchrun ranks) never see half a file.
 """
@@ -101,9 +101,15 @@ def cache_paths(data: Path, tokenizer_dir: str, text_field: str) -> tuple[Path, 
     tok_file = tok_file / "tokenizer.json" if tok_file.is_dir() else tok_file
     if not tok_file.is_file():
         raise ConfigError(f"--tokenizer {tokenizer_dir}: no tokenizer.json; give a Hugging Face tokenizer directory")
+    eos = _eos_token(tok_file.parent)
+    if eos is None:
+        raise ConfigError(
+            f"--tokenizer {tokenizer_dir}: no EOS token named in tokenizer_config.json; documents need one "
+            "between them: add \"eos_token\" to tokenizer_config.json"
+        )
     st = data.stat()
     h = hashlib.sha256(tok_file.read_bytes())
-    h.update(f"{text_field}|{st.st_size}|{st.st_mtime_ns}".encode())
+    h.update(f"{eos}|{text_field}|{st.st_size}|{st.st_mtime_ns}".encode())
     key = h.hexdigest()[:12]
     return data.with_name(f"{data.name}.{key}.tokens.npy"), data.with_name(f"{data.name}.{key}.docs.npy")
 
