@@ -17,10 +17,8 @@ pipeline rank this process runs); :func:`load_hf_weights` loads all of them.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -79,16 +77,16 @@ def load_rank(ckpt: HFCheckpoint, model: nn.Module, needs: dict[str, Need]) -> L
     t0 = time.perf_counter()
     params = dict(model.named_parameters())
     read = count = 0
-    with ExitStack() as files, torch.no_grad():
-        handles: dict[Path, Any] = {}
+    with torch.no_grad():
         for name, need in needs.items():
             src = ckpt.tensors.get(name)
             if src is None:
                 raise KeyError(f"{name} is not in {ckpt.path}")
-            if src.file not in handles:
-                handles[src.file] = files.enter_context(safe_open(str(src.file), framework="pt", device="cpu"))
             index = tuple(slice(lo, hi) for lo, hi in need.ranges)
-            part = handles[src.file].get_slice(src.hf_name)[index]  # reads these bytes only
+            # One mapping per tensor: its pages leave the process with the handle, so the resident set
+            # grows by one slice at a time, not by every slice read from a file so far (measured).
+            with safe_open(str(src.file), framework="pt", device="cpu") as fh:
+                part = fh.get_slice(src.hf_name)[index]  # reads these bytes only
             dst = params[name]
             local = tuple(slice(0, hi - lo) for lo, hi in need.ranges)
             if tuple(part.shape) != tuple(dst.shape):
