@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hf_support as hs
+import tests.support.hf as hs
 
 torch.set_num_threads(1)  # forked children hang with more OpenMP threads (platform §6)
 

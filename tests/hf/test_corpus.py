@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-import hf_support as hs
+import tests.support.hf as hs
 from slimpipe.config import ConfigError
 from slimpipe.train.corpus import cache_paths, load_tokenizer, tokenize_corpus
 from slimpipe.train.data import load_data

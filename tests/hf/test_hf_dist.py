@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import hf_support as hs
+import tests.support.hf as hs
 from slimpipe.cli import main
 from slimpipe.hf.config import open_checkpoint
 from slimpipe.hf.weights import load_hf_weights

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-import hf_support as hs
+import tests.support.hf as hs
 from slimpipe.cli import main
 from slimpipe.hf.config import open_checkpoint
 from slimpipe.hf.weights import load_rank, rank_needs

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hf_support as hs
+import tests.support.hf as hs
 from slimpipe.hf.config import hf_name, open_checkpoint
 from slimpipe.hf.weights import load_hf_weights, load_rank, rank_needs
 from slimpipe.runtime import LocalPipelineRuntime, build_reference

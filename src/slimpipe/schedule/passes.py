@@ -52,7 +52,7 @@ def forward_only(schedule: Schedule) -> Schedule:
     schedule that was deadlock-free stays so. What ``evaluate`` runs.
     """
     ranks = tuple(tuple(a for a in prog if a.kind not in BACKWARD_KINDS) for prog in schedule.ranks)
-    return schedule.replace_ranks(ranks, forward_only=True)
+    return schedule.replace_ranks(ranks)
 
 
 _SET_FIELDS = tuple(getattr(Action, name).__set__ for name in ("stage", "kind", "microbatch", "seq_slice"))
