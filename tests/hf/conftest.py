@@ -19,4 +19,5 @@ def assets(tmp_path_factory):
         "jsonl": hs.make_jsonl(root / "docs.jsonl"),
         "llama3": hs.make_llama(root / "llama3", hs.LLAMA3, seed=1, shard="40KB"),
         "tied": hs.make_llama(root / "tied", hs.TIED, seed=2),
+        "tp2": hs.make_llama(root / "tp2", hs.TP2, seed=3, shard="60KB"),
     }

@@ -50,6 +50,9 @@ LLAMA3 = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden
               num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                             "original_max_position_embeddings": 16})
+# Tensor-parallel at t = 2: every head, K/V head, FFN and vocabulary count divides by 2; plain RoPE (fp64 oracle).
+TP2 = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+           num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-5)
 TIED = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=1, rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6)
 

@@ -28,12 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, required=True, help="S: tokens per window (labels are the next S)")
     parser.add_argument("--batch", type=int, default=4, help="windows per forward-only step [4]")
     parser.add_argument("--max-windows", type=int, default=0, help="evaluate only the first N windows (0: all)")
+    parser.add_argument("--tp", type=int, default=1, help="t: tensor-parallel ranks per stage [1]")
     parser.add_argument("--pp", type=int, default=1, help="p: pipeline stages [1]")
     parser.add_argument("--vpp", type=int, default=1, help="v: virtual stages per rank [1]")
     parser.add_argument("--slices", type=int, default=1, help="n: slices per window [1]")
     parser.add_argument("--vocab-parallel", action="store_true", help="shard embedding/output over the pipeline")
     parser.add_argument("--local-pipeline", action="store_true", help="every stage in this process")
-    parser.add_argument("--nproc", type=int, default=0, help="local processes (0: pp)")
+    parser.add_argument("--nproc", type=int, default=0, help="local processes (0: tp·pp)")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores/processes)")
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         init_from=args.init_from or "", resume=args.resume or "", data=args.data, data_dtype=args.data_dtype,
         tokenizer=args.tokenizer, text_field=args.text_field, seq_len=args.seq_len, global_batch=args.batch,
-        pp=args.pp, vpp=args.vpp, slices=args.slices, schedule="gpipe", vocab_parallel=args.vocab_parallel,
+        tp=args.tp, pp=args.pp, vpp=args.vpp, slices=args.slices, schedule="gpipe", vocab_parallel=args.vocab_parallel,
         local_pipeline=args.local_pipeline, nproc=args.nproc, device=args.device, dtype=args.dtype,
         threads=args.threads, timeout=args.timeout, progress=False,
     )

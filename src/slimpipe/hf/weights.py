@@ -4,8 +4,7 @@ Two steps per rank model:
 
 1. :func:`rank_needs` says which *global slice* of each tensor the rank holds: the whole tensor for a
    layer it owns, rows [lo, lo + valid) of ``embed.weight``/``head.weight`` for a vocabulary shard (the
-   shard's padding rows stay zero). A layout that splits tensors differently (tensor parallelism: column
-   or row blocks) adds its ranges here and nothing else changes.
+   shard's padding rows stay zero), the rank's column or row block of a tensor-parallel weight.
 2. :func:`load_rank` reads exactly those slices with safetensors' lazy ``safe_open(...).get_slice``: the
    file is memory-mapped and only the requested bytes are touched, so a rank's peak host memory is its own
    parameters plus one slice in flight, never the checkpoint (BENCHMARKS.md "Hugging Face checkpoints").
@@ -60,12 +59,21 @@ class LoadStats:
 
 
 def rank_needs(model: nn.Module, shard: VocabShard | None) -> dict[str, Need]:
-    """Global name → the slice of the checkpoint tensor this rank model holds."""
+    """Global name → the slice of the checkpoint tensor this rank model holds.
+
+    Tensor parallelism (``model.tp_shards``: name → Shard(dim, index, count)) holds the index-th equal
+    block along ``dim`` (column-parallel rows, row-parallel columns, vocabulary rows when not
+    vocabulary-parallel); a vocabulary shard (over t·p ranks under TP) holds rows [lo, lo + valid)."""
+    tp_shards = getattr(model, "tp_shards", {})
     out: dict[str, Need] = {}
     for name, param in model.named_parameters():
         ranges = [(0, d) for d in param.shape]
         if shard is not None and name in VOCAB_SHARDED:
             ranges[0] = (shard.lo, shard.lo + shard.valid)
+        elif name in tp_shards:
+            piece = tp_shards[name]
+            size = param.shape[piece.dim]
+            ranges[piece.dim] = (piece.index * size, (piece.index + 1) * size)
         out[name] = Need(tuple(ranges))
     return out
 
