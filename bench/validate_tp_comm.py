@@ -11,6 +11,9 @@ gloo ranks at T = 2 and 4):
 * **steps**: real ``train_step``s of 2 ranks as t2·p1 and t1·p2, and of one process (t1·p1), one thread
   per rank, median of ``--steps`` after one warm-up, vs ``slimpipe simulate`` with the profile. Only
   layouts of ≤ 2 ranks: the simulator gives every rank its own device, which 2 cores give 2 ranks at most.
+  In the t2 runs the TP collectives are timed inside the step (a wrapper around the two functions of
+  runtime/tensor_parallel.py, this bench only): measured seconds per step and per collective against the
+  simulator's count × per-collective time.
 
     slimpipe calibrate --threads 1 -o cpu.json
     flock /work/measure.lock python bench/validate_tp_comm.py --profile cpu.json [--json out.json]
@@ -88,10 +91,34 @@ def _one_collective(hw: Hardware, t: int, tokens: int) -> float:
     return AnalyticCost(wl, hw, (1.0,))._layer_comm(0)[0]
 
 
+def _timed_collectives() -> list[float]:
+    """Wrap all_gather_seq / reduce_scatter_seq of runtime/tensor_parallel.py (its callers look them up in
+    the module): [seconds, calls] accumulated from now on in this process."""
+    import time
+
+    from slimpipe.runtime import tensor_parallel as tpm
+
+    acc = [0.0, 0.0]
+
+    def timed(fn):
+        def run(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                acc[0] += time.perf_counter() - t0
+                acc[1] += 1
+        return run
+
+    tpm.all_gather_seq, tpm.reduce_scatter_seq = timed(tpm.all_gather_seq), timed(tpm.reduce_scatter_seq)
+    return acc
+
+
 def _step_body(rank: int, world: int, cases: list, steps: int) -> list:
     from slimpipe.runtime import OptimConfig, ParallelState, PipelineRuntime
     import torch.distributed as dist
 
+    acc = _timed_collectives()
     out = []
     for t, p, s, n, m in cases:
         if t * p != world:
@@ -100,27 +127,34 @@ def _step_body(rank: int, world: int, cases: list, steps: int) -> list:
         state = ParallelState.create(pp=p, tp=t, timeout_s=600.0)
         rt = PipelineRuntime(MODEL, build("slimpipe", p=p, m=m, n=n), state, seed=0, optim=OptimConfig(lr=1e-4))
         toks = torch.randint(0, MODEL.vocab_size, (m, s + 1), generator=torch.Generator().manual_seed(1))
-        times = []
+        times, comm, calls = [], [], 0.0
         for r in range(steps + 1):
             dist.barrier()
+            acc[0] = acc[1] = 0.0
             res = rt.train_step(toks)
             if r:
                 times.append(res.step_time_s)
-        out.append(statistics.median(times))
+                comm.append(acc[0])
+                calls = acc[1]
+        out.append((statistics.median(times), statistics.median(comm), calls))
     return out
 
 
 def step_rows(hw: Hardware, steps: int) -> list[dict]:
     rows = []
     for world in sorted({t * p for t, p, *_ in STEPS}):
-        got = run_forked(_step_body, world, STEPS, steps, timeout_s=1800.0)[0]
-        for case, meas in zip(STEPS, got):
-            if meas is None:
+        got = run_forked(_step_body, world, STEPS, steps, timeout_s=1800.0)
+        for i, case in enumerate(STEPS):
+            if got[0][i] is None:
                 continue
             t, p, s, n, m = case
+            meas, calls = max(g[i][0] for g in got), got[0][i][2]
+            comm = max(g[i][1] for g in got)  # the rank that waited longest in its collectives
             wl = Workload(model=MODEL, parallel=ParallelConfig(tp=t, pp=p, slices=n), seq_len=s, global_batch=m)
             pred = evaluate(wl, "slimpipe", hardware=hw).report.pipeline_time_s
-            rows.append({"t": t, "p": p, "s": s, "n": n, "m": m, "measured_step_s": meas, "predicted_step_s": pred})
+            one = _one_collective(hw, t, s // n) if t > 1 else 0.0
+            rows.append({"t": t, "p": p, "s": s, "n": n, "m": m, "measured_step_s": meas, "predicted_step_s": pred,
+                         "collectives": calls, "measured_comm_s": comm, "predicted_comm_s": calls * one})
     return rows
 
 
@@ -130,12 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--json", default="")
+    ap.add_argument("--skip-collectives", action="store_true", help="step rows only")
     args = ap.parse_args(argv)
     hw = load_profile(args.profile)
     prof = hw.profile
     print(f"profile: TP ring {prof.tp_latency_s * 1e3:.3f} ms/step + bytes / {prof.tp_bandwidth / 1e9:.2f} GB/s; "
           f"p2p {prof.p2p_latency_s * 1e3:.3f} ms + bytes / {prof.p2p_bandwidth / 1e9:.2f} GB/s")
-    col = collectives(hw, args.reps)
+    col = [] if args.skip_collectives else collectives(hw, args.reps)
     print("| T | slice tokens | bytes (full slice) | op | measured ms | predicted ms | pred/meas | "
           "p2p-ring pred ms (before) | pred/meas |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -144,11 +179,14 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['predicted_s'] * 1e3:.3f} | {r['predicted_s'] / r['s']:.2f} | "
               f"{r['predicted_p2p_ring_s'] * 1e3:.3f} | {r['predicted_p2p_ring_s'] / r['s']:.2f} |")
     st = step_rows(hw, args.steps)
-    print("\n| t | p | s | n | m | step measured s | predicted s | pred/meas |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| t | p | s | n | m | step measured s | predicted s | pred/meas | TP collectives per step | "
+          "TP comm measured s | predicted s | pred/meas |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in st:
+        comm = (f"{r['collectives']:.0f} | {r['measured_comm_s']:.3f} | {r['predicted_comm_s']:.3f} | "
+                f"{r['predicted_comm_s'] / r['measured_comm_s']:.2f}" if r["t"] > 1 else " | | | ")
         print(f"| {r['t']} | {r['p']} | {r['s']} | {r['n']} | {r['m']} | {r['measured_step_s']:.3f} | "
-              f"{r['predicted_step_s']:.3f} | {r['predicted_step_s'] / r['measured_step_s']:.2f} |")
+              f"{r['predicted_step_s']:.3f} | {r['predicted_step_s'] / r['measured_step_s']:.2f} | {comm} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"collectives": col, "steps": st}, fh, indent=1)
