@@ -228,6 +228,10 @@ def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int 
             "measured_bubble": m["bubble"], "predicted_bubble": p["bubble"], "measured_busy_s": m["busy_s"],
             "measured_cpu_busy_s": m["cpu_busy_s"], "predicted_busy_s": p["busy_s"],
             "cpu_busy_ratio": [pb / mb for pb, mb in zip(p["busy_s"], m["cpu_busy_s"])],
+            "busy_ratio": [pb / mb for pb, mb in zip(p["busy_s"], m["busy_s"])],
+            # > 1: the rank was descheduled inside its F/B (other processes' load), or ran slower per CPU
+            # second than alone; the profile's units are wall time of a 2-rank run, so this is the load.
+            "wall_per_cpu": [mb / mc for mb, mc in zip(m["busy_s"], m["cpu_busy_s"])],
             "measured_act": m["act"], "predicted_act": p["act"], "measured_send_s": m["send_s"],
             "measured_late_recv_s": m["late_recv_s"], "late_recvs_per_step": m["late_recvs"] / steps,
             "act_ratio": [pa / ma for pa, ma in zip(p["act"], m["act"])],
@@ -240,10 +244,10 @@ def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int 
 # ---- reporting -----------------------------------------------------------------------------------------
 def markdown(rows: list[dict]) -> str:
     head = ("| s | m | schedule | step meas s | step pred s | pred/meas | pred/meas w/o msg | bubble meas "
-            "| bubble pred | non-compute ms meas, pred, w/o msg | busy pred/meas CPU r0, r1 "
+            "| bubble pred | non-compute ms meas, pred, w/o msg | busy pred/meas r0, r1 | wall ÷ CPU busy r0, r1 "
             "| SEND, late RECV ms (n/step) | r0 act meas MiB "
             "| act pred/meas r0, r1 | r0 act ÷ 1f1b meas | published ÷ 1f1b |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         ok = "" if 0.9 <= r["step_ratio"] <= 1.1 else " ✗"
@@ -255,7 +259,8 @@ def markdown(rows: list[dict]) -> str:
             f"{r['measured_bubble']:.1%} | {r['predicted_bubble']:.1%} | "
             f"{r['measured_noncompute_s'] * 1e3:.0f}, {r['predicted_noncompute_s'] * 1e3:.0f}, "
             f"{r['predicted_noncompute_s_without_messages'] * 1e3:.0f} | "
-            f"{r['cpu_busy_ratio'][0]:.2f}, {r['cpu_busy_ratio'][1]:.2f} | "
+            f"{r['busy_ratio'][0]:.2f}, {r['busy_ratio'][1]:.2f} | "
+            f"{r['wall_per_cpu'][0]:.2f}, {r['wall_per_cpu'][1]:.2f} | "
             f"{r['measured_send_s'] * 1e3:.2f}, {r['measured_late_recv_s'] * 1e3:.2f} "
             f"({r['late_recvs_per_step']:.0f}) | {r['measured_act'][0] / 2**20:.1f} | {r['act_ratio'][0]:.4f}, {r['act_ratio'][1]:.4f}{aok} | "
             f"{r['measured_act_vs_1f1b']:.3f} | {r['published_act_vs_1f1b']:.3f} |")
@@ -293,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             "profile_p2p_send_s": hw.profile.p2p_send_s if hw.profile else 0.0,
             "profile_p2p_recv_s": hw.profile.p2p_recv_s if hw.profile else 0.0}
     table = markdown(rows)
+    meta["in_band"] = sum(0.9 <= r["step_ratio"] <= 1.1 for r in rows)
     print(f"{meta['date']}  {meta['machine']}  load {load0[0]:.2f} → {meta['load_after'][0]:.2f}  "
-          f"{meta['wall_s']:.0f} s\n{table}")
+          f"{meta['wall_s']:.0f} s  step time within 0.9–1.1: {meta['in_band']}/{len(rows)}\n{table}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)

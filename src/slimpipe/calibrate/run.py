@@ -59,7 +59,7 @@ GRIDS: dict[str, dict[str, object]] = {
                 attn=((64, 0), (64, 960), (256, 0), (256, 768), (256, 1792), (512, 0), (512, 1536), (512, 3584),
                       (1024, 0), (1024, 1024), (1024, 3072), (2048, 0), (4096, 0)),
                 units=(("slimpipe", 32, 4, 2), ("1f1b", 512, 1, 4), ("slimpipe", 512, 4, 4),
-                       ("slimpipe", 1024, 4, 2)), executor_reps=4, foot_tokens=128),
+                       ("slimpipe", 1024, 4, 2), ("slimpipe", 2048, 4, 2)), executor_reps=4, foot_tokens=128),
     "cpu-quick": dict(gemm=(64, 256), elem=(64, 256), ends=(64, 256), reps=2, unit_layers=0,
                       p2p=(1 << 10, 1 << 20), tp=(1 << 15, 1 << 20),
                       attn=((64, 0), (64, 192), (128, 0), (128, 384)),
