@@ -154,7 +154,6 @@ def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedu
 
     state = ParallelState.create(pp=world, timeout_s=600.0)
     rts = [PipelineRuntime(model, s, state, seed=0, optim=OptimConfig(lr=1e-4)) for s in schedules]
-    cpu_busy = [_count_cpu_busy(rt.executor) for rt in rts]
     gen = torch.Generator().manual_seed(1)
     data = [torch.randint(0, model.vocab_size, (c.microbatches, c.seq_len + 1), generator=gen) for c in cases]
     rec: list[list] = [[] for _ in cases]
@@ -163,27 +162,16 @@ def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedu
         order = order[rep % len(order):] + order[: rep % len(order)]
         for i in order:
             dist.barrier()  # both ranks start the step together, as the simulator's clocks do
-            cpu_busy[i][0] = 0.0
             res = rts[i].train_step(data[i])
             if rep:
-                rec[i].append((res, cpu_busy[i][0]))
-    return [{"step_s": [r.step_time_s for r, _ in rs], "bubble": [r.bubble_ratio for r, _ in rs],
-             "busy_s": [r.busy_s[rank] for r, _ in rs], "cpu_busy_s": [c for _, c in rs],
-             "act": rs[0][0].peak_activation_bytes, "loss": rs[0][0].loss,
-             "traces": [[(e.action, e.start_s, e.end_s) for e in r.trace] for r, _ in rs]} for rs in rec]
-
-
-def _count_cpu_busy(ex) -> list[float]:
-    """Accumulate this rank's F/B thread CPU time (load-independent, unlike the trace's wall times)."""
-    acc = [0.0]
-
-    def run(idx, action, orig=ex._execute):
-        t0 = time.thread_time()
-        orig(idx, action)
-        if action.kind in (Kind.F, Kind.B):
-            acc[0] += time.thread_time() - t0
-    ex._execute = run  # instance attribute: wraps this executor only
-    return acc
+                rec[i].append(res)
+    return [{"step_s": [r.step_time_s for r in rs], "bubble": [r.bubble_ratio for r in rs],
+             "busy_s": [r.busy_s[rank] for r in rs],
+             # this rank's F/B thread CPU time (load-independent, unlike the trace's wall times)
+             "cpu_busy_s": [sum(e.cpu_s for e in r.trace if parse_action(e.action).kind in (Kind.F, Kind.B))
+                            for r in rs],
+             "act": rs[0].peak_activation_bytes, "loss": rs[0].loss,
+             "traces": [[(e.action, e.start_s, e.end_s, e.cpu_s) for e in r.trace] for r in rs]} for rs in rec]
 
 
 def measure(cases: list[Case], model: ModelConfig, schedules: list[Schedule], steps: int) -> list[dict]:

@@ -4,9 +4,12 @@ Two forked single-threaded gloo ranks (``slimpipe.runtime.forked``) run ``Pipeli
 small schedules, as training and ``bench/validate_sim.py`` run them, and both ranks' executor traces (one
 wall clock: the ranks share the machine) give
 
-* per (stage, slice) the median wall time of its F and B actions: the units ``fit._fit_composition``
-  turns into the composition factor κ and the per-action overhead (kernels + the executor's own work:
-  K/V bookkeeping, activation accounting, autograd, while the other rank computes and gloo's threads run);
+* per (stage, slice) the median thread CPU time of its F and B actions (``TraceEvent.cpu_s``): the units
+  ``fit._fit_composition`` turns into the composition factor κ and the per-action overhead (kernels + the
+  executor's own work: K/V bookkeeping, activation accounting, autograd, while the other rank computes on
+  the other core and gloo's threads run). CPU time, not wall: other users' load would otherwise inflate
+  the profile (a descheduled rank's wall time grows, its CPU time does not), and the profile would move
+  from one calibration to the next; the wall medians are kept beside them (``fwd_wall_s``);
 * the wall time of every SEND (the ``isend`` call and the executor's bookkeeping around it) and of every
   *late* RECV, one posted after its SEND started (gloo's rendezvous: the receiver's ready notice must reach
   the sender, whose progress thread then writes the bytes): ``p2p_send_s`` and ``p2p_recv_s``;
@@ -32,7 +35,7 @@ from slimpipe.schedule.actions import Kind, parse_action
 
 __all__ = ["message_costs", "measure_executor"]
 
-Trace = list[tuple[str, float, float]]  # (action, start, end) in wall seconds
+Trace = list[tuple[str, float, float, float]]  # (action, start, end, CPU seconds); wall clock seconds
 
 
 def message_costs(traces: Sequence[Trace]) -> tuple[list[float], list[float]]:
@@ -41,14 +44,14 @@ def message_costs(traces: Sequence[Trace]) -> tuple[list[float], list[float]]:
     sent: dict[tuple[bool, int, int, int], float] = {}
     sends, late = [], []
     for trace in traces:
-        for name, start, end in trace:
+        for name, start, end, *_ in trace:
             a = parse_action(name)
             if a.kind in (Kind.SEND_F, Kind.SEND_B):
                 fwd = a.kind is Kind.SEND_F
                 sent[(fwd, a.stage + 1 if fwd else a.stage - 1, a.microbatch, a.seq_slice)] = start
                 sends.append(end - start)
     for trace in traces:
-        for name, start, end in trace:
+        for name, start, end, *_ in trace:
             a = parse_action(name)
             if a.kind in (Kind.RECV_F, Kind.RECV_B):
                 posted = sent.get((a.kind is Kind.RECV_F, a.stage, a.microbatch, a.seq_slice))
@@ -75,21 +78,25 @@ def _rank_body(rank: int, world: int, cfg: ModelConfig, runs: Sequence[tuple[str
             rt.zero_grad()
             if rep:
                 steps.append(res.step_time_s)
-                traces.append([(e.action, e.start_s, e.end_s) for e in res.trace])
+                traces.append([(e.action, e.start_s, e.end_s, e.cpu_s) for e in res.trace])
         out.append({"steps": steps, "traces": traces})
     return out
 
 
 def _units(traces: Sequence[Trace], n: int, stages: int) -> list[dict]:
-    """Median F/B wall seconds per (stage, slice) over every step of both ranks."""
-    per: dict[tuple[int, int, Kind], list[float]] = {}
+    """Median F/B thread CPU seconds (and wall seconds) per (stage, slice) over every step of both ranks."""
+    cpu: dict[tuple[int, int, Kind], list[float]] = {}
+    wall: dict[tuple[int, int, Kind], list[float]] = {}
     for trace in traces:
-        for name, start, end in trace:
+        for name, start, end, spent in trace:
             a = parse_action(name)
             if a.kind in (Kind.F, Kind.B):
-                per.setdefault((a.stage, a.seq_slice, a.kind), []).append(end - start)
-    return [{"stage": st, "slice": j, "fwd_s": statistics.median(per[(st, j, Kind.F)]),
-             "bwd_s": statistics.median(per[(st, j, Kind.B)])} for st in range(stages) for j in range(n)]
+                cpu.setdefault((a.stage, a.seq_slice, a.kind), []).append(spent)
+                wall.setdefault((a.stage, a.seq_slice, a.kind), []).append(end - start)
+    med = statistics.median
+    return [{"stage": st, "slice": j, "fwd_s": med(cpu[(st, j, Kind.F)]), "bwd_s": med(cpu[(st, j, Kind.B)]),
+             "fwd_wall_s": med(wall[(st, j, Kind.F)]), "bwd_wall_s": med(wall[(st, j, Kind.B)])}
+            for st in range(stages) for j in range(n)]
 
 
 def measure_executor(cfg: ModelConfig, runs: Sequence[tuple[str, int, int, int]], reps: int) -> list[dict]:
@@ -108,7 +115,7 @@ def measure_executor(cfg: ModelConfig, runs: Sequence[tuple[str, int, int, int]]
             sends, late = sends + s_, late + l_
         out.append({"schedule": name, "seq_len": s, "slices": n, "pp": 2, "microbatches": m,
                     "layers": cfg.num_layers, "step_s": statistics.median(r0["steps"]), "steps_s": r0["steps"],
-                    "per_action": True, "clock": "wall, 2-rank executor",
+                    "per_action": True, "clock": "thread CPU, 2-rank executor",
                     "units": _units(r0["traces"] + r1["traces"], n, 2),
                     "send_s": sends, "late_recv_s": late})
     out[0]["elapsed_s"] = time.perf_counter() - t0

@@ -1,12 +1,12 @@
-"""Whole units run by the runtime (LocalPipelineRuntime): F/B times per (stage, slice), and saved bytes.
-
-The unit times tie the kernel sum to what the executor really takes (fit.py: κ and the per-action
-overhead); the footprint is the runtime's own saved-bytes accounting per token and stage kind.
+"""Whole units run by the local runtime (LocalPipelineRuntime): F/B times per (stage, slice) on CUDA (one
+GPU cannot host a 2-rank pipeline; on CPU the 2-rank executor run measures them, executor.py), and the
+runtime's own saved-bytes accounting per token and stage kind (the activation footprint).
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Sequence
 
 import torch
@@ -38,16 +38,12 @@ def benchmark_runtime(cfg: ModelConfig, sched, dt: torch.dtype, dev: torch.devic
     return rt
 
 
-def _timed_actions(rt, ctx: _Ctx) -> dict[str, list[float]]:
-    """Time every action of a LocalPipelineRuntime with ctx.clock (its trace holds wall times only)."""
-    times: dict[str, list[float]] = {}
-    for ex in rt.executors:
-        def run(idx, action, orig=ex._execute):
-            t0 = ctx.clock()
-            orig(idx, action)
-            times.setdefault(str(action), []).append(ctx.clock() - t0)
-        ex._execute = run  # an instance attribute: only this runtime's executors are timed
-    return times
+def _record(times: dict[str, list[float]], trace, ctx: _Ctx) -> None:
+    """Append every action's time from a step's trace: thread CPU time where ctx times in CPU time,
+    else wall time (on CUDA the host's launches only: the fit then uses whole synchronised steps)."""
+    cpu = ctx.clock is time.thread_time
+    for e in trace:
+        times.setdefault(e.action, []).append(e.cpu_s if cpu else e.end_s - e.start_s)
 
 
 def _unit_medians(times: dict[str, list[float]], n: int) -> list[dict]:
@@ -70,14 +66,15 @@ def _measure_units(cfg: ModelConfig, runs: Sequence[tuple[str, int, int]], ctx: 
         tokens = torch.randint(0, cfg.vocab_size, (2, s + 1), generator=torch.Generator().manual_seed(0))
         rt.forward_backward(tokens)  # warm-up (allocator, mask table)
         rt.zero_grad()
-        times = _timed_actions(rt, ctx)
+        times: dict[str, list[float]] = {}
         steps = []
         for _ in range(max(2, ctx.reps - 1)):
             ctx.sync()
             t0 = ctx.clock()
-            rt.forward_backward(tokens)
+            res = rt.forward_backward(tokens)
             ctx.sync()
             steps.append(ctx.clock() - t0)
+            _record(times, res.trace, ctx)
             rt.zero_grad()
         # On CUDA an action's host time is its asynchronous launches only: fit on whole (synchronised) steps.
         out.append({"schedule": name, "seq_len": s, "slices": n, "pp": 2, "microbatches": 2,

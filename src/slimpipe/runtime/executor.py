@@ -148,7 +148,7 @@ class RankExecutor:
     # ---- dispatch -------------------------------------------------------------------------------
     def _execute(self, idx: int, action: Action) -> None:
         handler = self.handlers.get(action.kind)
-        t0 = time.time()
+        t0, c0 = time.time(), time.thread_time()
         try:
             if handler is None:
                 raise NotImplementedError(
@@ -160,7 +160,7 @@ class RankExecutor:
         except Exception as exc:
             raise self._error(idx, action, exc) from exc
         t1 = time.time()
-        self.trace.append(TraceEvent(self.rank, str(action), t0, t1))
+        self.trace.append(TraceEvent(self.rank, str(action), t0, t1, time.thread_time() - c0))
         if action.kind in COMPUTE:
             self.busy_s += t1 - t0
         self.executed += 1

@@ -24,6 +24,9 @@ class TraceEvent:
     """Wall-clock start (time.time())."""
     end_s: float
     """Wall-clock end."""
+    cpu_s: float = 0.0
+    """Thread CPU seconds the action took on this process (``time.thread_time``): ≤ end − start, the rest
+    was waiting (a RECV) or the process being descheduled. On CUDA: the host's launch work only."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
