@@ -4,8 +4,8 @@ One place, so the simulator never prints figures for a layout the runtime or the
 Each rule comes twice: a ``*_problem`` function returning None or the one-line fix (cheap; the planner's
 enumeration filters with it) and a ``check_*`` raising the ConfigError every command prints.
 
-Where a new parallelism adds a constraint (a TP runtime: heads, K/V heads, FFN and vocabulary by t; a CP
-runtime: the sequence by 2·c·n), it goes here, and every command refuses the same layouts.
+Where a parallelism adds a constraint (TP: heads, K/V heads, FFN and vocabulary by t; CP: the sequence by
+2·c·n, SP's t on top), it goes here, and every command refuses the same layouts.
 """
 
 from __future__ import annotations
@@ -50,20 +50,32 @@ def tp_problem(model: ModelConfig, t: int, *, vocab_parallel: bool = False) -> s
 
 def sequence_problem(seq_len: int, n: int, t: int = 1, c: int = 1) -> str | None:
     """A sequence cuts into n equal slices; context parallelism cuts each slice into 2c zig-zag pieces and
-    sequence parallelism shards a piece's tokens over t, so s must be a multiple of n·t·(2c if c > 1)."""
+    sequence parallelism shards a piece's tokens over t, so s must be a multiple of n·t·(2c if c > 1).
+    The fix names the nearest valid seq-len and, where one exists, the nearest slice count that works."""
+    shard = t * (2 * c if c > 1 else 1)
+    if c > 1 and seq_len < shard:
+        return (f"--cp={c} needs at least {shard} tokens (2c zig-zag pieces{' of t shards' if t > 1 else ''}) "
+                f"but --seq-len={seq_len}: use --cp ≤ {max(1, seq_len // (2 * t))} or --seq-len ≥ {n * shard}")
     if seq_len % n:
         return (f"--seq-len={seq_len} is not divisible by --slices={n}: use a seq-len that is a multiple of "
                 f"{n} (e.g. {seq_len - seq_len % n or n}) or a slice count dividing it")
-    shard = t * (2 * c if c > 1 else 1)
     if (seq_len // n) % shard:
         unit = n * shard
         parts = (f"n={n}", f"2c={2 * c}" if c > 1 else "", f"t={t}" if t > 1 else "")
         what = " · ".join(x for x in parts if x)
         why = ("context parallelism cuts each slice into 2c zig-zag pieces" if c > 1 else "")
         why += ("; " if why and t > 1 else "") + ("sequence parallelism shards them over t" if t > 1 else "")
+        near = max(unit, unit * round(seq_len / unit))
+        counts = _divisors(seq_len // shard) if seq_len % shard == 0 else []
+        alt = f", or --slices {min(counts, key=lambda k: (abs(k - n), k))}" if counts else ""
         return (f"--seq-len={seq_len} is not a multiple of {what} = {unit} ({why}): use a seq-len that is a "
-                f"multiple of {unit} (e.g. {max(unit, seq_len - seq_len % unit)})")
+                f"multiple of {unit} (nearest: {near}){alt}")
     return None
+
+
+def _divisors(x: int) -> list[int]:
+    small = [k for k in range(1, int(x ** 0.5) + 1) if x % k == 0]
+    return sorted({*small, *(x // k for k in small)})
 
 
 def check_layout(model: ModelConfig, par: ParallelConfig, seq_len: int, *, vocab_parallel: bool = False) -> None:

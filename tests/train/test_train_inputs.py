@@ -56,6 +56,10 @@ def _checkpoint(tmp: Path, *, model: str = "tiny", seed: int = 0, step: int = 2)
     (["--pp", "3"], ["num_layers=8", "pp·vpp"]),                       # layers do not split
     (["--pp", "2", "--dp", "2", "--global-batch", "3"], ["--global-batch=3", "multiple of 2"]),
     (["--slices", "3"], ["--seq-len=64", "--slices=3"]),
+    (["--cp", "4", "--slices", "16", "--pp", "1"], ["--seq-len=64", "n=16 · 2c=8 = 128", "--slices 8"]),
+    (["--cp", "3", "--slices", "2", "--pp", "1", "--seq-len", "62"], ["n=2 · 2c=6 = 12", "nearest: 60"]),
+    (["--cp", "64", "--slices", "1", "--pp", "1"], ["--cp=64 needs at least 128 tokens"]),
+    (["--cp", "2", "--local-pipeline"], ["--local-pipeline runs one process (got tp=1, cp=2)"]),
     (["--pp", "4", "--slices", "1", "--global-batch", "1"], ["micro-batches", "m=1"]),
     (["--model", "nope"], ["--model 'nope' is unknown"]),
     (["--schedule", "zb-v"], ["--schedule 'zb-v' is unknown"]),
@@ -88,7 +92,7 @@ def test_launcher_world_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[s
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    _fails([*TINY, "--out-dir", str(tmp_path)], capsys, "WORLD_SIZE=4", "tp·pp·dp = 1·2·1 = 2")
+    _fails([*TINY, "--out-dir", str(tmp_path)], capsys, "WORLD_SIZE=4", "tp·cp·pp·dp = 1·1·2·1 = 2")
 
 
 def test_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,8 +5,9 @@ A decoder is three kinds of parts, named globally whatever the pipeline layout:
 * ``embed``: an ``nn.Module`` mapping token ids ``(b, t)`` to hidden states ``(b, t, h)``;
 * ``layers.<i>`` for i in [0, L): blocks mapping ``(x (b, t, h), ctx: LayerContext)`` to ``(b, t, h)``;
   a block's attention hands its post-positional-encoding q, k, v to ``ctx.attend`` (which adds the K/V
-  prefix of earlier slices and the causal mask) and uses ``ctx.start`` as the global position of the
-  slice's first token;
+  prefix of earlier slices and the causal mask) and takes positions from ``ctx.positions`` (the global
+  positions of its tokens, under context parallelism) or else ``ctx.start`` (the global position of the
+  slice's first token, its tokens following on);
 * ``norm`` and ``head``: the final norm ``(b, t, h) → (b, t, h)`` and the output layer
   ``(b, t, h) → (b, t, V)``; with tied embeddings the head reads the embedding's weight.
 
@@ -34,6 +35,9 @@ class LayerContext(Protocol):
 
     start: int
     """Global position of the slice's first token (RoPE positions are global, not per slice)."""
+    positions: torch.Tensor | None
+    """Global positions (t,) of the tokens this rank holds of the slice when they are not
+    [start, start + t): context parallelism's zig-zag pieces (runtime/context_parallel.py). None otherwise."""
     shared: dict[str, object]
     """Per-slice scratch shared by the layers of one stage (e.g. RoPE tables computed once per slice)."""
     recompute: str
@@ -136,10 +140,11 @@ def init_parameters(parts: DecoderParts, named: Iterable[tuple[str, nn.Parameter
 class PlainContext:
     """LayerContext of an unsliced, unpipelined forward (the reference): plain causal attention."""
 
-    __slots__ = ("start", "shared", "recompute")
+    __slots__ = ("start", "positions", "shared", "recompute")
 
     def __init__(self) -> None:
         self.start = 0
+        self.positions = None
         self.shared: dict[str, object] = {}
         self.recompute = "none"
 

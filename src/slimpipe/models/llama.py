@@ -52,14 +52,19 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
 
 
 def rope_tables(start: int, length: int, head_dim: int, theta: float, *, device: torch.device,
-                dtype: torch.dtype, scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (length, head_dim) for global positions [start, start + length).
+                dtype: torch.dtype, scaling: RopeScaling | None = None,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (length, head_dim) for global positions [start, start + length), or for
+    ``positions`` (length,) when given (context parallelism's zig-zag pieces).
 
     Angles are computed per position in float64, so a slice's table equals the matching rows of the whole
     sequence's table bit for bit (sliced and unsliced runs see the same numbers).
     """
     inv_freq = rope_inv_freq(head_dim, theta, scaling, device=device)
-    pos = torch.arange(start, start + length, dtype=torch.float64, device=device)
+    if positions is not None:
+        pos = positions.to(device=device, dtype=torch.float64)
+    else:
+        pos = torch.arange(start, start + length, dtype=torch.float64, device=device)
     ang = torch.outer(pos, inv_freq)  # (t, d/2)
     ang = torch.cat([ang, ang], dim=-1)  # (t, d): rotate-half layout
     return ang.cos().to(dtype), ang.sin().to(dtype)
@@ -110,7 +115,7 @@ class Attention(nn.Module):
         key = f"rope:{self.head_dim}:{self.theta}:{self.scaling}"
         if key not in ctx.shared:  # once per slice, shared by every layer of the stage
             ctx.shared[key] = rope_tables(ctx.start, t, self.head_dim, self.theta, device=x.device,
-                                          dtype=x.dtype, scaling=self.scaling)
+                                          dtype=x.dtype, scaling=self.scaling, positions=ctx.positions)
         cos, sin = ctx.shared[key]  # type: ignore[misc]
         out = ctx.attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)  # (b, t, H, d)
         return out.reshape(b, t, self.heads * self.head_dim)

@@ -37,7 +37,6 @@ import torch
 import torch.distributed as dist
 
 from slimpipe.config import ConfigError
-from slimpipe.runtime.attention import window_attention
 from slimpipe.runtime.block_attention import block_backward, block_forward, lse_dtype
 from slimpipe.runtime.exchange_attention import ExchangedAttention, OwnerJob, ServeBackward
 from slimpipe.runtime.kv import SliceKV
@@ -237,11 +236,14 @@ class RankExchange:
         self._consume(Kind.B, a)
 
     # ---- helper side ---------------------------------------------------------------------------------
-    def _request_shapes(self, role: Role, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Size, torch.Size]:
-        """(owner's grouped q, moved K/V) shapes; layers share one attention layout (same model config)."""
+    def _request_shapes(self, role: Role, q: torch.Tensor, k: torch.Tensor,
+                        c: int = 1) -> tuple[torch.Size, torch.Size]:
+        """(owner's grouped q, moved K/V) shapes; layers share one attention layout (same model config).
+        ``bounds`` are this rank's rows; with context parallelism (c > 1) the owner's queries are the
+        slice's c·(local rows), gathered over CP."""
         b, _, heads, d = q.shape
         hk, j = k.size(2), role.partner_unit.seq_slice
-        t_o = self.bounds[j + 1] - self.bounds[j]
+        t_o = (self.bounds[j + 1] - self.bounds[j]) * c
         return torch.Size([b, hk, heads // hk * t_o, d]), torch.Size([b, hk, self.bounds[role.volume], d])
 
     def serve_forward(self, role: Role, qs: torch.Size, ks: torch.Size, dtype: torch.dtype) -> None:
@@ -306,16 +308,19 @@ class _UnitHooks:
                            fwd_peer=_Peer(rx, fo.partner) if fo else None,
                            bwd_peer=_Peer(rx, bo.partner) if bo else None,
                            table=functools.partial(_table_rows, sk, q))
-            out = ExchangedAttention.apply(q, k_win, v_win, job)
+            cp = sk.store.cp  # context parallelism: the moved rows are this CP rank's, the queries gathered
+            out = ExchangedAttention.apply(q, k_win, v_win, job) if cp is None else cp.attend(
+                sk.start, q, k_win, v_win, job)
         else:
-            out = window_attention(q, k_win, v_win, sk.start, sk.store.masks, sk.store.bounds[-1])
+            out = sk.local_attention(q, k_win, v_win)
         if replay or rx.channel is None:
             return out
+        c = 1 if sk.store.cp is None else sk.store.cp.size  # query-out sends the slice's gathered queries
         if fr is not None and not fr.owner:
-            rx.serve_forward(fr, *rx._request_shapes(fr, q, k_win), q.dtype)
+            rx.serve_forward(fr, *rx._request_shapes(fr, q, k_win, c), q.dtype)
         if br is not None and not br.owner:
             serve = rx.serve_replay_and_backward if rx.replays_attention else rx.serve_backward
-            qs, ks = rx._request_shapes(br, q, k_win)
+            qs, ks = rx._request_shapes(br, q, k_win, c)
             out = ServeBackward.apply(out, functools.partial(serve, br, qs, ks, q.dtype))
         return out
 

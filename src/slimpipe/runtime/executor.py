@@ -25,6 +25,7 @@ from torch.profiler import record_function
 from slimpipe.schedule.actions import VOCAB_KINDS, Action, Kind, Schedule
 from slimpipe.schedule.format import to_grid
 from slimpipe.runtime.attention import MaskCache
+from slimpipe.runtime.context_parallel import ContextParallel
 from slimpipe.runtime.exchange import RankExchange
 from slimpipe.runtime.kv import KVStore
 from slimpipe.runtime.memory import MemoryTracker
@@ -50,7 +51,8 @@ class RankExecutor:
                  transport: Transport, hidden: int, device: torch.device, dtype: torch.dtype,
                  masks: MaskCache | None = None, exchange: RankExchange | None = None,
                  vocab: VocabRuntime | None = None, recompute: str = "none",
-                 offload: OffloadConfig | None = None, seq_shards: int = 1) -> None:
+                 offload: OffloadConfig | None = None, seq_shards: int = 1,
+                 cp: ContextParallel | None = None) -> None:
         self.rank, self.schedule, self.model = rank, schedule, model
         for block in model.layers.values():
             check_recompute(recompute, block)
@@ -69,6 +71,7 @@ class RankExecutor:
         self.exchange = exchange  # attention context exchange (runtime/exchange.py): marker handlers + hooks
         if exchange is not None:
             self.handlers.update(exchange.handlers())
+        self.cp = cp  # context parallelism (runtime/context_parallel.py): zig-zag tokens, CP attention
         self.vocab = vocab  # vocabulary parallelism (runtime/vocab.py): VE/VH/VB handlers
         if vocab is not None:
             self.handlers.update(vocab.bind(self))
@@ -90,15 +93,23 @@ class RankExecutor:
     def begin_step(self, step: int, tokens: torch.Tensor, normaliser: float, *,
                    program: tuple[Action, ...] | None = None) -> None:
         """tokens (m, s+1) on this rank's device; normaliser = tokens of the global batch. ``program``: a
-        forward-only program to run instead of the schedule's (an evaluation step, under no_grad)."""
+        forward-only program to run instead of the schedule's (an evaluation step, under no_grad).
+
+        ``ids``/``labels`` (m, s') are the tokens this rank feeds and predicts, ``bounds`` the slices in their
+        rows: the sequence (s' = s), or this CP rank's zig-zag pieces of every slice (s' = s/c)."""
         self.step, self.tokens, self.normaliser = step, tokens, float(normaliser)
         self.training = program is None
         self._program = self.program if program is None else program
         self.bounds = slice_bounds(tokens.size(1) - 1, self.schedule.slice_fractions())
-        self.store = KVStore(self.bounds, self.masks, self.recompute, training=self.training)
+        if self.cp is not None:
+            self.bounds = self.cp.begin_step(self.bounds, tokens.device)
+            self.ids, self.labels = self.cp.take(tokens)
+        else:
+            self.ids, self.labels = tokens[:, :-1], tokens[:, 1:]
+        self.store = KVStore(self.bounds, self.masks, self.recompute, training=self.training, cp=self.cp)
         if self.exchange is not None:
             self.exchange.begin_step(self.bounds)
-        self._token_ptr = tokens.untyped_storage().data_ptr()
+        self._token_ptrs = {t.untyped_storage().data_ptr() for t in (tokens, self.ids, self.labels)}
         self._inputs: dict[Unit, torch.Tensor] = {}
         self._held: dict[Unit, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self._to_send_f: dict[Unit, torch.Tensor] = {}
@@ -180,7 +191,7 @@ class RankExecutor:
 
     def _excluded(self, ptr: int) -> bool:
         assert self.store is not None
-        return (ptr in self._param_ptrs or ptr == self._token_ptr or ptr in self.store.buffer_ptrs
+        return (ptr in self._param_ptrs or ptr in self._token_ptrs or ptr in self.store.buffer_ptrs
                 or ptr in self.masks.ptrs)
 
     def _peer(self, a: Action) -> int:
@@ -197,12 +208,12 @@ class RankExecutor:
         j, mb = a.seq_slice, a.microbatch
         start, end = self.bounds[j], self.bounds[j + 1]
         if info.first:
-            inp, leaf = self.tokens[mb : mb + 1, start:end], None  # (1, t) ids
+            inp, leaf = self.ids[mb : mb + 1, start:end], None  # (1, t) ids
         else:
             if unit not in self._inputs:
                 raise RuntimeError(f"no input for {a}: its RECV_F (or upstream F) has not run")
             inp = leaf = self._inputs.pop(unit)  # (1, t, h), requires grad
-        labels = self.tokens[mb : mb + 1, start + 1 : end + 1] if info.last else None
+        labels = self.labels[mb : mb + 1, start:end] if info.last else None
         assert self.store is not None
         slice_kv = self.store.begin_forward(a.stage, mb, j)
         if self.exchange is not None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slimpipe.runtime.attention import KVWindow, MaskCache, window_attention
+from slimpipe.runtime.context_parallel import ContextParallel
 from slimpipe.runtime.ports import AttentionHook
 from slimpipe.runtime.recompute import replayed
 
@@ -54,9 +55,13 @@ class KVStore:
     """K/V carry across slices for every (stage, micro-batch) of one rank."""
 
     def __init__(self, bounds: list[int], masks: MaskCache, recompute: str = "none", *,
-                 training: bool = True) -> None:
-        self.bounds = bounds  # token boundaries of the n slices: slice j = [bounds[j], bounds[j+1])
+                 training: bool = True, cp: ContextParallel | None = None) -> None:
+        # Token boundaries of the n slices in this rank's rows: slice j = [bounds[j], bounds[j+1]). With
+        # context parallelism they are local rows (the rank's 2P tokens of every slice), and the slice's
+        # attention is the CP group's query-out attention.
+        self.bounds = bounds
         self.training = training  # False: forward-only (evaluate); an entry ends after its last forward
+        self.cp = cp
         self.n = len(bounds) - 1
         self.masks = masks
         self.recompute = recompute  # activation recompute mode (runtime/recompute.py)
@@ -167,6 +172,10 @@ class SliceKV:
     def __init__(self, store: KVStore, entry: _Entry, j: int) -> None:
         self.store, self.entry, self.j = store, entry, j
         self.start, self.end = store.bounds[j], store.bounds[j + 1]
+        cp = store.cp
+        # Global positions: the slice's first token, and the tokens this rank holds when not contiguous.
+        self.first = self.start if cp is None else cp.global_start(j)
+        self.positions = None if cp is None else cp.positions[self.start:self.end]  # type: ignore[index]
         self.shared: dict[str, object] = {}
         # Set by the executor when a feature takes over this unit's attention (the exchange: runtime/ports.py).
         self.attention_hook: AttentionHook | None = None
@@ -195,8 +204,8 @@ class SliceKV:
             return self._replay_attend(layer_id, q)
         self.store.writes += 1
         lk = self.entry.layers.setdefault(layer_id, _LayerKV())
-        seq = self.store.bounds[-1]
         if lk.k is None:
+            seq = self.store.bounds[-1]  # s, or s/c rows under context parallelism
             lk.k = k.new_empty((k.size(0), seq, *k.shape[2:]))  # (b, s, H_kv, d)
             lk.v = v.new_empty((v.size(0), seq, *v.shape[2:]))
             self.store.buffer_ptrs.update((_ptr(lk.k), _ptr(lk.v)))
@@ -212,7 +221,14 @@ class SliceKV:
         v_win = KVWindow.apply(v, vp, lk.v, start, functools.partial(_handed, lk, "acc_v", start, self.end))
         if self.attention_hook is not None:
             return self.attention_hook.attend(layer_id, q, k_win, v_win)
-        return window_attention(q, k_win, v_win, start, self.store.masks, seq)
+        return self.local_attention(q, k_win, v_win)
+
+    def local_attention(self, q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor) -> torch.Tensor:
+        """This slice's attention over the window computed without the exchange: the rank's own window
+        attention, or the CP group's query-out attention."""
+        if self.store.cp is not None:
+            return self.store.cp.attend(self.start, q, k_win, v_win)
+        return window_attention(q, k_win, v_win, self.start, self.store.masks, self.store.bounds[-1])
 
 
     def _replay_attend(self, layer_id: int, q: torch.Tensor) -> torch.Tensor:
@@ -224,7 +240,7 @@ class SliceKV:
         k_win, v_win = lk.k[:, : self.end], lk.v[:, : self.end]  # views: (b, end, H_kv, d)
         if self.attention_hook is not None:
             return self.attention_hook.attend(layer_id, q, k_win, v_win)
-        return window_attention(q, k_win, v_win, self.start, self.store.masks, self.store.bounds[-1])
+        return self.local_attention(q, k_win, v_win)
 
 
 def _handed(lk: _LayerKV, which: str, start: int, end: int) -> torch.Tensor | None:
@@ -235,11 +251,11 @@ def _handed(lk: _LayerKV, which: str, start: int, end: int) -> torch.Tensor | No
 class _LayerCtx:
     """LayerContext (slimpipe.models.base) of one layer within one slice."""
 
-    __slots__ = ("_slice", "_layer", "start", "shared", "recompute")
+    __slots__ = ("_slice", "_layer", "start", "positions", "shared", "recompute")
 
     def __init__(self, slice_kv: SliceKV, layer_id: int) -> None:
         self._slice, self._layer = slice_kv, layer_id
-        self.start = slice_kv.start
+        self.start, self.positions = slice_kv.first, slice_kv.positions
         self.shared = slice_kv.shared
         self.recompute = slice_kv.store.recompute
 

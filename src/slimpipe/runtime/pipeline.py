@@ -18,6 +18,8 @@ import torch.distributed as dist
 from slimpipe.config import ConfigError, ModelConfig
 from slimpipe.models.base import DecoderParts
 from slimpipe.runtime.attention import MaskCache
+from slimpipe.runtime.context_parallel import ContextParallel
+from slimpipe.runtime.cp_attention import CPGroup
 from slimpipe.runtime.exchange import dist_exchange, with_exchange
 from slimpipe.runtime.executor import RankExecutor
 from slimpipe.runtime.offload import OffloadConfig, as_offload
@@ -32,11 +34,12 @@ from slimpipe.runtime.tp_state import TPLayout, local_tensors
 from slimpipe.runtime.vocab import vocab_runtime, vocab_stages, with_vocab
 from slimpipe.runtime.vocab_comm import DistCollectives
 from slimpipe.runtime.vocab_state import VocabLayout, dist_gather, full_model_state, load_model_state
+from slimpipe.rules import sequence_problem
 from slimpipe.schedule.actions import Schedule
 from slimpipe.schedule.passes import lower
 from slimpipe.schedule.validate import validate
 
-__all__ = ["PipelineRuntime", "prepare_schedule", "check_tokens"]
+__all__ = ["PipelineRuntime", "prepare_schedule", "check_tokens", "context_parallel"]
 
 
 def prepare_schedule(schedule: Schedule, *, pp: int, num_layers: int, check: bool = True) -> Schedule:
@@ -53,7 +56,7 @@ def prepare_schedule(schedule: Schedule, *, pp: int, num_layers: int, check: boo
     return lowered
 
 
-def check_tokens(tokens: torch.Tensor, schedule: Schedule, tp: int = 1) -> None:
+def check_tokens(tokens: torch.Tensor, schedule: Schedule, tp: int = 1, *, cp: int = 1) -> None:
     m, n = schedule.num_microbatches, schedule.num_slices
     if tokens.dim() != 2 or tokens.size(0) != m or tokens.dtype != torch.long:
         raise ValueError(
@@ -62,14 +65,22 @@ def check_tokens(tokens: torch.Tensor, schedule: Schedule, tp: int = 1) -> None:
         )
     if tokens.size(1) - 1 < n:
         raise ConfigError(f"sequence length {tokens.size(1) - 1} is shorter than the {n} slices: use s ≥ n")
-    if tp > 1:  # sequence parallelism splits every slice's tokens over the TP ranks
+    if tp > 1 or cp > 1:  # SP splits every slice's tokens over t; CP cuts each slice into 2c pieces
+        shard = tp * (2 * cp if cp > 1 else 1)
         bounds = slice_bounds(tokens.size(1) - 1, schedule.slice_fractions())
-        bad = [b1 - b0 for b0, b1 in zip(bounds, bounds[1:]) if (b1 - b0) % tp]
+        bad = [b1 - b0 for b0, b1 in zip(bounds, bounds[1:]) if (b1 - b0) % shard]
         if bad:
-            raise ConfigError(
-                f"slices of {bad[0]} tokens do not split over tp={tp} ranks (sequence parallelism): use a "
-                f"sequence length that is a multiple of n·t = {n * tp}"
-            )
+            raise ConfigError(sequence_problem(tokens.size(1) - 1, n, tp, cp) or (
+                f"slices of {bad[0]} tokens do not split into {shard} equal shards (tp={tp}"
+                f"{f', 2c={2 * cp} zig-zag pieces' if cp > 1 else ''}): use equal slices and a sequence length "
+                f"that is a multiple of {n * shard}"))
+
+
+def context_parallel(state: ParallelState) -> ContextParallel | None:
+    """This rank's context parallelism over ``state.cp_group`` (None when c = 1)."""
+    if state.cp == 1:
+        return None
+    return ContextParallel(CPGroup(state.cp_group, state.cp, state.cp_rank))
 
 
 def reduce_step_stats(values: list[list[float]], trace, loss: float, grad_norm: float,
@@ -135,7 +146,7 @@ class PipelineRuntime(StepLoop):
             transport=DistTransport(state), hidden=self.parts.hidden, device=state.device, dtype=dtype,
             masks=MaskCache(mask_mode), vocab=self.vocab, recompute=recompute, offload=as_offload(offload),
             exchange=dist_exchange(self.schedule, state, replays_attention=recompute == "full"),
-            seq_shards=state.tp,
+            seq_shards=state.tp, cp=context_parallel(state),
         )
         self.step = 0
 
@@ -171,7 +182,7 @@ class PipelineRuntime(StepLoop):
         return self.model.parameters()
 
     def _run(self, tokens: torch.Tensor, loss_tokens: int | None, evaluate: Schedule | None = None) -> StepResult:
-        check_tokens(tokens, evaluate or self.schedule, self.state.tp)
+        check_tokens(tokens, evaluate or self.schedule, self.state.tp, cp=self.state.cp)
         st, ex = self.state, self.executor
         tokens = tokens.to(st.device)
         normaliser = loss_tokens if loss_tokens is not None else tokens.size(0) * (tokens.size(1) - 1) * st.dp

@@ -2,11 +2,14 @@
 
 * :class:`AttentionHook` — replaces one slice's window attention, layer by layer. The attention context
   exchange (runtime/exchange.py) returns one from ``on_forward`` for an exchanged unit; the executor
-  installs it on the unit's :class:`~slimpipe.runtime.kv.SliceKV`.
+  installs it on the unit's :class:`~slimpipe.runtime.kv.SliceKV`. Without a hook a slice attends through
+  ``SliceKV.local_attention``: the rank's window attention, or under context parallelism the CP group's
+  query-out attention (``KVStore.cp``, runtime/context_parallel.py), which a hook composes with.
 * :class:`EndsPort` — what the vocabulary-parallel ends (runtime/vocab.py: VE/VH/VB) read from and hand to
   the executor of their rank: the embedding output that becomes F(stage 0)'s input, the gradient B(stage 0)
   produced for it, the last stage's output that VH consumes and the output gradient VH returns for
-  B(last stage), plus the step's tokens, slice bounds, loss and busy-time accumulators.
+  B(last stage), plus the step's ids and labels (this rank's share under context parallelism), slice
+  bounds, loss and busy-time accumulators.
   :class:`~slimpipe.runtime.executor.RankExecutor` implements it.
 """
 
@@ -33,8 +36,12 @@ class EndsPort(Protocol):
 
     tokens: torch.Tensor
     """(m, s+1) token ids of this step."""
+    ids: torch.Tensor
+    """(m, s') the ids this rank feeds: the sequence (s' = s), or its CP share in zig-zag order (s/c)."""
+    labels: torch.Tensor
+    """(m, s') the next-token labels of ``ids`` (the next *global* token under context parallelism)."""
     bounds: list[int]
-    """Slice boundaries in tokens: slice j is [bounds[j], bounds[j+1])."""
+    """Slice boundaries in the rows of ``ids``: slice j is [bounds[j], bounds[j+1])."""
     dtype: torch.dtype
     """Activation dtype."""
     normaliser: float

@@ -209,8 +209,9 @@ class VocabRuntime:
 
     # ---- programs ---------------------------------------------------------------------------------
     def _ids(self, mb: int, j: int, shift: int = 0) -> torch.Tensor:
+        """Slice j's ids (shift 0) or labels (shift 1) on this rank: its CP share under context parallelism."""
         b = self.ex.bounds
-        return self.ex.tokens[mb, b[j] + shift : b[j + 1] + shift]  # (t,)
+        return (self.ex.labels if shift else self.ex.ids)[mb, b[j] : b[j + 1]]  # (t,)
 
     def _embed(self, mb: int, j: int) -> Program:
         local, mask = self.shard.local(self._ids(mb, j))

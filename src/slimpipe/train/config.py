@@ -56,10 +56,13 @@ class TrainConfig:
     pp: int = 2
     """p: pipeline stages (ranks per pipeline)."""
     dp: int = 1
-    """d: data-parallel replicas; the world is tp·pp·dp processes."""
+    """d: data-parallel replicas; the world is tp·cp·pp·dp processes."""
     tp: int = 1
     """t: tensor-parallel size (Megatron TP with sequence parallelism); must divide the model's heads,
     K/V heads, FFN size and vocabulary, and every slice's tokens."""
+    cp: int = 1
+    """c: context-parallel size: every slice is cut into 2c zig-zag pieces, CP rank r holds pieces r and
+    2c−1−r (query-out attention over the CP group); seq_len must be a multiple of 2·c·t·slices."""
     vpp: int = 1
     """v: virtual stages per pipeline rank (interleaving)."""
     slices: int = 4
@@ -142,7 +145,7 @@ class TrainConfig:
     checkpoint with a finite loss) or skip (continue; stop after 5 such steps in a row)."""
 
     def __post_init__(self) -> None:
-        for f in ("seq_len", "global_batch", "pp", "dp", "tp", "vpp", "slices", "steps", "log_every"):
+        for f in ("seq_len", "global_batch", "pp", "dp", "tp", "cp", "vpp", "slices", "steps", "log_every"):
             val = getattr(self, f)
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ConfigError(f"--{_flag(f)}={val!r} must be a positive integer")
@@ -171,14 +174,15 @@ class TrainConfig:
             raise ConfigError(f"--offload={self.offload!r} must be in [0, 1): it is the offloaded fraction α")
         if self.local_pipeline and self.dp != 1:
             raise ConfigError(f"--local-pipeline runs one pipeline (got dp={self.dp}): use --dp 1")
-        if self.local_pipeline and self.tp != 1:
-            raise ConfigError(f"--local-pipeline runs one process (got tp={self.tp}): use --tp 1 or drop "
+        if self.local_pipeline and self.tp * self.cp != 1:
+            raise ConfigError(f"--local-pipeline runs one process (got tp={self.tp}, cp={self.cp}): use --tp 1 "
+                              "--cp 1 or drop "
                               "--local-pipeline")
 
     @property
     def world(self) -> int:
-        """Processes the layout needs: tp·pp·dp (1 with local_pipeline)."""
-        return 1 if self.local_pipeline else self.tp * self.pp * self.dp
+        """Processes the layout needs: tp·cp·pp·dp (1 with local_pipeline)."""
+        return 1 if self.local_pipeline else self.tp * self.cp * self.pp * self.dp
 
     @property
     def microbatches(self) -> int:

@@ -84,7 +84,7 @@ def preflight(cfg: TrainConfig, *, env: TorchrunEnv | None = None, check_outputs
 
     cfg = cfg.resolved()
     model, hf, resume_dir = _model(cfg, evaluation is not None)
-    layout = ParallelConfig(tp=cfg.tp, pp=cfg.pp, dp=cfg.dp, vpp=cfg.vpp, slices=cfg.slices)
+    layout = ParallelConfig(tp=cfg.tp, cp=cfg.cp, pp=cfg.pp, dp=cfg.dp, vpp=cfg.vpp, slices=cfg.slices)
     # the rules simulate and plan apply too (slimpipe.rules)
     check_layout(model, layout, cfg.seq_len, vocab_parallel=cfg.vocab_parallel)
     m = layout.microbatches(cfg.global_batch)
@@ -132,15 +132,15 @@ def _slice_weights(cfg: TrainConfig, model) -> tuple[float, ...] | None:
 def _check_processes(cfg: TrainConfig, env: TorchrunEnv | None) -> None:
     need = cfg.world
     layout = ("1 (--local-pipeline)" if cfg.local_pipeline
-              else f"tp·pp·dp = {cfg.tp}·{cfg.pp}·{cfg.dp} = {need}")
+              else f"tp·cp·pp·dp = {cfg.tp}·{cfg.cp}·{cfg.pp}·{cfg.dp} = {need}")
     if env is not None and env.world != need:
         raise ConfigError(
             f"the launcher started WORLD_SIZE={env.world} processes but the layout needs {layout}: "
-            f"start {need} processes or change --tp/--pp/--dp"
+            f"start {need} processes or change --tp/--cp/--pp/--dp"
         )
     if env is None and cfg.nproc and cfg.nproc != need:
         raise ConfigError(f"--nproc={cfg.nproc} but the layout needs {layout}: use --nproc {need} or change "
-                          "--tp/--pp/--dp")
+                          "--tp/--cp/--pp/--dp")
 
 
 def _check_slices_split(cfg: TrainConfig, schedule: Schedule) -> None:

@@ -1,0 +1,303 @@
+"""Query-out attention of one slice over the context-parallel group (the zig-zag layout: context_parallel.py).
+
+With the window of CP rank r = its local K/V of slices 0 … j (prefix rows [0, S/c), then its two pieces of
+slice j: A = piece r, B = piece 2c−1−r, P tokens each) (:class:`CPAttention`):
+
+* forward: all-gather q over CP (the slice's T = 2cP queries, put in global piece order); attend against
+  the local window in fused blocks — the prefix unmasked for every query, A unmasked for pieces > r and
+  square-causal for piece r, B unmasked for pieces > 2c−1−r and square-causal for piece 2c−1−r — merged
+  by log-sum-exp into a partial (out, lse) of all T queries; an all-to-all hands each rank the c partials
+  of its own 2P queries, merged by log-sum-exp (a reduce-scatter whose reduction is the LSE merge);
+* backward: all-gather (q, dout, out, lse) — the merged out/lse, so each key block's flash backward is
+  exact (runtime/block_attention.py) —, compute the dq shares and the window's dK/dV locally,
+  reduce-scatter dq. dK/dV stay local; the K/V store hands them down slice by slice as for c = 1.
+
+Every rank does the same causal work per slice: T × S/c prefix pairs plus 2c − 1 full and two half P×P
+blocks. The bytes a rank sends per layer and slice do not grow with the slice index (:func:`query_out_bytes`);
+ring attention passes the window's K/V, which does (:func:`ring_bytes`). Nothing gathered is saved for the
+backward: it is gathered again (q, out, lse are slice-sized; the saved tensors are this rank's share).
+
+An :class:`~slimpipe.runtime.exchange_attention.OwnerJob` (attention context exchange) moves the first
+``fwd_tokens`` / ``bwd_tokens`` local prefix rows to a pipeline partner at the same CP rank: the partner
+computes the gathered queries against them (the exchange's Peer, grouped-query layout) and the result is
+merged in before the CP merge.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from slimpipe.runtime.block_attention import (
+    block_backward, block_forward, causal_mask, lse_dtype, math_block_backward, math_block_forward, merge,
+)
+from slimpipe.runtime.exchange_attention import OwnerJob
+
+__all__ = ["CPGroup", "CPAttention", "SliceGeometry", "cp_attention", "query_out_bytes", "ring_bytes"]
+
+# torch 2.13 renamed the tensor collectives (the old names warn); 2.11 has only the old ones.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass(slots=True)
+class CPGroup:
+    """The CP process group of one rank, with counters of what query-out moved and computed."""
+
+    group: object
+    """``ParallelState.cp_group``."""
+    size: int
+    """c."""
+    rank: int
+    """CP rank r."""
+    sent_bytes: int = 0
+    """Bytes this rank sent to the other CP ranks (all-gather, all-to-all, reduce-scatter), this step."""
+    busy_s: float = 0.0
+    """Seconds spent in the local attention blocks (not in collectives), this step."""
+    calls: list[tuple[str, int]] = field(default_factory=list)
+    """(collective, bytes sent) of every call when ``record`` is on (benchmarks)."""
+    record: bool = False
+
+    def reset(self) -> None:
+        self.sent_bytes, self.busy_s = 0, 0.0
+        self.calls.clear()
+
+    def _count(self, what: str, nbytes: int) -> None:
+        self.sent_bytes += nbytes
+        if self.record:
+            self.calls.append((what, nbytes))
+
+    def all_gather(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each rank's tensors -> per tensor (c, *shape), rank order; one packed collective."""
+        flat, specs = _pack(tensors)
+        out = flat.new_empty(self.size * flat.numel())
+        _ALL_GATHER(out, flat, group=self.group)
+        self._count("all_gather", (self.size - 1) * flat.numel())
+        return _unpack(out.view(self.size, -1), specs, lead=self.size)
+
+    def all_to_all(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """tensors (c, *shape): row i goes to rank i; returns (c, *shape), row i from rank i."""
+        flat, specs = _pack(tensors, lead=self.size)
+        out = torch.empty_like(flat)
+        dist.all_to_all_single(out, flat, group=self.group)
+        self._count("all_to_all", (self.size - 1) * flat.size(1))
+        return _unpack(out, specs, lead=self.size)
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """x (c, *shape): the sum over ranks of row ``rank``, shape ``shape``."""
+        out = x.new_empty(x[0].numel())
+        _REDUCE_SCATTER(out, x.contiguous().view(-1), group=self.group)
+        self._count("reduce_scatter", (self.size - 1) * out.numel() * out.element_size())
+        return out.view(x.shape[1:])
+
+
+def _pack(tensors: list[torch.Tensor], lead: int | None = None) -> tuple[torch.Tensor, list]:
+    """Bytes of several tensors in one uint8 buffer (larger element sizes first, so every part stays
+    aligned when viewed back); with ``lead`` every tensor is (lead, …) and the buffer (lead, bytes)."""
+    order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
+    parts, specs = [], [None] * len(tensors)
+    for i in order:
+        t = tensors[i].contiguous()
+        flat = t.view(lead, -1) if lead else t.view(-1)
+        parts.append(flat.view(torch.uint8))
+        specs[i] = (t.shape[1:] if lead else t.shape, t.dtype, parts[-1].size(-1))
+    return torch.cat(parts, dim=-1), [(i, specs[i]) for i in order]
+
+
+def _unpack(buf: torch.Tensor, specs: list, lead: int) -> list[torch.Tensor]:
+    out: list[torch.Tensor | None] = [None] * len(specs)
+    offset = 0
+    for i, (shape, dtype, nbytes) in specs:
+        out[i] = buf[:, offset: offset + nbytes].contiguous().view(dtype).view(lead, *shape)
+        offset += nbytes
+    return out  # type: ignore[return-value]
+
+
+# ---- token order: gathered (rank order) <-> global piece order --------------------------------------
+def _piece_order(c: int) -> list[int]:
+    """Pieces in rank order: rank 0's (0, 2c−1), rank 1's (1, 2c−2), …"""
+    return [k for r in range(c) for k in (r, 2 * c - 1 - r)]
+
+
+def _to_global(g: torch.Tensor) -> torch.Tensor:
+    """(c, b, H, 2P, *rest) gathered in rank order -> (b, H, T, *rest) in global piece order."""
+    c, b, h, two_p, *rest = g.shape
+    x = g.view(c, b, h, 2, two_p // 2, *rest)
+    pieces = torch.cat([x[:, :, :, 0], x[:, :, :, 1].flip(0)])  # (2c, b, H, P, *rest), pieces 0 … 2c−1
+    return pieces.movedim(0, 2).reshape(b, h, c * two_p, *rest)
+
+
+def _to_ranks(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(b, H, T, *rest) in global piece order -> (c, b, H, 2P, *rest): row i = rank i's two pieces."""
+    b, h, t, *rest = x.shape
+    idx = torch.tensor(_piece_order(c), device=x.device)
+    pieces = x.view(b, h, 2 * c, t // (2 * c), *rest).index_select(2, idx)
+    return pieces.view(b, h, c, t // c, *rest).movedim(2, 0).contiguous()
+
+
+# ---- the blocks of one rank ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class SliceGeometry:
+    """One slice on one CP rank: the local window's rows and the zig-zag pieces."""
+
+    start: int
+    """Local window rows [0, start) are the prefix (earlier slices); [start, start + 2P) the own pieces."""
+    piece: int
+    """P."""
+    rank: int
+    """r."""
+    size: int
+    """c."""
+
+    def blocks(self, skip: int = 0) -> list[tuple[int, int, int, int, bool]]:
+        """(query row lo, hi in global piece order, key row lo, hi in the window, causal) of the local
+        work; ``skip`` prefix rows are computed elsewhere (the exchange)."""
+        p, r, c, s = self.piece, self.rank, self.size, self.start
+        t, a, b = 2 * c * p, s, s + p
+        out = [(0, t, skip, s, False)] if s > skip else []
+        out.append(((r + 1) * p, t, a, a + p, False))  # piece r's keys: later pieces see all of it
+        out.append((r * p, (r + 1) * p, a, a + p, True))  # … piece r itself, causal
+        if r:
+            out.append(((2 * c - r) * p, t, b, b + p, False))  # piece 2c−1−r's keys
+        out.append(((2 * c - 1 - r) * p, (2 * c - r) * p, b, b + p, True))
+        return out
+
+
+def _kernel_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (b, H, tq, d), k/v (b, H_kv, tk, d) -> out (b, H, tq, d), lse (b, H, tq). ``fused`` (default: on
+    CPU): ATen's flash kernel with native GQA; else explicit matmuls in fp32/fp64 (K/V heads expanded)."""
+    if q.device.type == "cpu" if fused is None else fused:
+        return block_forward(q, k, v, None, causal=causal)
+    g = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    mask = causal_mask(0, k.size(2), 0, 1, dtype=q.dtype, device=q.device) if causal else None
+    return math_block_forward(q, k, v, mask)
+
+
+def _kernel_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor, causal: bool,
+                fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq share, dk, dv) of one block given the merged out/lse (same kernels as _kernel_fwd)."""
+    if q.device.type == "cpu" if fused is None else fused:
+        return block_backward(dout, q, k, v, out, lse, None, causal=causal)  # type: ignore[return-value]
+    hk, g = k.size(1), q.size(1) // k.size(1)
+    ke, ve = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    mask = causal_mask(0, k.size(2), 0, 1, dtype=q.dtype, device=q.device) if causal else None
+    dq, dk, dv = math_block_backward(dout, q, ke, ve, out, lse, mask)
+    b, _, tk, d = dk.shape
+    return dq, dk.view(b, hk, g, tk, d).sum(2), dv.view(b, hk, g, tk, d).sum(2)
+
+
+def _grouped(x: torch.Tensor, hk: int) -> torch.Tensor:
+    """(b, H, T, …) contiguous -> (b, H_kv, g·T, …): the exchange's grouped-query layout (a view)."""
+    b, h, t, *rest = x.shape
+    return x.reshape(b, hk, (h // hk) * t, *rest)
+
+
+class CPAttention(torch.autograd.Function):
+    """q (b, 2P, H, d) of this rank's pieces over its window k_win/v_win (b, start + 2P, H_kv, d)
+    -> (b, 2P, H, d): query-out attention over the CP group (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,  # type: ignore[override]
+                geo: SliceGeometry, comm: CPGroup, job: OwnerJob | None) -> torch.Tensor:
+        c = geo.size
+        (qs,) = comm.all_gather([q.transpose(1, 2)])  # (c, b, H, 2P, d)
+        qa = _to_global(qs)  # (b, H, T, d)
+        k, v = k_win.transpose(1, 2), v_win.transpose(1, 2)  # (b, H_kv, L, d)
+        n = job.fwd_tokens if job is not None else 0
+        pending = job.fwd_peer.forward(_grouped(qa, k.size(1)), k[:, :, :n], v[:, :, :n]) if n else None
+        out, lse = _local_forward(qa, k, v, geo, n, comm)
+        if pending is not None:
+            out_r, lse_r = pending.wait()
+            out, lse = merge(out, lse, out_r.reshape(out.shape), lse_r.reshape(lse.shape), into=out)
+        outs, lses = comm.all_to_all([_to_ranks(out, c), _to_ranks(lse, c)])  # (c, b, H, 2P, d), (c, b, H, 2P)
+        total = torch.logsumexp(lses, dim=0)  # (b, H, 2P)
+        w = torch.exp(lses - total)[..., None]  # (c, b, H, 2P, 1); 0 where a rank saw no key
+        res = q.new_empty(q.shape)  # (b, 2P, H, d): the model's view(b, t, H·d) of it is free
+        res.transpose(1, 2).copy_((outs.to(w.dtype) * w).sum(0))
+        ctx.save_for_backward(q, k_win, v_win, res, total)
+        ctx.geo, ctx.comm, ctx.job = geo, comm, job
+        return res
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
+        q, k_win, v_win, res, lse = ctx.saved_tensors
+        geo, comm, job = ctx.geo, ctx.comm, ctx.job
+        qs, ds, os_, ls = comm.all_gather([q.transpose(1, 2), dout.transpose(1, 2), res.transpose(1, 2), lse])
+        qa, da, oa, la = _to_global(qs), _to_global(ds), _to_global(os_), _to_global(ls)  # (b, H, T, …)
+        k, v = k_win.transpose(1, 2), v_win.transpose(1, 2)
+        n = job.bwd_tokens if job is not None else 0
+        hk = k.size(1)
+        pending = (job.bwd_peer.backward(_grouped(da, hk), _grouped(qa, hk), _grouped(oa, hk),
+                                         _grouped(la, hk), k[:, :, :n], v[:, :, :n]) if n else None)
+        dq, dk, dv = _local_backward(da, qa, k, v, oa, la, geo, n, comm)  # dk/dv (b, H_kv, L, d)
+        if pending is not None:
+            dq_r, dk[:, :, :n], dv[:, :, :n] = pending.wait()
+            dq += dq_r.reshape(dq.shape)
+        mine = comm.reduce_scatter(_to_ranks(dq, geo.size))  # (b, H, 2P, d)
+        return mine.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
+
+
+def _local_forward(qa: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geo: SliceGeometry, skip: int,
+                   comm: CPGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial (out, lse) of all T queries over this rank's window (rows ≥ skip), merged block by block."""
+    t0 = time.perf_counter()
+    b, h, t, d = qa.shape
+    out = qa.new_zeros(b, h, t, d)
+    lse = qa.new_full((b, h, t), float("-inf"), dtype=lse_dtype(qa.dtype))  # no key seen yet
+    for qlo, qhi, klo, khi, causal in geo.blocks(skip):
+        o, s = _kernel_fwd(qa[:, :, qlo:qhi], k[:, :, klo:khi], v[:, :, klo:khi], causal)
+        rows = out[:, :, qlo:qhi]
+        _, lse[:, :, qlo:qhi] = merge(rows, lse[:, :, qlo:qhi], o, s, into=rows)
+    comm.busy_s += time.perf_counter() - t0
+    return out, lse
+
+
+def _local_backward(da: torch.Tensor, qa: torch.Tensor, k: torch.Tensor, v: torch.Tensor, oa: torch.Tensor,
+                    la: torch.Tensor, geo: SliceGeometry, skip: int,
+                    comm: CPGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq shares of all T queries, dk, dv of the window) of this rank's blocks."""
+    t0 = time.perf_counter()
+    dq, dk, dv = torch.zeros_like(qa), torch.zeros_like(k), torch.zeros_like(v)
+    for qlo, qhi, klo, khi, causal in geo.blocks(skip):
+        rows = slice(qlo, qhi)
+        g = _kernel_bwd(da[:, :, rows], qa[:, :, rows], k[:, :, klo:khi], v[:, :, klo:khi], oa[:, :, rows],
+                        la[:, :, rows].contiguous(), causal)
+        dq[:, :, rows] += g[0]
+        dk[:, :, klo:khi] += g[1]
+        dv[:, :, klo:khi] += g[2]
+    comm.busy_s += time.perf_counter() - t0
+    return dq, dk, dv
+
+
+def cp_attention(q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, geo: SliceGeometry,
+                 comm: CPGroup, job: OwnerJob | None = None) -> torch.Tensor:
+    """Query-out attention of one slice on one CP rank (see :class:`CPAttention`)."""
+    if q.size(1) != 2 * geo.piece or k_win.size(1) != geo.start + 2 * geo.piece:
+        raise ValueError(f"CP attention: q has {q.size(1)} tokens and the window {k_win.size(1)} rows, "
+                         f"expected 2P = {2 * geo.piece} and {geo.start + 2 * geo.piece}")
+    return CPAttention.apply(q, k_win, v_win, geo, comm, job)
+
+
+# ---- bytes per rank per layer and slice (BENCHMARKS.md) --------------------------------------------------
+def query_out_bytes(*, tokens: int, c: int, heads: int, head_dim: int, elem: int, lse_elem: int,
+                    backward: bool) -> int:
+    """Bytes one rank sends for one slice of ``tokens`` (= T) in one layer: forward all-gather of q and
+    all-to-all of (out, lse); backward all-gather of (q, dout, out, lse) and reduce-scatter of dq. Each
+    moves (c − 1)/c of a slice-sized tensor: independent of the slice index."""
+    row = (c - 1) * (tokens // c) * heads
+    fwd = row * (2 * head_dim * elem + lse_elem)
+    return fwd + row * (4 * head_dim * elem + lse_elem) if backward else fwd
+
+
+def ring_bytes(*, tokens: int, j: int, c: int, kv_heads: int, head_dim: int, elem: int, backward: bool) -> int:
+    """Bytes one rank sends for slice j (0-based) of ``tokens`` in one layer with ring attention: the local
+    K/V window ((j + 1)·T/c rows) travels c − 1 hops forward and again backward, and its dK/dV accumulator
+    c hops back to its owner (torch's templated ring backward does the same): grows with j."""
+    hop = (j + 1) * (tokens // c) * 2 * kv_heads * head_dim * elem
+    return (c - 1) * hop + ((c - 1) + c) * hop if backward else (c - 1) * hop
