@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 from slimpipe.runtime.context_parallel import ZigZag
 from slimpipe.runtime.cp_attention import (
-    CPGroup, SliceGeometry, _local_backward, _local_forward, cp_attention, query_out_bytes, ring_bytes,
+    Block, CPGroup, SliceGeometry, _local_backward, _local_forward, _rank_rows, cp_attention, query_out_bytes,
+    ring_bytes,
 )
 from slimpipe.runtime.block_attention import merge
 from slimpipe.runtime.forked import run_forked
@@ -179,21 +180,22 @@ def _time_ranks(qa, k, v, geos: list[SliceGeometry], dout, repeat: int) -> list[
         for i, geo in enumerate(geos):
             comm = CPGroup(None, geo.size, geo.rank)
             t0 = time.process_time()  # CPU time: what load from other processes does not inflate
-            out, lse = _local_forward(qa, k, v, geo, 0, comm)
-            _local_backward(dout, qa, k, v, out, lse, geo, 0, comm)
+            out, lse = _local_forward(qa, k, v, geo, 0, comm)  # partials by owner: (c, b, H, 2P, …)
+            _local_backward(dout, qa, k, v, _rank_rows(out), _rank_rows(lse), geo, 0, comm)
             if rnd:
                 best[i] = min(best[i], time.process_time() - t0)
     return best
 
 
-def _contiguous_blocks(c: int, r: int, p: int, start: int):
-    """The same slice split into c contiguous runs (rank r holds pieces 2r, 2r+1): the unbalanced layout."""
-    t = 2 * c * p
-    lo = 2 * r * p
-    out = [(0, t, 0, start, False)] if start else []
-    out.append((lo + 2 * p, t, start, start + 2 * p, False))
-    out.append((lo, lo + 2 * p, start, start + 2 * p, True))
-    return [b for b in out if b[0] < b[1]]
+def _contiguous_blocks(c: int, r: int, p: int, start: int) -> list[Block]:
+    """The same slice split into c contiguous runs (rank r holds pieces 2r, 2r+1, so rank order is position
+    order): the unbalanced layout, in the same fused blocks."""
+    two, t = 2 * p, 2 * c * p
+    out = [Block(rows=((0, two * (r + 1)),), keys=(0, start), causal=False, fresh=True)] if start else []
+    out.append(Block(rows=((two * r, two * (r + 1)),), keys=(start, start + two), causal=True, fresh=not start))
+    if r < c - 1:
+        out.append(Block(rows=((two * (r + 1), t),), keys=(0, start + two), causal=False, fresh=True))
+    return out
 
 
 class _Geo(SliceGeometry):

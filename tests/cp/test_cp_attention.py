@@ -10,7 +10,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from slimpipe.config import ConfigError
 from slimpipe.runtime.context_parallel import ZigZag
 from slimpipe.runtime.cp_attention import CPGroup, SliceGeometry, cp_attention
-from slimpipe.runtime.forked import run_forked
+from tests.support.dist import run_dist
 
 B, H, HK, D = 1, 4, 2, 8
 
@@ -57,7 +57,7 @@ def _rank(rank: int, world: int, bounds: tuple[int, ...]) -> list[torch.Tensor]:
                                        (4, (0, 32)), (2, (0, 8, 32))])
 def test_query_out_matches_causal_attention(c: int, bounds: tuple[int, ...]) -> None:
     ref = _reference(bounds[-1])
-    for pos, *got in run_forked(_rank, c, bounds, timeout_s=60):
+    for pos, *got in run_dist(_rank, c, bounds):
         for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
             torch.testing.assert_close(g, r[:, pos], rtol=1e-10, atol=1e-12, msg=name)
 

@@ -117,14 +117,18 @@ def math_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 
 
 def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, *,
-          into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          into: torch.Tensor | None = None,
+          lse_into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over the union of two disjoint key sets from the two partial results.
 
     ``into``: where to write the merged out (same shape as out_a, any strides — e.g. a transposed view
-    of the layout the caller wants); a new tensor by default. 16-bit outputs merge in the lse dtype and
-    round once."""
+    of the layout the caller wants); a new tensor by default. ``lse_into``: the same for the merged lse
+    (may be lse_a itself: context parallelism merges block results in place). 16-bit outputs merge in the
+    lse dtype and round once."""
     lse = torch.logaddexp(lse_a, lse_b)
     wa, wb = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]
+    if lse_into is not None:
+        lse = lse_into.copy_(lse)
     out = torch.empty_like(out_a) if into is None else into
     if out_a.dtype == lse.dtype:
         torch.mul(out_a, wa, out=out)

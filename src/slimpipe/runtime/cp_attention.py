@@ -116,26 +116,28 @@ def _unpack(buf: torch.Tensor, specs: list, lead: int) -> list[torch.Tensor]:
     return out  # type: ignore[return-value]
 
 
-# ---- token order: gathered (rank order) <-> global piece order --------------------------------------
-def _piece_order(c: int) -> list[int]:
-    """Pieces in rank order: rank 0's (0, 2c−1), rank 1's (1, 2c−2), …"""
-    return [k for r in range(c) for k in (r, 2 * c - 1 - r)]
-
-
-def _to_global(g: torch.Tensor) -> torch.Tensor:
-    """(c, b, H, 2P, *rest) gathered in rank order -> (b, H, T, *rest) in global piece order."""
+# ---- query rows in rank order: rank r' holds rows [2P·r', 2P·(r'+1)) = its pieces r', 2c−1−r' ----------------
+def _rank_rows(g: torch.Tensor) -> torch.Tensor:
+    """(c, b, H, 2P, *rest) gathered -> (b, H, T, *rest) contiguous, rows in rank order."""
     c, b, h, two_p, *rest = g.shape
-    x = g.view(c, b, h, 2, two_p // 2, *rest)
-    pieces = torch.cat([x[:, :, :, 0], x[:, :, :, 1].flip(0)])  # (2c, b, H, P, *rest), pieces 0 … 2c−1
-    return pieces.movedim(0, 2).reshape(b, h, c * two_p, *rest)
+    return g.movedim(0, 2).reshape(b, h, c * two_p, *rest)
 
 
-def _to_ranks(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(b, H, T, *rest) in global piece order -> (c, b, H, 2P, *rest): row i = rank i's two pieces."""
-    b, h, t, *rest = x.shape
-    idx = torch.tensor(_piece_order(c), device=x.device)
-    pieces = x.view(b, h, 2 * c, t // (2 * c), *rest).index_select(2, idx)
-    return pieces.view(b, h, c, t // c, *rest).movedim(2, 0).contiguous()
+def _region(x5: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) (rank order) of a (b, H, c, 2P, *rest) view: whole ranks -> (b, H, k, 2P, *rest), part
+    of one rank -> (b, H, hi − lo, *rest). A view."""
+    two_p = x5.size(3)
+    if lo % two_p == 0 and hi % two_p == 0:
+        return x5[:, :, lo // two_p: hi // two_p]
+    rank, off = divmod(lo, two_p)
+    return x5[:, :, rank, off: off + hi - lo]
+
+
+def _take(x: torch.Tensor, rows: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Rows of x (b, H, T, *rest): a view for one range, else the ranges concatenated."""
+    if len(rows) == 1:
+        return x[:, :, rows[0][0]: rows[0][1]]
+    return torch.cat([x[:, :, lo:hi] for lo, hi in rows], dim=2)
 
 
 # ---- the blocks of one rank ---------------------------------------------------------------------------
@@ -152,18 +154,40 @@ class SliceGeometry:
     size: int
     """c."""
 
-    def blocks(self, skip: int = 0) -> list[tuple[int, int, int, int, bool]]:
-        """(query row lo, hi in global piece order, key row lo, hi in the window, causal) of the local
-        work; ``skip`` prefix rows are computed elsewhere (the exchange)."""
+    def blocks(self, skip: int = 0) -> list[Block]:
+        """This rank's attention work as fused blocks over the gathered queries (rows in rank order);
+        ``skip`` prefix rows are computed elsewhere (the exchange). With rank r' < r holding pieces r' < r
+        and 2c−1−r' > 2c−1−r, and r' > r pieces between r and 2c−1−r:
+
+        * ranks ≤ r, all rows × the prefix, unmasked;
+        * rank r's own rows × its own keys [A; B], causal: in local order (pieces r, 2c−1−r for queries
+          and keys) the upper-left causal mask is exactly the positions' rule;
+        * ranks < r, second pieces (2c−1−r' > 2c−1−r) × [A; B], unmasked (their first pieces see neither);
+        * ranks > r, all rows × prefix and A, unmasked (both pieces lie between A and B)."""
         p, r, c, s = self.piece, self.rank, self.size, self.start
-        t, a, b = 2 * c * p, s, s + p
-        out = [(0, t, skip, s, False)] if s > skip else []
-        out.append(((r + 1) * p, t, a, a + p, False))  # piece r's keys: later pieces see all of it
-        out.append((r * p, (r + 1) * p, a, a + p, True))  # … piece r itself, causal
+        two, prefix = 2 * p, s > skip
+        out = [Block(rows=((0, two * (r + 1)),), keys=(skip, s), causal=False, fresh=True)] if prefix else []
+        out.append(Block(rows=((two * r, two * (r + 1)),), keys=(s, s + two), causal=True, fresh=not prefix))
         if r:
-            out.append(((2 * c - r) * p, t, b, b + p, False))  # piece 2c−1−r's keys
-        out.append(((2 * c - 1 - r) * p, (2 * c - r) * p, b, b + p, True))
+            halves = tuple((two * q + p, two * (q + 1)) for q in range(r))
+            out.append(Block(rows=halves, keys=(s, s + two), causal=False, fresh=not prefix))
+        if r < c - 1:
+            out.append(Block(rows=((two * (r + 1), two * c),), keys=(skip, s + p), causal=False, fresh=True))
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One fused attention call of a rank."""
+
+    rows: tuple[tuple[int, int], ...]
+    """Query row ranges of the gathered slice, rank order."""
+    keys: tuple[int, int]
+    """Window rows [lo, hi) of the keys."""
+    causal: bool
+    """Square upper-left causal (rows and keys in the same local order), else unmasked."""
+    fresh: bool
+    """No earlier block wrote these rows: store instead of merging."""
 
 
 def _kernel_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -205,17 +229,17 @@ class CPAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,  # type: ignore[override]
                 geo: SliceGeometry, comm: CPGroup, job: OwnerJob | None) -> torch.Tensor:
-        c = geo.size
         (qs,) = comm.all_gather([q.transpose(1, 2)])  # (c, b, H, 2P, d)
-        qa = _to_global(qs)  # (b, H, T, d)
+        qa = _rank_rows(qs)  # (b, H, T, d)
         k, v = k_win.transpose(1, 2), v_win.transpose(1, 2)  # (b, H_kv, L, d)
         n = job.fwd_tokens if job is not None else 0
         pending = job.fwd_peer.forward(_grouped(qa, k.size(1)), k[:, :, :n], v[:, :, :n]) if n else None
-        out, lse = _local_forward(qa, k, v, geo, n, comm)
+        out, lse = _local_forward(qa, k, v, geo, n, comm)  # (c, b, H, 2P, d), (c, b, H, 2P): by destination
         if pending is not None:
-            out_r, lse_r = pending.wait()
-            out, lse = merge(out, lse, out_r.reshape(out.shape), lse_r.reshape(lse.shape), into=out)
-        outs, lses = comm.all_to_all([_to_ranks(out, c), _to_ranks(lse, c)])  # (c, b, H, 2P, d), (c, b, H, 2P)
+            out_r, lse_r = pending.wait()  # rank-order rows, grouped layout
+            o5, l5 = out.permute(1, 2, 0, 3, 4), lse.permute(1, 2, 0, 3)
+            merge(o5, l5, out_r.reshape(o5.shape), lse_r.reshape(l5.shape), into=o5, lse_into=l5)
+        outs, lses = comm.all_to_all([out, lse])  # row i: rank i's partial of my queries
         total = torch.logsumexp(lses, dim=0)  # (b, H, 2P)
         w = torch.exp(lses - total)[..., None]  # (c, b, H, 2P, 1); 0 where a rank saw no key
         res = q.new_empty(q.shape)  # (b, 2P, H, d): the model's view(b, t, H·d) of it is free
@@ -228,32 +252,50 @@ class CPAttention(torch.autograd.Function):
     def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
         q, k_win, v_win, res, lse = ctx.saved_tensors
         geo, comm, job = ctx.geo, ctx.comm, ctx.job
-        qs, ds, os_, ls = comm.all_gather([q.transpose(1, 2), dout.transpose(1, 2), res.transpose(1, 2), lse])
-        qa, da, oa, la = _to_global(qs), _to_global(ds), _to_global(os_), _to_global(ls)  # (b, H, T, …)
+        gathered = comm.all_gather([q.transpose(1, 2), dout.transpose(1, 2), res.transpose(1, 2), lse])
+        qa, da, oa, la = (_rank_rows(x) for x in gathered)  # (b, H, T, …), rank order
         k, v = k_win.transpose(1, 2), v_win.transpose(1, 2)
         n = job.bwd_tokens if job is not None else 0
         hk = k.size(1)
         pending = (job.bwd_peer.backward(_grouped(da, hk), _grouped(qa, hk), _grouped(oa, hk),
                                          _grouped(la, hk), k[:, :, :n], v[:, :, :n]) if n else None)
-        dq, dk, dv = _local_backward(da, qa, k, v, oa, la, geo, n, comm)  # dk/dv (b, H_kv, L, d)
+        dq, dk, dv = _local_backward(da, qa, k, v, oa, la, geo, n, comm)  # dq (c, b, H, 2P, d) by owner
         if pending is not None:
             dq_r, dk[:, :, :n], dv[:, :, :n] = pending.wait()
-            dq += dq_r.reshape(dq.shape)
-        mine = comm.reduce_scatter(_to_ranks(dq, geo.size))  # (b, H, 2P, d)
+            dq5 = dq.permute(1, 2, 0, 3, 4)
+            dq5 += dq_r.reshape(dq5.shape)
+        mine = comm.reduce_scatter(dq)  # (b, H, 2P, d)
         return mine.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
 
 
 def _local_forward(qa: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geo: SliceGeometry, skip: int,
                    comm: CPGroup) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial (out, lse) of all T queries over this rank's window (rows ≥ skip), merged block by block."""
+    """Partial (out, lse) of all T queries over this rank's window (rows ≥ skip), block by block, laid out
+    by the rank that owns the queries: (c, b, H, 2P, d), (c, b, H, 2P) — the all-to-all's input."""
     t0 = time.perf_counter()
     b, h, t, d = qa.shape
-    out = qa.new_zeros(b, h, t, d)
-    lse = qa.new_full((b, h, t), float("-inf"), dtype=lse_dtype(qa.dtype))  # no key seen yet
-    for qlo, qhi, klo, khi, causal in geo.blocks(skip):
-        o, s = _kernel_fwd(qa[:, :, qlo:qhi], k[:, :, klo:khi], v[:, :, klo:khi], causal)
-        rows = out[:, :, qlo:qhi]
-        _, lse[:, :, qlo:qhi] = merge(rows, lse[:, :, qlo:qhi], o, s, into=rows)
+    c = geo.size
+    blocks = geo.blocks(skip)
+    if geo.start > skip or geo.rank == 0:  # every row gets a block (module docstring of blocks())
+        out, lse = qa.new_empty(c, b, h, t // c, d), qa.new_empty(c, b, h, t // c, dtype=lse_dtype(qa.dtype))
+    else:  # no local prefix: first pieces of ranks < r see no local key (partial out 0, lse −∞)
+        out = qa.new_zeros(c, b, h, t // c, d)
+        lse = qa.new_full((c, b, h, t // c), float("-inf"), dtype=lse_dtype(qa.dtype))
+    o5, l5 = out.permute(1, 2, 0, 3, 4), lse.permute(1, 2, 0, 3)  # (b, H, c, 2P, …) views
+    for blk in blocks:
+        klo, khi = blk.keys
+        o, s = _kernel_fwd(_take(qa, blk.rows), k[:, :, klo:khi], v[:, :, klo:khi], blk.causal)
+        at = 0
+        for lo, hi in blk.rows:
+            ro, rl = _region(o5, lo, hi), _region(l5, lo, hi)
+            po = o[:, :, at: at + hi - lo].reshape(ro.shape)
+            pl = s[:, :, at: at + hi - lo].reshape(rl.shape)
+            at += hi - lo
+            if blk.fresh:
+                ro.copy_(po)
+                rl.copy_(pl)
+            else:
+                merge(ro, rl, po, pl, into=ro, lse_into=rl)
     comm.busy_s += time.perf_counter() - t0
     return out, lse
 
@@ -261,14 +303,22 @@ def _local_forward(qa: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geo: Slic
 def _local_backward(da: torch.Tensor, qa: torch.Tensor, k: torch.Tensor, v: torch.Tensor, oa: torch.Tensor,
                     la: torch.Tensor, geo: SliceGeometry, skip: int,
                     comm: CPGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq shares of all T queries, dk, dv of the window) of this rank's blocks."""
+    """(dq shares of all T queries laid out by owner (c, b, H, 2P, d) — the reduce-scatter's input —, dk,
+    dv of the window) of this rank's blocks."""
     t0 = time.perf_counter()
-    dq, dk, dv = torch.zeros_like(qa), torch.zeros_like(k), torch.zeros_like(v)
-    for qlo, qhi, klo, khi, causal in geo.blocks(skip):
-        rows = slice(qlo, qhi)
-        g = _kernel_bwd(da[:, :, rows], qa[:, :, rows], k[:, :, klo:khi], v[:, :, klo:khi], oa[:, :, rows],
-                        la[:, :, rows].contiguous(), causal)
-        dq[:, :, rows] += g[0]
+    b, h, t, d = qa.shape
+    dq = qa.new_zeros(geo.size, b, h, t // geo.size, d)
+    dq5 = dq.permute(1, 2, 0, 3, 4)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for blk in geo.blocks(skip):
+        klo, khi = blk.keys
+        g = _kernel_bwd(_take(da, blk.rows), _take(qa, blk.rows), k[:, :, klo:khi], v[:, :, klo:khi],
+                        _take(oa, blk.rows), _take(la, blk.rows).contiguous(), blk.causal)
+        at = 0
+        for lo, hi in blk.rows:
+            region = _region(dq5, lo, hi)
+            region += g[0][:, :, at: at + hi - lo].reshape(region.shape)
+            at += hi - lo
         dk[:, :, klo:khi] += g[1]
         dv[:, :, klo:khi] += g[2]
     comm.busy_s += time.perf_counter() - t0
