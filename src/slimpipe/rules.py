@@ -54,8 +54,9 @@ def sequence_problem(seq_len: int, n: int, t: int = 1, c: int = 1) -> str | None
     The fix names the nearest valid seq-len and, where one exists, the nearest slice count that works."""
     shard = t * (2 * c if c > 1 else 1)
     if c > 1 and seq_len < shard:
-        return (f"--cp={c} needs at least {shard} tokens (2c zig-zag pieces{' of t shards' if t > 1 else ''}) "
-                f"but --seq-len={seq_len}: use --cp ≤ {max(1, seq_len // (2 * t))} or --seq-len ≥ {n * shard}")
+        of = " of t shards" if t > 1 else ""
+        return (f"--cp={c} needs at least {shard} tokens (2c zig-zag pieces{of}) but --seq-len={seq_len}: "
+                f"use --cp ≤ {max(1, seq_len // (2 * t))} or --seq-len ≥ {n * shard}")
     if seq_len % n:
         return (f"--seq-len={seq_len} is not divisible by --slices={n}: use a seq-len that is a multiple of "
                 f"{n} (e.g. {seq_len - seq_len % n or n}) or a slice count dividing it")

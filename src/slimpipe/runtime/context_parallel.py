@@ -44,9 +44,9 @@ class ZigZag:
         if bad:
             j = bad[0]
             raise ConfigError(
-                f"slice {j} has {self.bounds[j + 1] - self.bounds[j]} tokens, not a multiple of 2c = {two_c}: "
-                "context parallelism cuts every slice into 2c zig-zag pieces; use a sequence length that is a "
-                f"multiple of 2·c·n"
+                f"slice {j} has {self.bounds[j + 1] - self.bounds[j]} tokens, not a multiple of "
+                f"2c = {two_c}: context parallelism cuts every slice into 2c zig-zag pieces; use equal "
+                "slices and a sequence length that is a multiple of 2·c·n"
             )
 
     def local_bounds(self) -> list[int]:

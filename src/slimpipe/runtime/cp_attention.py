@@ -1,20 +1,21 @@
-"""Query-out attention of one slice over the context-parallel group (the zig-zag layout: context_parallel.py).
+"""Query-out attention of one slice over the context-parallel group (zig-zag layout: context_parallel.py).
 
 With the window of CP rank r = its local K/V of slices 0 … j (prefix rows [0, S/c), then its two pieces of
 slice j: A = piece r, B = piece 2c−1−r, P tokens each) (:class:`CPAttention`):
 
-* forward: all-gather q over CP (the slice's T = 2cP queries, put in global piece order); attend against
-  the local window in fused blocks — the prefix unmasked for every query, A unmasked for pieces > r and
-  square-causal for piece r, B unmasked for pieces > 2c−1−r and square-causal for piece 2c−1−r — merged
-  by log-sum-exp into a partial (out, lse) of all T queries; an all-to-all hands each rank the c partials
-  of its own 2P queries, merged by log-sum-exp (a reduce-scatter whose reduction is the LSE merge);
+* forward: all-gather q over CP (the slice's T = 2cP queries, rank order: rank r' holds rows
+  [2P·r', 2P·(r'+1))); attend against the local window in at most four fused calls that compute only
+  visible pairs (:meth:`SliceGeometry.blocks`), merged by log-sum-exp into a partial (out, lse) of all T
+  queries; an all-to-all hands each rank the c partials of its own 2P queries, merged by log-sum-exp (a
+  reduce-scatter whose reduction is the LSE merge);
 * backward: all-gather (q, dout, out, lse) — the merged out/lse, so each key block's flash backward is
   exact (runtime/block_attention.py) —, compute the dq shares and the window's dK/dV locally,
   reduce-scatter dq. dK/dV stay local; the K/V store hands them down slice by slice as for c = 1.
 
 Every rank does the same causal work per slice: T × S/c prefix pairs plus 2c − 1 full and two half P×P
-blocks. The bytes a rank sends per layer and slice do not grow with the slice index (:func:`query_out_bytes`);
-ring attention passes the window's K/V, which does (:func:`ring_bytes`). Nothing gathered is saved for the
+blocks (its keys A are seen by the 2c − 1 − r later pieces, B by the r later ones). The bytes a rank
+sends per layer and slice do not grow with the slice index (:func:`query_out_bytes`); ring attention
+passes the window's K/V, which does (:func:`ring_bytes`). Nothing gathered is saved for the
 backward: it is gathered again (q, out, lse are slice-sized; the saved tensors are this rank's share).
 
 An :class:`~slimpipe.runtime.exchange_attention.OwnerJob` (attention context exchange) moves the first
@@ -116,7 +117,7 @@ def _unpack(buf: torch.Tensor, specs: list, lead: int) -> list[torch.Tensor]:
     return out  # type: ignore[return-value]
 
 
-# ---- query rows in rank order: rank r' holds rows [2P·r', 2P·(r'+1)) = its pieces r', 2c−1−r' ----------------
+# ---- query rows in rank order: rank r' holds rows [2P·r', 2P·(r'+1)) = its pieces r', 2c−1−r' -------
 def _rank_rows(g: torch.Tensor) -> torch.Tensor:
     """(c, b, H, 2P, *rest) gathered -> (b, H, T, *rest) contiguous, rows in rank order."""
     c, b, h, two_p, *rest = g.shape
@@ -345,7 +346,8 @@ def query_out_bytes(*, tokens: int, c: int, heads: int, head_dim: int, elem: int
     return fwd + row * (4 * head_dim * elem + lse_elem) if backward else fwd
 
 
-def ring_bytes(*, tokens: int, j: int, c: int, kv_heads: int, head_dim: int, elem: int, backward: bool) -> int:
+def ring_bytes(*, tokens: int, j: int, c: int, kv_heads: int, head_dim: int, elem: int,
+               backward: bool) -> int:
     """Bytes one rank sends for slice j (0-based) of ``tokens`` in one layer with ring attention: the local
     K/V window ((j + 1)·T/c rows) travels c − 1 hops forward and again backward, and its dK/dV accumulator
     c hops back to its owner (torch's templated ring backward does the same): grows with j."""

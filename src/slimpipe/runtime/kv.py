@@ -177,7 +177,7 @@ class SliceKV:
         self.first = self.start if cp is None else cp.global_start(j)
         self.positions = None if cp is None else cp.positions[self.start:self.end]  # type: ignore[index]
         self.shared: dict[str, object] = {}
-        # Set by the executor when a feature takes over this unit's attention (the exchange: runtime/ports.py).
+        # Set by the executor when a feature takes over this unit's attention (the exchange: ports.py).
         self.attention_hook: AttentionHook | None = None
         self.replaying = False  # inside a recompute region's replay (during this unit's backward)
 

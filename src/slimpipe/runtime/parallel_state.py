@@ -58,7 +58,7 @@ class ParallelState:
     dp: int
     """d: data-parallel replicas."""
     cp: int
-    """c: context-parallel size (1 until context parallelism lands)."""
+    """c: context-parallel size (runtime/context_parallel.py: zig-zag pieces, query-out attention)."""
     pp: int
     """p: pipeline-parallel size."""
     tp: int

@@ -72,8 +72,8 @@ def check_tokens(tokens: torch.Tensor, schedule: Schedule, tp: int = 1, *, cp: i
         if bad:
             raise ConfigError(sequence_problem(tokens.size(1) - 1, n, tp, cp) or (
                 f"slices of {bad[0]} tokens do not split into {shard} equal shards (tp={tp}"
-                f"{f', 2c={2 * cp} zig-zag pieces' if cp > 1 else ''}): use equal slices and a sequence length "
-                f"that is a multiple of {n * shard}"))
+                f"{f', 2c={2 * cp} zig-zag pieces' if cp > 1 else ''}): use equal slices and a sequence "
+                f"length that is a multiple of {n * shard}"))
 
 
 def context_parallel(state: ParallelState) -> ContextParallel | None:

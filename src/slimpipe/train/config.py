@@ -175,8 +175,8 @@ class TrainConfig:
         if self.local_pipeline and self.dp != 1:
             raise ConfigError(f"--local-pipeline runs one pipeline (got dp={self.dp}): use --dp 1")
         if self.local_pipeline and self.tp * self.cp != 1:
-            raise ConfigError(f"--local-pipeline runs one process (got tp={self.tp}, cp={self.cp}): use --tp 1 "
-                              "--cp 1 or drop "
+            raise ConfigError(f"--local-pipeline runs one process (got tp={self.tp}, cp={self.cp}): use "
+                              "--tp 1 --cp 1 or drop "
                               "--local-pipeline")
 
     @property

@@ -146,7 +146,8 @@ def _ckpt_meta(prep: Prepared) -> dict[str, Any]:
     return {
         "format": 1, "model": prep.model.to_dict(), "seed": cfg.seed, "data": prep.data.name,
         "data_fingerprint": prep.data.fingerprint, "seq_len": cfg.seq_len, "global_batch": cfg.global_batch,
-        "layout": {"tp": cfg.tp, "cp": cfg.cp, "pp": cfg.pp, "dp": cfg.dp, "vpp": cfg.vpp, "slices": cfg.slices,
+        "layout": {"tp": cfg.tp, "cp": cfg.cp, "pp": cfg.pp, "dp": cfg.dp, "vpp": cfg.vpp,
+                   "slices": cfg.slices,
                    "schedule": cfg.schedule},
     }
 
