@@ -70,12 +70,17 @@ class Case:
     """v."""
     split: str = "auto"
     """Slice split (``--slice-split``): auto, equal or equal-flop."""
+    pp: int = 2
+    """p: pipeline ranks."""
+    cp: int = 1
+    """c: context-parallel ranks (the run has p·c ranks; every layout here has 2)."""
 
     @property
     def label(self) -> str:
         extra = (f" n={self.slices}" if self.slices > 1 else "") + (f" v={self.vpp}" if self.vpp > 1 else "")
         flop = " equal-flop" if self.split == "equal-flop" and self.schedule != "seq1f1b" else ""
-        return f"{self.schedule}{extra}{flop}"
+        where = "" if (self.pp, self.cp) == (2, 1) else f" p{self.pp} c{self.cp}"
+        return f"{self.schedule}{extra}{flop}{where}"
 
 
 def _family(s: int, m: int) -> list[Case]:
@@ -96,7 +101,12 @@ SPLIT_CASES = [Case(schedule="slimpipe", seq_len=4096, microbatches=2, slices=n,
                for n, v in ((4, 1), (8, 1), (4, 2)) for split in ("equal", "equal-flop")]
 
 
-CASE_LISTS = {"default": DEFAULT_CASES, "quick": QUICK_CASES, "split": SPLIT_CASES}
+# Context parallelism on two ranks (c = 2, p = 1): query-out's collectives inside every layer.
+CP_CASES = [Case(schedule=name, seq_len=s, microbatches=2, slices=n, pp=1, cp=2)
+            for s in (2048, 4096) for name, n in (("1f1b", 1), ("slimpipe", 4), ("slimpipe", 8))]
+
+
+CASE_LISTS = {"default": DEFAULT_CASES, "quick": QUICK_CASES, "split": SPLIT_CASES, "cp": CP_CASES}
 
 
 # ---- prediction (no torch.distributed) -------------------------------------------------------------------
@@ -136,14 +146,15 @@ def predict_activation(schedule: Schedule, model: ModelConfig, seq_len: int,
 
 def predict(case: Case, model: ModelConfig, hw: Hardware) -> dict:
     """Simulated step time, bubble, busy and activation peaks of one case (schedule from evaluate)."""
-    wl = Workload(model=model, parallel=ParallelConfig(pp=2, vpp=case.vpp, slices=case.slices),
+    wl = Workload(model=model, parallel=ParallelConfig(pp=case.pp, cp=case.cp, vpp=case.vpp, slices=case.slices),
                   seq_len=case.seq_len, global_batch=case.microbatches)
     ev = evaluate(wl, case.schedule, hardware=hw, slice_split=case.split)
     if hw.profile is None or hw.profile.footprint is None:
         raise ConfigError("--profile: no activation footprint in it; recreate it with `slimpipe calibrate`")
     return {"schedule": ev.schedule, "step_s": ev.report.pipeline_time_s, "bubble": ev.report.bubble_ratio,
             "busy_s": list(ev.timeline.busy),
-            "act": predict_activation(ev.schedule, model, case.seq_len, hw.profile.footprint),
+            # a CP rank holds s/c tokens of every slice: the c = 1 storage over its rows
+            "act": predict_activation(ev.schedule, model, case.seq_len // case.cp, hw.profile.footprint),
             "published_act": [mb.activations + mb.kv_grad for mb in ev.memory]}
 
 
@@ -152,7 +163,7 @@ def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedu
                steps: int) -> list[dict]:
     from slimpipe.runtime import OptimConfig, ParallelState, PipelineRuntime
 
-    state = ParallelState.create(pp=world, timeout_s=600.0)
+    state = ParallelState.create(pp=cases[0].pp, cp=cases[0].cp, timeout_s=600.0)
     rts = [PipelineRuntime(model, s, state, seed=0, optim=OptimConfig(lr=1e-4)) for s in schedules]
     gen = torch.Generator().manual_seed(1)
     data = [torch.randint(0, model.vocab_size, (c.microbatches, c.seq_len + 1), generator=gen) for c in cases]
@@ -166,7 +177,7 @@ def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedu
             if rep:
                 rec[i].append(res)
     return [{"step_s": [r.step_time_s for r in rs], "bubble": [r.bubble_ratio for r in rs],
-             "busy_s": [r.busy_s[rank] for r in rs],
+             "busy_s": [r.busy_s[state.pp_rank] for r in rs],
              # this rank's F/B thread CPU time (load-independent, unlike the trace's wall times)
              "cpu_busy_s": [sum(e.cpu_s for e in r.trace if parse_action(e.action).kind in (Kind.F, Kind.B))
                             for r in rs],
@@ -175,8 +186,20 @@ def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedu
 
 
 def measure(cases: list[Case], model: ModelConfig, schedules: list[Schedule], steps: int) -> list[dict]:
-    """Median figures per case from two single-threaded gloo ranks."""
-    ranks = fork_gloo(_rank_body, 2, model, schedules, cases, steps, timeout_s=1800.0)
+    """Median figures per case from two single-threaded gloo ranks (one group per (p, c) layout)."""
+    out: list[dict | None] = [None] * len(cases)
+    for layout in dict.fromkeys((c.pp, c.cp) for c in cases):
+        idx = [i for i, c in enumerate(cases) if (c.pp, c.cp) == layout]
+        assert layout[0] * layout[1] == 2, f"{layout}: the validation runs on two ranks"
+        for i, row in zip(idx, _measure(cases, idx, model, schedules, steps)):
+            out[i] = row
+    return out  # type: ignore[return-value]
+
+
+def _measure(cases: list[Case], idx: list[int], model: ModelConfig, schedules: list[Schedule],
+             steps: int) -> list[dict]:
+    ranks = fork_gloo(_rank_body, 2, model, [schedules[i] for i in idx], [cases[i] for i in idx], steps,
+                      timeout_s=1800.0)
     med = statistics.median
     out = []
     for r0, r1 in zip(*ranks):
@@ -200,10 +223,10 @@ def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int 
         plain = dataclasses.replace(hw, profile=dataclasses.replace(hw.profile, p2p_send_s=0.0, p2p_recv_s=0.0))
     before = [predict(c, model, plain) for c in cases]
     meas = measure(cases, model, [p["schedule"] for p in preds], steps)
-    ref = {c.seq_len: i for i, c in reversed(list(enumerate(cases))) if c.schedule == "1f1b"}
+    ref = {(c.seq_len, c.pp, c.cp): i for i, c in reversed(list(enumerate(cases))) if c.schedule == "1f1b"}
     rows = []
     for i, (c, p, m) in enumerate(zip(cases, preds, meas)):
-        j = ref.get(c.seq_len, i)
+        j = ref.get((c.seq_len, c.pp, c.cp), i)
         rows.append({
             "case": c.label, "schedule": c.schedule, "seq_len": c.seq_len, "m": c.microbatches, "n": c.slices,
             "v": c.vpp, "measured_step_s": m["step_s"], "step_s_all": m["step_s_all"],
@@ -247,10 +270,10 @@ def markdown(rows: list[dict]) -> str:
             f"{r['measured_bubble']:.1%} | {r['predicted_bubble']:.1%} | "
             f"{r['measured_noncompute_s'] * 1e3:.0f}, {r['predicted_noncompute_s'] * 1e3:.0f}, "
             f"{r['predicted_noncompute_s_without_messages'] * 1e3:.0f} | "
-            f"{r['busy_ratio'][0]:.2f}, {r['busy_ratio'][1]:.2f} | "
-            f"{r['wall_per_cpu'][0]:.2f}, {r['wall_per_cpu'][1]:.2f} | "
+            f"{', '.join(f'{x:.2f}' for x in r['busy_ratio'])} | "
+            f"{', '.join(f'{x:.2f}' for x in r['wall_per_cpu'])} | "
             f"{r['measured_send_s'] * 1e3:.2f}, {r['measured_late_recv_s'] * 1e3:.2f} "
-            f"({r['late_recvs_per_step']:.0f}) | {r['measured_act'][0] / 2**20:.1f} | {r['act_ratio'][0]:.4f}, {r['act_ratio'][1]:.4f}{aok} | "
+            f"({r['late_recvs_per_step']:.0f}) | {r['measured_act'][0] / 2**20:.1f} | {', '.join(f'{x:.4f}' for x in r['act_ratio'])}{aok} | "
             f"{r['measured_act_vs_1f1b']:.3f} | {r['published_act_vs_1f1b']:.3f} |")
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ Backward = 2× forward for GEMMs and 2.5× for attention (flash attention recomp
 2); recomputation adds the recomputed forward work to B (partial+fc1: fc1; full: the whole layer).
 Per GPU the work is divided by t·c (TP shards weights, CP shards tokens with balanced zig-zag causal work).
 Communication is charged without overlap (a pessimistic, stated simplification): TP+SP 4 collectives per
-layer and direction, CP query-out all-gather/reduce-scatter, EP all-to-all, vocab-parallel collectives
+layer and direction, CP query-out's collectives as the runtime issues them (``_cp_times``), EP all-to-all, vocab-parallel collectives
 (their own actions, priced by ``AnalyticCost.vocab_time``);
 DP gradient/parameter sync once per step (dense weights over the d·c replicas, experts over their own
 expert-data-parallel group). MoE layers (Megatron's dispatchers): with e = 1 and expert-TP = t the tokens are
@@ -39,6 +39,7 @@ of the one-way latency.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -225,19 +226,45 @@ class AnalyticCost:
         """(forward, backward) communication seconds of one layer on slice j: two TP+SP collectives around
         attention and two around the MLP per direction (recompute replays the all-gathers of what it
         recomputes), the CP exchange, the EP all-to-alls."""
-        attn_tp, mlp_tp, cp, ep = self._layer_comm(j)
-        replayed = {"partial+fc1": mlp_tp, "full": attn_tp + mlp_tp}.get(self.workload.recompute, 0.0)
-        return 2 * (attn_tp + mlp_tp) + cp + ep, 2 * (attn_tp + mlp_tp) + replayed + 2 * cp + ep
+        attn_tp, mlp_tp, _, ep = self._layer_comm(j)
+        cp_f, cp_b = self._cp_times(j)
+        # Full recompute replays the attention, CP collectives included.
+        replayed = {"partial+fc1": mlp_tp, "full": attn_tp + mlp_tp + cp_f}.get(self.workload.recompute, 0.0)
+        return 2 * (attn_tp + mlp_tp) + cp_f + ep, 2 * (attn_tp + mlp_tp) + replayed + cp_b + ep
+
+    def _cp_times(self, j: int) -> tuple[float, float]:
+        """(forward, backward) seconds of query-out's CP collectives in one layer on slice j, as the runtime
+        issues them (runtime/cp_attention.py): forward an all-gather of q and an all-to-all of (out, lse),
+        backward an all-gather of (q, dout, out, lse) and a reduce-scatter of dq; each moves (c − 1)/c of a
+        slice-sized buffer per GPU (lse in fp32 for 16-bit activations). Priced like TP's collectives: the
+        profile's calibrated ring when it has one, else the link between CP ranks (t·c GPU ids span)."""
+        wl, par, prof = self.workload, self.workload.parallel, self.hw.profile
+        c, t = par.cp, par.tp
+        if c == 1:
+            return 0.0, 0.0
+        size = 2 if prof is None else prof.dtype_bytes
+        tok = self.tokens[j] * self.b
+        q = tok * wl.model.q_dim / t * size  # the gathered queries (= out, dout, dq) of the slice
+        lse = tok * wl.model.num_heads / t * max(size, 4)
+        ring = functools.partial(self._ring, group=c, span=self._span_cp)
+        return ring(q) + ring(q + lse), ring(3 * q + lse) + ring(q)
+
+    def _ring(self, nbytes: float, *, group: int, span: int) -> float:
+        """One collective over ``group`` GPUs moving (group − 1)/group of ``nbytes`` through each: the
+        profile's calibrated ring (tp_latency_s, tp_bandwidth: gloo/NCCL collectives timed by calibrate)
+        when it has one, else the link of that span."""
+        hw, prof = self.hw, self.hw.profile
+        if prof is not None and prof.tp_bandwidth > 0:
+            return _ring_time(nbytes, group, prof.tp_bandwidth, prof.tp_latency_s)
+        return _ring_time(nbytes, group, hw.link_bw(span), hw.p2p_latency_s)
 
     def _tp_ring(self, elements: float, group: int) -> float:
         """One TP ring collective over ``group`` GPUs of ``elements`` per GPU: the profile's calibrated TP
         ring (tp_latency_s, tp_bandwidth) when it has one, else the link; bytes at the profile's dtype
         (bf16 without a profile)."""
-        hw, prof = self.hw, self.hw.profile
+        prof = self.hw.profile
         nbytes = elements * (2 if prof is None else prof.dtype_bytes)
-        if prof is not None and prof.tp_bandwidth > 0:
-            return _ring_time(nbytes, group, prof.tp_bandwidth, prof.tp_latency_s)
-        return _ring_time(nbytes, group, hw.link_bw(self._span_tp), hw.p2p_latency_s)
+        return self._ring(nbytes, group=group, span=self._span_tp)
 
     def _layer_comm(self, j: int) -> tuple[float, float, float, float]:
         """(one TP+SP collective of attention, one of the MLP, CP forward exchange, EP all-to-all pair)
@@ -258,9 +285,7 @@ class AnalyticCost:
             if e > 1:  # dispatch + combine all-to-all of the k routed copies of this GPU's tokens
                 routed = tok / (t * c) * k * model.hidden * 2
                 ep = 2 * (lat + routed * (e - 1) / e / hw.link_bw(etp * e))  # members etp GPU ids apart
-        # CP query-out: all-gather Q, reduce-scatter out (+lse); backward ≈ twice (dout, q, out, dq).
-        cp = 2 * _ring_time(tok * model.q_dim / t * 2, c, hw.link_bw(self._span_cp), lat)
-        return attn_tp, mlp_tp, cp, ep
+        return attn_tp, mlp_tp, self._cp_times(j)[0], ep
 
     # -- vocabulary layers ------------------------------------------------------------------------
     def _vocab_times(self, j: int) -> tuple[float, float]:
