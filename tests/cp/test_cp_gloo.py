@@ -27,10 +27,10 @@ def _worker(rank: int, world: int, pp: int, cp: int, cases: list) -> dict:
     state = ParallelState.create(pp=pp, cp=cp, timeout_s=60.0)
     out = {}
     for case in cases:
-        name, p, n, m, v, tied, balance, vocab, recompute = case
+        name, p, n, m, v, tied, balance, vocab, recompute, *offload = case
         cfg, sched = case_model(name, p, n, m, v, tied)
         rt = PipelineRuntime(cfg, sched, state, dtype=torch.float64, seed=SEED, attn_balance=balance,
-                             vocab_parallel=vocab, recompute=recompute)
+                             vocab_parallel=vocab, recompute=recompute, offload=(offload or [0.0])[0])
         toks = case_tokens(m * state.dp)[state.dp_rank * m: (state.dp_rank + 1) * m]
         res = rt.forward_backward(toks, reduce_grads=True)
         ex = rt.executor
@@ -63,7 +63,7 @@ def _check(results: list[dict], cases: list, dp: int) -> None:
             assert err <= RTOL, f"{case} pipeline {coords}: {worst} off by {err:.3g}"
 
 
-# (builder, p, n, m, v, tied, attention-exchange threshold, vocab-parallel, recompute)
+# (builder, p, n, m, v, tied, attention-exchange threshold, vocab-parallel, recompute[, offload α])
 C2_P2 = [
     ("slimpipe", 2, 2, 2, 1, False, 0, False, "none"), ("slimpipe", 2, 4, 2, 2, False, 0, False, "none"),
     ("slimpipe", 2, 4, 3, 1, True, 0, False, "none"), ("1f1b", 2, 1, 3, 1, False, 0, False, "none"),
@@ -72,6 +72,7 @@ C2_P2 = [
     ("slimpipe", 2, 4, 2, 2, False, 1, False, "none"), ("slimpipe", 2, 4, 2, 1, True, 0, True, "none"),
     ("slimpipe", 2, 8, 2, 1, True, 100, True, "none"), ("slimpipe", 2, 4, 2, 1, False, 100, False, "full"),
     ("slimpipe", 2, 4, 2, 2, False, 0, False, "partial+fc1"),
+    ("slimpipe", 2, 4, 2, 1, False, 0, False, "partial", 0.5),
 ]
 C4_P1 = [
     ("slimpipe", 1, 2, 1, 1, False, 0, False, "none"), ("slimpipe", 1, 4, 2, 2, True, 0, False, "none"),
