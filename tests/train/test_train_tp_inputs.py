@@ -24,7 +24,7 @@ def _no_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     (["--tp", "2", "--seq-len", "100", "--slices", "4"], ["--seq-len=100", "n=4 · t=2 = 8"]),
     (["--tp", "2", "--seq-len", "96", "--slices", "4", "--schedule", "seq1f1b"],
      ["--tp 2: a slice of", "--slice-split equal"]),
-    (["--tp", "2", "--pp", "2", "--nproc", "2"], ["--nproc=2", "tp·pp·dp = 2·2·1 = 4", "--nproc 4"]),
+    (["--tp", "2", "--pp", "2", "--nproc", "2"], ["--nproc=2", "tp·cp·pp·dp = 2·1·2·1 = 4", "--nproc 4"]),
     (["--tp", "2", "--local-pipeline"], ["--local-pipeline", "--tp 1"]),
     (["--tp", "0"], ["--tp=0 must be a positive integer"]),
 ])
@@ -44,7 +44,7 @@ def test_launcher_world_names_tp(monkeypatch: pytest.MonkeyPatch, capsys: pytest
         monkeypatch.setenv(k, v)
     code = main(["train", *TINY, "--out-dir", str(tmp_path / "run"), "--tp", "2", "--pp", "2"])
     err = capsys.readouterr().err
-    assert code == 2 and "WORLD_SIZE=2" in err and "tp·pp·dp = 2·2·1 = 4" in err and "--tp/--pp/--dp" in err
+    assert code == 2 and "WORLD_SIZE=2" in err and "tp·cp·pp·dp = 2·1·2·1 = 4" in err and "--tp/--cp/--pp/--dp" in err
 
 
 def test_vocab_parallel_lifts_the_vocabulary_rule(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
