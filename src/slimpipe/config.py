@@ -127,7 +127,7 @@ class ModelConfig:
         inactive = 3 * self.hidden * self.ffn * (self.num_experts - self.top_k) * self.num_layers
         return self.num_params(include_embedding=include_embedding) - inactive
 
-    def flops_per_token(self, seq_len: int, *, causal: bool = True) -> float:
+    def flops_per_token(self, seq_len: int, *, causal: bool = True, keys_per_query: float | None = None) -> float:
         """Model FLOPs of one training token (forward + backward, no recomputation): the MFU numerator.
 
         ``6·N + 6·L·H·Q·T`` by default: what the hardware executes for causal attention (each of the T
@@ -136,6 +136,8 @@ class ModelConfig:
         once, also when tied), H·Q = heads × head_dim. ``causal=False`` is the dense PaLM/torchtitan
         convention ``6·N + 12·L·H·Q·T`` (attention counted as if unmasked: 2× the attention work done).
         Recomputation (flash attention's QKᵀ replay, activation recompute) is not counted: that is HFU.
+        ``keys_per_query``: the mean keys a query attends to when that is not T/2 (packed documents:
+        document-causal attention, slimpipe.sim.documents) — ``6·N + 12·L·H·Q·keys_per_query``.
         One place for every MFU in slimpipe (train, simulate, plan).
 
         >>> cfg = MODEL_PRESETS["tiny"]
@@ -143,6 +145,8 @@ class ModelConfig:
         True
         """
         n = self.active_params(include_embedding=self.tie_embeddings)
+        if keys_per_query is not None:
+            return 6 * n + 12 * self.num_layers * self.q_dim * keys_per_query
         return 6 * n + (6 if causal else 12) * self.num_layers * self.q_dim * seq_len
 
     def replace(self, **changes: object) -> ModelConfig:

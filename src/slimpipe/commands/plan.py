@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slice-split", default="auto", choices=("auto", "equal", "equal-flop"),
                         help="slimpipe slices: equal token counts, equal-FLOP (long early, short late), or "
                              "auto: both (seq1f1b always uses its equal-FLOP segments)")
+    parser.add_argument("--doc-lengths", default=None, metavar="SPEC",
+                        help="packed documents of these lengths (N[:W],… or @FILE or stdlib): attention "
+                             "priced document-causal, no exchange")
     parser.add_argument("--top", type=int, default=10, help="plans to print (default 10)")
     parser.add_argument("--max-simulations", type=int, default=32,
                         help="cap on full simulations (default 32); the output says how much faster "
@@ -72,6 +75,7 @@ def _request(args: argparse.Namespace):  # -> slimpipe.planner.PlanRequest
     from slimpipe.commands.simulate import _model_alias
     from slimpipe.config import ConfigError, load_model
     from slimpipe.planner import OFFLOAD_LADDER, RECOMPUTE_LADDER, SCHEDULES, PlanRequest
+    from slimpipe.sim.documents import parse_doc_lengths
 
     if not 0 <= args.max_offload < 1:  # false for nan too
         ladder = ", ".join(map(str, OFFLOAD_LADDER))
@@ -85,7 +89,9 @@ def _request(args: argparse.Namespace):  # -> slimpipe.planner.PlanRequest
         top=args.top, max_simulations=args.max_simulations,
         recompute=RECOMPUTE_LADDER if args.recompute == "auto" else (args.recompute,),
         offload=tuple(a for a in OFFLOAD_LADDER if a <= args.max_offload),
-        vocab_parallel=_BOTH[args.vocab_parallel], exchange=_BOTH[args.exchange],
+        vocab_parallel=_BOTH[args.vocab_parallel],
+        exchange=(False,) if args.doc_lengths and args.exchange == "auto" else _BOTH[args.exchange],
+        documents=parse_doc_lengths(args.doc_lengths) if args.doc_lengths else None,
         slice_split=("equal", "equal-flop") if args.slice_split == "auto" else (args.slice_split,),
     )
 

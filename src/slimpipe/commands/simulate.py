@@ -50,6 +50,9 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--offload", type=float, default=0.0, help="α: fraction of activations offloaded to host")
     g.add_argument("--vocab-parallel", action=argparse.BooleanOptionalAction, default=False,
                    help="shard embedding/output over t·p (SlimPipe §9); default: on the end stages")
+    g.add_argument("--doc-lengths", default=None, metavar="SPEC",
+                   help="packed documents of these lengths (N[:W],… or @FILE or stdlib): attention priced "
+                        "document-causal (docs/simulate.md)")
     g = parser.add_argument_group("layout")
     for flag, help_ in (("tp", "t: tensor parallel (with SP)"), ("cp", "c: context parallel"),
                         ("pp", "p: pipeline parallel"), ("ep", "e: expert parallel"),
@@ -85,6 +88,7 @@ def evaluate_from_args(args: argparse.Namespace):  # -> slimpipe.sim.evaluate.Ev
     """Parse the shared flags into a Workload, check them, and simulate."""
     from slimpipe.config import ConfigError, ParallelConfig, load_model
     from slimpipe.rules import check_exchange, check_size
+    from slimpipe.sim.documents import parse_doc_lengths
     from slimpipe.sim.evaluate import evaluate
     from slimpipe.sim.hardware import load_hardware, load_profile
     from slimpipe.sim.workload import Workload
@@ -99,8 +103,13 @@ def evaluate_from_args(args: argparse.Namespace):  # -> slimpipe.sim.evaluate.Ev
             f"{par.gpus}:"
             f" change --dp (or --tp/--cp/--pp) so the product is {args.gpus}"
         )
+    docs = parse_doc_lengths(args.doc_lengths) if getattr(args, "doc_lengths", None) else None
     wl = Workload(model=model, parallel=par, seq_len=args.seq_len, global_batch=args.global_batch,
-                  recompute=args.recompute, offload=args.offload, vocab_parallel=args.vocab_parallel)
+                  recompute=args.recompute, offload=args.offload, vocab_parallel=args.vocab_parallel,
+                  documents=docs)
+    if docs is not None and args.attn_balance:
+        raise ConfigError("--doc-lengths prices packed documents, which run without the attention exchange: "
+                          "drop --attn-balance")
     check_exchange(args.schedule, par.pp, par.slices, args.attn_balance)
     check_size(par.pp, wl.microbatches, par.slices, par.vpp, limit=args.max_actions)
     hardware = load_profile(args.profile) if args.profile else load_hardware(args.gpu)
@@ -142,7 +151,7 @@ def _config_dict(args: argparse.Namespace, ev) -> dict[str, object]:
         "slice_split": "equal" if sched.slice_weights is None else "equal-flop",
         "slice_weights": sched.slice_weights, "recompute": wl.recompute, "offload": wl.offload,
         "vocab_parallel": wl.vocab_parallel, "cost": ev.cost.name, "gpu": _hardware_label(args),
-        "attn_balance": args.attn_balance, **_exchange(args, ev),
+        "attn_balance": args.attn_balance, **_exchange(args, ev), **_documents(ev),
     }
 
 
@@ -153,6 +162,22 @@ def _exchange(args: argparse.Namespace, ev) -> dict[str, object]:
     from slimpipe.sim.exchange import exchange_summary
 
     return exchange_summary(ev.schedule, ev.cost)
+
+
+def _documents(ev) -> dict[str, object]:
+    """Packed-document figures (--doc-lengths): per-slice attention pairs against the causal sequence's."""
+    wl = ev.workload
+    if wl.documents is None or not hasattr(ev.cost, "pairs"):
+        return {}
+    from slimpipe.sim.cost import slice_pairs
+    from dataclasses import replace
+
+    causal = slice_pairs(replace(wl, documents=None), ev.schedule.slice_fractions())
+    doc = ev.cost.pairs
+    return {"doc_lengths": wl.documents.name, "doc_mean_length": wl.documents.mean,
+            "attention_pairs_per_slice": [p + d for p, d in doc],
+            "causal_pairs_per_slice": [p + d for p, d in causal],
+            "attention_work_ratio": sum(p + d for p, d in doc) / sum(p + d for p, d in causal)}
 
 
 def _hardware_label(args: argparse.Namespace) -> str:
@@ -182,8 +207,15 @@ def _table(args: argparse.Namespace, ev, elapsed: float) -> str:
         f"tokens/s      {rep.tokens_per_s:.6g}  ({rep.tokens_per_s / rep.gpus:.6g} per GPU)",
     ]
     if rep.mfu is not None:
-        lines.append(f"MFU           {100 * rep.mfu:.1f} % executed (6N+6·L·H·Q·T, causal attention as run)   "
+        as_run = "document-causal attention as run" if wl.documents is not None else "causal attention as run"
+        lines.append(f"MFU           {100 * rep.mfu:.1f} % executed (6N+6·L·H·Q·T, {as_run})   "
                      f"{100 * rep.mfu_dense:.1f} % dense convention (6N+12·L·H·Q·T)")
+    docs = _documents(ev)
+    if docs:
+        lines.append(f"documents     {docs['doc_lengths']} (mean {docs['doc_mean_length']:.0f} tokens): attention "
+                     f"work {100 * docs['attention_work_ratio']:.1f} % of causal; per slice "
+                     + " ".join(f"{a / c:.2f}" for a, c in zip(docs["attention_pairs_per_slice"],
+                                                              docs["causal_pairs_per_slice"])))
     x = _exchange(args, ev)
     if x:
         lines.append(f"exchange      {x['exchanges_f']} F + {x['exchanges_b']} B pairs, attention moved "

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from slimpipe.config import ConfigError, ModelConfig
 from slimpipe.rules import exchange_problem
+from slimpipe.sim.documents import DocLengths
 from slimpipe.sim.hardware import Hardware
 
 __all__ = [
@@ -74,6 +75,8 @@ class PlanRequest:
     ``exchange_applies``, so (True,) keeps only slimpipe plans with n > 1 and p > 1)."""
     slice_split: tuple[str, ...] = ("equal", "equal-flop")
     """Slice splits to try for slimpipe (equal token counts, equal-FLOP slices; the exchange needs equal)."""
+    documents: DocLengths | None = None
+    """Packed documents of these lengths (``--doc-lengths``): attention priced document-causal, no exchange."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or self.gpus < 1:
@@ -95,6 +98,9 @@ class PlanRequest:
         if not self.slice_split or any(x not in ("equal", "equal-flop") for x in self.slice_split):
             raise ConfigError(f"slice_split={self.slice_split!r} must be a non-empty tuple of 'equal' and "
                               "'equal-flop': use --slice-split equal, equal-flop or auto (both)")
+        if self.documents is not None and True in self.exchange:
+            raise ConfigError("--doc-lengths prices packed documents, which run without the attention "
+                              "exchange: use --exchange off (or leave it at auto)")
         for name in ("vocab_parallel", "exchange"):
             value = getattr(self, name)
             if not value or any(not isinstance(x, bool) for x in value):

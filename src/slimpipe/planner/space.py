@@ -65,7 +65,7 @@ def _fit_ladder(req: PlanRequest, name: str, par: ParallelConfig, vocab: bool, s
 
     def peak_of(rec: str, alpha: float) -> tuple[Workload, float]:
         wl = Workload(model=req.model, parallel=par, seq_len=req.seq_len, global_batch=req.global_batch,
-                      recompute=rec, offload=alpha, vocab_parallel=vocab)
+                      recompute=rec, offload=alpha, vocab_parallel=vocab, documents=req.documents)
         return wl, max(mb.peak for mb in precheck_memory(wl, name, split))
 
     lightest = min(peak_of(rec, req.offload[-1])[1] for rec in req.recompute)  # α only lowers the peak

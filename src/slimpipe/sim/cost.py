@@ -47,12 +47,13 @@ from typing import Protocol
 
 from slimpipe.config import ModelConfig
 from slimpipe.schedule.actions import Kind
+from slimpipe.sim.documents import expected_slice_pairs
 from slimpipe.sim.hardware import CostProfile, Hardware, elementwise_width
 from slimpipe.sim.workload import Workload
 
 __all__ = [
     "CostModel", "UniformCost", "AnalyticCost", "LayerFlops", "layer_flops", "seq1f1b_partition",
-    "ATTN_BWD_FACTOR",
+    "ATTN_BWD_FACTOR", "slice_pairs",
 ]
 
 ATTN_BWD_FACTOR = 2.5
@@ -105,15 +106,18 @@ class LayerFlops:
     """The fc1 (gate + up) part of ``linear``: what partial+fc1 recomputation replays."""
 
 
-def layer_flops(model: ModelConfig, tokens: float, prefix: float) -> LayerFlops:
-    """Forward FLOPs of one transformer layer for ``tokens`` queries after a K/V prefix of ``prefix``."""
+def layer_flops(model: ModelConfig, tokens: float, prefix: float, *,
+                pairs: tuple[float, float] | None = None) -> LayerFlops:
+    """Forward FLOPs of one transformer layer for ``tokens`` queries after a K/V prefix of ``prefix``;
+    ``pairs`` = (prefix, diagonal) query-key pairs instead of (T·P, T²/2) (packed documents)."""
     h, q, kv, f = model.hidden, model.q_dim, model.kv_dim, model.ffn
     k = model.top_k if model.num_experts > 1 else 1
     proj = 2 * tokens * h * (q + 2 * kv) + 2 * tokens * q * h
     fc1 = k * 2 * tokens * h * 2 * f
     mlp = k * 2 * tokens * h * 3 * f
     router = 2 * tokens * h * model.num_experts if model.num_experts > 1 else 0
-    attention = 4 * q * (tokens * prefix + tokens * tokens / 2)
+    prefix_pairs, diagonal_pairs = pairs if pairs is not None else (tokens * prefix, tokens * tokens / 2)
+    attention = 4 * q * (prefix_pairs + diagonal_pairs)
     return LayerFlops(linear=proj + mlp + router, attention=attention, fc1=fc1)
 
 
@@ -137,6 +141,9 @@ class AnalyticCost:
         s = workload.seq_len
         self.tokens = [s * w for w in slice_fractions]  # tokens of each slice of one sequence
         self.prefix = [sum(self.tokens[:j]) for j in range(len(self.tokens))]
+        # (prefix, diagonal) query-key pairs per slice: causal (T·P, T²/2), or the expectation over packed
+        # rows of the workload's document lengths (document-causal: sim/documents.py)
+        self.pairs = slice_pairs(workload, slice_fractions)
         par = workload.parallel
         self.b = par.micro_batch  # sequences per micro-batch: every per-unit cost scales with b
         self._fwd: dict[tuple[int, int], float] = {}
@@ -152,7 +159,7 @@ class AnalyticCost:
         if hw.profile is not None:
             return self._profiled_layer(hw.profile, j)
         shard = par.tp * par.cp
-        fl = layer_flops(wl.model, self.tokens[j], self.prefix[j])
+        fl = layer_flops(wl.model, self.tokens[j], self.prefix[j], pairs=self.pairs[j])
         gemm = hw.peak_flops * hw.gemm_efficiency
         attn = hw.peak_flops * hw.attention_efficiency
         per_gpu = self.b / shard  # b sequences, work split over t·c GPUs
@@ -181,7 +188,8 @@ class AnalyticCost:
         q = m.q_dim / t
         for att, acc in ((prof.attn_fwd, 0), (prof.attn_bwd, 1)):
             # CP: each GPU computes 1/c of the slice's query-key pairs (balanced zig-zag).
-            dt = self.b * (att(q, self.tokens[j], self.prefix[j]) - att.fixed_s) / c + att.fixed_s
+            pairs = att.at_pairs(q, *self.pairs[j], first=self.prefix[j] <= 0)
+            dt = self.b * (pairs - att.fixed_s) / c + att.fixed_s
             fwd, bwd = (fwd + dt, bwd) if acc == 0 else (fwd, bwd + dt)
         width = elementwise_width(m.hidden, m.q_dim, m.kv_dim, m.ffn) / t  # SP/TP shard the elementwise work
         fwd += prof.elementwise_fwd(tok * width)
@@ -390,6 +398,17 @@ class AnalyticCost:
         bw = hw.link_bw(par.tp * group)
         # Expert weights sync over their own expert-data-parallel replicas (Megatron's expert-DP group).
         return _ring_time(dense * 6, group, bw, lat) + _ring_time(expert * 6, round(expert_dp(par)), bw, lat)
+
+
+def slice_pairs(workload: Workload, slice_fractions: Sequence[float]) -> list[tuple[float, float]]:
+    """(prefix, diagonal) query-key pairs of each slice of one sequence: (T·P, T²/2) for one causal
+    sequence; with ``workload.documents`` the mean over 512 sampled packed rows (fixed seed)."""
+    s = workload.seq_len
+    tokens = [s * w for w in slice_fractions]
+    if workload.documents is None:
+        return [(t * sum(tokens[:j]), t * t / 2) for j, t in enumerate(tokens)]
+    bounds = [round(s * sum(slice_fractions[:j])) for j in range(len(slice_fractions))] + [s]
+    return expected_slice_pairs(workload.documents, bounds)
 
 
 def _linear_shapes(model: ModelConfig, t: int, etp: int) -> list[tuple[int, int, float]]:

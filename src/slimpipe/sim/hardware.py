@@ -127,8 +127,13 @@ class AttentionTime:
     """Seconds per FLOP of the causal T×T block when P > 0."""
 
     def __call__(self, q_dim: float, tokens: float, prefix: float) -> float:
-        diag = self.diagonal_s if prefix <= 0 else self.masked_diagonal_s
-        return self.fixed_s + self.prefix_s * 4 * q_dim * tokens * prefix + diag * 2 * q_dim * tokens * tokens
+        return self.at_pairs(q_dim, tokens * prefix, tokens * tokens / 2, first=prefix <= 0)
+
+    def at_pairs(self, q_dim: float, prefix_pairs: float, diagonal_pairs: float, *, first: bool) -> float:
+        """The same from (query, key) pair counts: ``prefix_pairs`` unmasked, ``diagonal_pairs`` causal
+        (T²/2 for one causal block; packed documents: Σ L²/2 over the slice's documents)."""
+        diag = self.diagonal_s if first else self.masked_diagonal_s
+        return self.fixed_s + self.prefix_s * 4 * q_dim * prefix_pairs + diag * 4 * q_dim * diagonal_pairs
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

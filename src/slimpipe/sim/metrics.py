@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from slimpipe.schedule.actions import Kind
+from slimpipe.sim.documents import expected_slice_pairs
 from slimpipe.sim.hardware import Hardware
 from slimpipe.sim.memory import GIB, MemoryBreakdown, activation_bytes_per_token, unit_bytes
 from slimpipe.sim.simulator import Timeline
@@ -93,7 +94,10 @@ def summarize(workload: Workload, timeline: Timeline, memory: Sequence[MemoryBre
     mfu = mfu_dense = None
     if hardware is not None:
         denom = gpus * hardware.peak_flops
-        mfu = workload.model.flops_per_token(workload.seq_len) * tps / denom
+        keys = None  # packed documents: the mean keys a query sees under document-causal attention
+        if workload.documents is not None:
+            keys = sum(expected_slice_pairs(workload.documents, [0, workload.seq_len])[0]) / workload.seq_len
+        mfu = workload.model.flops_per_token(workload.seq_len, keys_per_query=keys) * tps / denom
         mfu_dense = workload.model.flops_per_token(workload.seq_len, causal=False) * tps / denom
     return Report(
         step_time_s=step, pipeline_time_s=timeline.makespan, dp_sync_s=dp_sync_s,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from slimpipe.config import ConfigError, ModelConfig, ParallelConfig
 from slimpipe.rules import check_layout
+from slimpipe.sim.documents import DocLengths
 
 __all__ = ["Workload", "RECOMPUTE_MODES"]
 
@@ -36,6 +37,9 @@ class Workload:
     """α: fraction of saved activations offloaded to host memory, in [0, 1)."""
     vocab_parallel: bool = False
     """Embedding/output layer sharded over the t·p group (SlimPipe §9) instead of living on the end stages."""
+    documents: DocLengths | None = None
+    """Packed documents drawn from this length distribution (``--doc-lengths``): attention is priced as
+    document-causal (slimpipe.sim.documents); None: one causal sequence."""
 
     def __post_init__(self) -> None:
         par, mod = self.parallel, self.model
