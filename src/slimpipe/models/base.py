@@ -36,8 +36,9 @@ class LayerContext(Protocol):
     start: int
     """Global position of the slice's first token (RoPE positions are global, not per slice)."""
     positions: torch.Tensor | None
-    """Global positions (t,) of the tokens this rank holds of the slice when they are not
-    [start, start + t): context parallelism's zig-zag pieces (runtime/context_parallel.py). None otherwise."""
+    """Positions (t,) of the tokens this rank holds of the slice when they are not [start, start + t):
+    context parallelism's zig-zag pieces (runtime/context_parallel.py), or packed documents' positions
+    counted from each document's start (runtime/documents.py). None otherwise."""
     shared: dict[str, object]
     """Per-slice scratch shared by the layers of one stage (e.g. RoPE tables computed once per slice)."""
     recompute: str
@@ -138,22 +139,34 @@ def init_parameters(parts: DecoderParts, named: Iterable[tuple[str, nn.Parameter
 
 
 class PlainContext:
-    """LayerContext of an unsliced, unpipelined forward (the reference): plain causal attention."""
+    """LayerContext of an unsliced, unpipelined forward (the reference): plain causal attention, or with
+    ``documents`` (s,) (one row's per-token document indices) a dense document-causal mask (token i sees
+    the keys of its own document up to i) and, with ``restart_positions``, positions counted per document."""
 
-    __slots__ = ("start", "positions", "shared", "recompute")
+    __slots__ = ("start", "positions", "shared", "recompute", "_mask")
 
-    def __init__(self) -> None:
+    def __init__(self, documents: torch.Tensor | None = None, *, restart_positions: bool = True) -> None:
         self.start = 0
-        self.positions = None
         self.shared: dict[str, object] = {}
         self.recompute = "none"
+        self.positions = self._mask = None
+        if documents is not None:
+            s = documents.numel()
+            same = documents[:, None] == documents[None, :]
+            self._mask = same & torch.ones(s, s, dtype=torch.bool, device=documents.device).tril()
+            if restart_positions:
+                idx = torch.arange(s, device=documents.device)
+                opens = torch.ones_like(same[0])
+                opens[1:] = documents[1:] != documents[:-1]
+                first = torch.cummax(torch.where(opens, idx, 0), dim=0).values  # its document's start
+                self.positions = (idx - first).double()
 
     def checkpoint(self, fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
         return fn(*args)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-            enable_gqa=q.size(2) != k.size(2),
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=self._mask is None,
+            attn_mask=self._mask, enable_gqa=q.size(2) != k.size(2),
         )  # (b, H, t, d)
         return out.transpose(1, 2)

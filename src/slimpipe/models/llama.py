@@ -55,7 +55,7 @@ def rope_tables(start: int, length: int, head_dim: int, theta: float, *, device:
                 dtype: torch.dtype, scaling: RopeScaling | None = None,
                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (length, head_dim) for global positions [start, start + length), or for
-    ``positions`` (length,) when given (context parallelism's zig-zag pieces).
+    ``positions`` (length,) when given (context parallelism's zig-zag pieces, packed documents).
 
     Angles are computed per position in float64, so a slice's table equals the matching rows of the whole
     sequence's table bit for bit (sliced and unsliced runs see the same numbers).

@@ -25,7 +25,7 @@ from torch.profiler import record_function
 from slimpipe.schedule.actions import VOCAB_KINDS, Action, Kind, Schedule
 from slimpipe.schedule.format import to_grid
 from slimpipe.runtime.attention import MaskCache
-from slimpipe.runtime.context_parallel import ContextParallel
+from slimpipe.runtime.documents import StepDocs
 from slimpipe.runtime.exchange import RankExchange
 from slimpipe.runtime.kv import KVStore
 from slimpipe.runtime.memory import MemoryTracker
@@ -91,22 +91,28 @@ class RankExecutor:
 
     # ---- step lifecycle -------------------------------------------------------------------------
     def begin_step(self, step: int, tokens: torch.Tensor, normaliser: float, *,
-                   program: tuple[Action, ...] | None = None) -> None:
-        """tokens (m, s+1) on this rank's device; normaliser = tokens of the global batch. ``program``: a
-        forward-only program to run instead of the schedule's (an evaluation step, under no_grad).
+                   program: tuple[Action, ...] | None = None, docs: StepDocs | None = None) -> None:
+        """tokens (m, s+1) on this rank's device; normaliser = loss-taking labels of the global batch.
+        ``program``: a forward-only program to run instead of the schedule's (an evaluation step, under
+        no_grad). ``docs``: packed documents (document-causal attention, masked labels, positions).
 
         ``ids``/``labels`` (m, s') are the tokens this rank feeds and predicts, ``bounds`` the slices in their
         rows: the sequence (s' = s), or this CP rank's zig-zag pieces of every slice (s' = s/c)."""
+        if docs is not None and (self.exchange is not None or self.cp is not None):
+            raise ValueError("packed documents run without the attention context exchange and without context "
+                             "parallelism: build the runtime with attn_balance=0 and cp=1")
         self.step, self.tokens, self.normaliser = step, tokens, float(normaliser)
+        self.docs = docs
         self.training = program is None
         self._program = self.program if program is None else program
         self.bounds = slice_bounds(tokens.size(1) - 1, self.schedule.slice_fractions())
         if self.cp is not None:
             self.bounds = self.cp.begin_step(self.bounds, tokens.device)
             self.ids, self.labels = self.cp.take(tokens)
-        else:
-            self.ids, self.labels = tokens[:, :-1], tokens[:, 1:]
-        self.store = KVStore(self.bounds, self.masks, self.recompute, training=self.training, cp=self.cp)
+        else:  # packed documents: −100 where the next token opens another document (no loss there)
+            self.ids, self.labels = tokens[:, :-1], tokens[:, 1:] if docs is None else docs.labels
+        self.store = KVStore(self.bounds, self.masks, self.recompute, training=self.training, cp=self.cp,
+                             docs=docs)
         if self.exchange is not None:
             self.exchange.begin_step(self.bounds)
         self._token_ptrs = {t.untyped_storage().data_ptr() for t in (tokens, self.ids, self.labels)}

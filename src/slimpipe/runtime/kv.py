@@ -25,6 +25,7 @@ import torch
 
 from slimpipe.runtime.attention import KVWindow, MaskCache, window_attention
 from slimpipe.runtime.context_parallel import ContextParallel
+from slimpipe.runtime.documents import StepDocs, document_window_attention
 from slimpipe.runtime.ports import AttentionHook
 from slimpipe.runtime.recompute import replayed
 
@@ -55,11 +56,13 @@ class KVStore:
     """K/V carry across slices for every (stage, micro-batch) of one rank."""
 
     def __init__(self, bounds: list[int], masks: MaskCache, recompute: str = "none", *,
-                 training: bool = True, cp: ContextParallel | None = None) -> None:
+                 training: bool = True, cp: ContextParallel | None = None,
+                 docs: StepDocs | None = None) -> None:
         # Token boundaries of the n slices in this rank's rows: slice j = [bounds[j], bounds[j+1]). With
         # context parallelism they are local rows (the rank's 2P tokens of every slice), and the slice's
         # attention is the CP group's query-out attention.
         self.bounds = bounds
+        self.docs = docs  # packed documents: document-causal attention, per-document positions
         self.training = training  # False: forward-only (evaluate); an entry ends after its last forward
         self.cp = cp
         self.n = len(bounds) - 1
@@ -81,7 +84,7 @@ class KVStore:
         entry.next_fwd += 1
         if entry.next_fwd == self.n:
             entry.next_bwd = self.n - 1
-        return SliceKV(self, entry, j)
+        return SliceKV(self, entry, j, mb)
 
     def end_forward(self, stage: int, mb: int, j: int) -> None:
         """Forward-only steps: drop the entry once its last slice was forwarded (no backward follows)."""
@@ -169,7 +172,7 @@ def _accumulate(acc: torch.Tensor | None, leaf: torch.Tensor) -> torch.Tensor | 
 class SliceKV:
     """The K/V view of one (stage, micro-batch, slice) forward; hands a LayerContext to each layer."""
 
-    def __init__(self, store: KVStore, entry: _Entry, j: int) -> None:
+    def __init__(self, store: KVStore, entry: _Entry, j: int, mb: int = 0) -> None:
         self.store, self.entry, self.j = store, entry, j
         self.start, self.end = store.bounds[j], store.bounds[j + 1]
         cp = store.cp
@@ -177,6 +180,11 @@ class SliceKV:
         self.first = self.start if cp is None else cp.global_start(j)
         self.positions = None if cp is None else cp.positions[self.start:self.end]  # type: ignore[index]
         self.shared: dict[str, object] = {}
+        docs = store.docs
+        row = None if docs is None else docs.rows[mb]
+        self.spans = None if row is None else row.spans(self.start, self.end)  # packed documents
+        if row is not None and docs.restart_positions:
+            self.positions = row.positions(self.start, self.end, docs.labels.device)
         # Set by the executor when a feature takes over this unit's attention (the exchange: ports.py).
         self.attention_hook: AttentionHook | None = None
         self.replaying = False  # inside a recompute region's replay (during this unit's backward)
@@ -219,15 +227,21 @@ class SliceKV:
             lk.prefix[self.j] = (kp, vp)
         k_win = KVWindow.apply(k, kp, lk.k, start, functools.partial(_handed, lk, "acc_k", start, self.end))
         v_win = KVWindow.apply(v, vp, lk.v, start, functools.partial(_handed, lk, "acc_v", start, self.end))
+        return self._attend_window(layer_id, q, k_win, v_win)
+
+    def _attend_window(self, layer_id: int, q: torch.Tensor, k_win: torch.Tensor,
+                       v_win: torch.Tensor) -> torch.Tensor:
         if self.attention_hook is not None:
             return self.attention_hook.attend(layer_id, q, k_win, v_win)
         return self.local_attention(q, k_win, v_win)
 
     def local_attention(self, q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor) -> torch.Tensor:
         """This slice's attention over the window computed without the exchange: the rank's own window
-        attention, or the CP group's query-out attention."""
+        attention, the CP group's query-out attention, or packed documents' document-causal attention."""
         if self.store.cp is not None:
             return self.store.cp.attend(self.start, q, k_win, v_win)
+        if self.spans is not None:
+            return document_window_attention(q, k_win, v_win, self.spans)
         return window_attention(q, k_win, v_win, self.start, self.store.masks, self.store.bounds[-1])
 
 
@@ -238,9 +252,7 @@ class SliceKV:
         if lk is None or lk.k is None or lk.v is None:
             raise KVOrderError(f"replay of slice {self.j} layer {layer_id}: its K/V are not in the store")
         k_win, v_win = lk.k[:, : self.end], lk.v[:, : self.end]  # views: (b, end, H_kv, d)
-        if self.attention_hook is not None:
-            return self.attention_hook.attend(layer_id, q, k_win, v_win)
-        return self.local_attention(q, k_win, v_win)
+        return self._attend_window(layer_id, q, k_win, v_win)
 
 
 def _handed(lk: _LayerKV, which: str, start: int, end: int) -> torch.Tensor | None:

@@ -49,8 +49,9 @@ class LocalPipelineRuntime(StepLoop):
                  optim: OptimConfig | None = None, check_schedule: bool = True,
                  mask_mode: str = "auto", attn_balance: int = 0, vocab_parallel: bool = False,
                  recompute: str = "none",
-                 offload: float | OffloadConfig = 0.0) -> None:
+                 offload: float | OffloadConfig = 0.0, restart_positions: bool = True) -> None:
         self.parts = as_parts(model)
+        self.restart_positions = restart_positions  # packed documents: RoPE positions per document
         self.vocab_parallel = vocab_parallel  # embedding/head sharded over all ranks (docs/vocab_parallel.md)
         self.device = torch.device(device)
         p = schedule.num_ranks
@@ -130,14 +131,18 @@ class LocalPipelineRuntime(StepLoop):
     def _trainable_parameters(self):
         return (p for model in self.models for p in model.parameters())
 
-    def _run(self, tokens: torch.Tensor, loss_tokens: int | None, evaluate: Schedule | None = None) -> StepResult:
+    def _run(self, tokens: torch.Tensor, loss_tokens: int | None, evaluate: Schedule | None = None, *,
+             documents: torch.Tensor | None = None) -> StepResult:
         check_tokens(tokens, evaluate or self.schedule)
         tokens = tokens.to(self.device)
-        normaliser = loss_tokens if loss_tokens is not None else tokens.size(0) * (tokens.size(1) - 1)
+        docs = self._docs(tokens, documents)
+        labels = tokens.size(0) * (tokens.size(1) - 1) if docs is None else docs.valid_labels
+        normaliser = loss_tokens if loss_tokens is not None else labels
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         for r, ex in enumerate(self.executors):
-            ex.begin_step(self.step, tokens, normaliser, program=None if evaluate is None else evaluate.ranks[r])
+            ex.begin_step(self.step, tokens, normaliser, program=None if evaluate is None else evaluate.ranks[r],
+                          docs=docs)
         self.step += 1
         self.hub.queues.clear()
         t0 = time.time()

@@ -115,8 +115,9 @@ class PipelineRuntime(StepLoop):
                  dtype: torch.dtype = torch.float32, seed: int = 0, optim: OptimConfig | None = None,
                  check_schedule: bool = True, mask_mode: str = "auto", attn_balance: int = 0,
                  vocab_parallel: bool = False, recompute: str = "none",
-                 offload: float | OffloadConfig = 0.0) -> None:
+                 offload: float | OffloadConfig = 0.0, restart_positions: bool = True) -> None:
         self.parts = as_parts(model)
+        self.restart_positions = restart_positions  # packed documents: RoPE positions per document
         self.state = state
         self.vocab_parallel = vocab_parallel  # embedding/head sharded over all ranks (docs/vocab_parallel.md)
         # attn_balance > 0: add attention-exchange markers (docs/exchange.md) before lowering/validation.
@@ -181,15 +182,18 @@ class PipelineRuntime(StepLoop):
     def _trainable_parameters(self):
         return self.model.parameters()
 
-    def _run(self, tokens: torch.Tensor, loss_tokens: int | None, evaluate: Schedule | None = None) -> StepResult:
+    def _run(self, tokens: torch.Tensor, loss_tokens: int | None, evaluate: Schedule | None = None, *,
+             documents: torch.Tensor | None = None) -> StepResult:
         check_tokens(tokens, evaluate or self.schedule, self.state.tp, cp=self.state.cp)
         st, ex = self.state, self.executor
         tokens = tokens.to(st.device)
-        normaliser = loss_tokens if loss_tokens is not None else tokens.size(0) * (tokens.size(1) - 1) * st.dp
+        docs = self._docs(tokens, documents)
+        labels = tokens.size(0) * (tokens.size(1) - 1) if docs is None else docs.valid_labels
+        normaliser = loss_tokens if loss_tokens is not None else labels * st.dp
         if st.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(st.device)
         ex.begin_step(self.step, tokens, normaliser,
-                      program=None if evaluate is None else evaluate.ranks[st.pp_rank])
+                      program=None if evaluate is None else evaluate.ranks[st.pp_rank], docs=docs)
         self.step += 1
         t0 = time.time()
         for blocked in ex.run():

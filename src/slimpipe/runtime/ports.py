@@ -39,7 +39,8 @@ class EndsPort(Protocol):
     ids: torch.Tensor
     """(m, s') the ids this rank feeds: the sequence (s' = s), or its CP share in zig-zag order (s/c)."""
     labels: torch.Tensor
-    """(m, s') the next-token labels of ``ids`` (the next *global* token under context parallelism)."""
+    """(m, s') the next-token labels of ``ids`` (the next *global* token under context parallelism; −100
+    where no loss is taken: a packed document's boundary)."""
     bounds: list[int]
     """Slice boundaries in the rows of ``ids``: slice j is [bounds[j], bounds[j+1])."""
     dtype: torch.dtype

@@ -163,15 +163,30 @@ def stage_forward(model: RankModel, info: StageInfo, inp: torch.Tensor, slice_kv
     return x
 
 
-def reference_loss(model: RankModel, tokens: torch.Tensor, normaliser: float | None = None) -> torch.Tensor:
-    """Unsliced, unpipelined loss of a whole-model RankModel on tokens (B, s+1): the equivalence oracle."""
+def reference_loss(model: RankModel, tokens: torch.Tensor, normaliser: float | None = None, *,
+                   documents: torch.Tensor | None = None, restart_positions: bool = True) -> torch.Tensor:
+    """Unsliced, unpipelined loss of a whole-model RankModel on tokens (B, s+1): the equivalence oracle.
+
+    ``documents`` (B, s+1): packed documents, row by row with a dense document-causal mask (PlainContext),
+    positions per document (``restart_positions``), no loss where the next token opens another document."""
     ids, labels = tokens[:, :-1], tokens[:, 1:]
-    norm = float(labels.numel()) if normaliser is None else normaliser
-    x = model.embed(ids)
-    ctx = PlainContext()
-    for blk in model.layers.values():
-        x = blk(x, ctx)
-    return _loss(model, x, labels, norm)
+    if documents is None:
+        norm = float(labels.numel()) if normaliser is None else normaliser
+        x = model.embed(ids)
+        ctx = PlainContext()
+        for blk in model.layers.values():
+            x = blk(x, ctx)
+        return _loss(model, x, labels, norm)
+    labels = labels.masked_fill(documents[:, 1:] != documents[:, :-1], -100)
+    norm = float((labels >= 0).sum()) if normaliser is None else normaliser
+    rows = []
+    for r in range(tokens.size(0)):  # one mask per row
+        x = model.embed(ids[r : r + 1])
+        ctx = PlainContext(documents[r, :-1], restart_positions=restart_positions)
+        for blk in model.layers.values():
+            x = blk(x, ctx)
+        rows.append(_loss(model, x, labels[r : r + 1], norm))
+    return torch.stack(rows).sum()
 
 
 def reference_logits(model: RankModel, ids: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 
 from slimpipe.config import ConfigError
+from slimpipe.runtime.documents import StepDocs
 from slimpipe.runtime.optim import OptimConfig, clip_coefficient, scale_grads
 from slimpipe.runtime.result import StepResult
 from slimpipe.schedule.actions import Schedule
@@ -31,23 +32,26 @@ class StepLoop:
     vocab_parallel: bool
 
     def forward_backward(self, tokens: torch.Tensor, *, reduce_grads: bool = False,
-                         loss_tokens: int | None = None) -> StepResult:
+                         loss_tokens: int | None = None, documents: torch.Tensor | None = None) -> StepResult:
         """Run the schedule, accumulating into .grad. ``reduce_grads`` also sums tied-embedding grads and
         all-reduces over DP (what train_step does before clipping). ``loss_tokens`` overrides the loss
-        normaliser (default: every token of the global batch, m·s·dp)."""
-        res = self._run(tokens, loss_tokens)
+        normaliser (default: every loss-taking label of the global batch, m·s·dp without documents).
+        ``documents`` (m, s+1): packed documents, each token's document index (non-decreasing along a row):
+        document-causal attention, no loss across a boundary, positions per document unless the runtime
+        was built with ``restart_positions=False`` (runtime/documents.py)."""
+        res = self._run(tokens, loss_tokens, documents=documents)
         if reduce_grads:
             self._reduce_grads()
         return res
 
     def train_step(self, tokens: torch.Tensor, *, loss_tokens: int | None = None,
-                   skip_nonfinite: bool = False) -> StepResult:
+                   skip_nonfinite: bool = False, documents: torch.Tensor | None = None) -> StepResult:
         """zero_grad, forward_backward, grad reduction, clipping (global norm) and one AdamW step.
 
         ``skip_nonfinite``: no update when the loss or the grad norm is nan/inf (both are global, so every
         rank skips the same step); the result says so through its non-finite loss/grad_norm."""
         self.zero_grad()
-        res = self._run(tokens, loss_tokens)
+        res = self._run(tokens, loss_tokens, documents=documents)
         self._reduce_grads()
         norm = self._grad_norm()
         if skip_nonfinite and not (math.isfinite(norm) and math.isfinite(res.loss)):
@@ -56,7 +60,8 @@ class StepLoop:
         self.optimizer.step()
         return dataclasses.replace(res, grad_norm=norm)
 
-    def evaluate(self, tokens: torch.Tensor, *, loss_tokens: int | None = None) -> StepResult:
+    def evaluate(self, tokens: torch.Tensor, *, loss_tokens: int | None = None,
+                 documents: torch.Tensor | None = None) -> StepResult:
         """Forward only, under no_grad: the loss of ``tokens`` (rows, s+1), any number of rows.
 
         Runs the forward half of a GPipe-ordered schedule with this runtime's p, n and v (every builder's
@@ -66,7 +71,17 @@ class StepLoop:
         if self._has_exchange():
             raise ConfigError("evaluate runs without attention exchange: build the runtime with attn_balance=0")
         with torch.no_grad():
-            return self._run(tokens, loss_tokens, self._eval_schedule(tokens.size(0)))
+            return self._run(tokens, loss_tokens, self._eval_schedule(tokens.size(0)), documents=documents)
+
+    def _docs(self, tokens: torch.Tensor, documents: torch.Tensor | None) -> StepDocs | None:
+        """The step's packed documents (tokens already on the runtime's device), or None."""
+        if documents is None:
+            return None
+        if self._has_exchange():
+            raise ConfigError("packed documents run without attention exchange: build the runtime with "
+                              "attn_balance=0")
+        return StepDocs.of(tokens, documents.to(tokens.device),
+                           restart_positions=getattr(self, "restart_positions", True))
 
     def _eval_schedule(self, rows: int) -> Schedule:
         cache = self.__dict__.setdefault("_eval_schedules", {})
@@ -79,8 +94,10 @@ class StepLoop:
         return cache[rows]
 
     # ---- provided by the runtime --------------------------------------------------------------------
-    def _run(self, tokens: torch.Tensor, loss_tokens: int | None, evaluate: Schedule | None = None) -> StepResult:
-        """One step; ``evaluate``: run this forward-only schedule instead of the training one."""
+    def _run(self, tokens: torch.Tensor, loss_tokens: int | None, evaluate: Schedule | None = None, *,
+             documents: torch.Tensor | None = None) -> StepResult:
+        """One step; ``evaluate``: run this forward-only schedule instead of the training one;
+        ``documents``: packed documents (``_docs``)."""
         raise NotImplementedError
 
     def _has_exchange(self) -> bool:

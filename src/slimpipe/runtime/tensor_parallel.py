@@ -182,13 +182,14 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         stats = torch.stack([e.sum(dim=1), picked])  # (2, N)
         dist.all_reduce(stats, group=tp.group)
         e.div_(stats[0][:, None])  # softmax on this rank's columns
-        ctx.save_for_backward(e, local, mask)
-        return stats[0].log() - stats[1]
+        taken = target >= 0  # −100: no loss at this position (packed documents' boundaries)
+        ctx.save_for_backward(e, local, mask, taken)
+        return (stats[0].log() - stats[1]) * taken
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        softmax, local, mask = ctx.saved_tensors
+        softmax, local, mask, taken = ctx.saved_tensors
         g = softmax.clone()
         idx = torch.arange(g.size(0), device=g.device)[mask]
         g[idx, local[mask]] -= 1.0
-        return g.mul_(grad[:, None]), None, None, None
+        return g.mul_((grad * taken)[:, None]), None, None, None

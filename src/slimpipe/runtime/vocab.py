@@ -256,7 +256,9 @@ class VocabRuntime:
         yf = y_all[0].to(w.dtype)  # (t, h)
         logits = yf @ w.t()  # (t, rows)
         logits[:, sh.valid :] = -math.inf  # padding rows of the last shard
-        local, mask = sh.local(self._ids(mb, j, shift=1))  # labels
+        labels = self._ids(mb, j, shift=1)  # (t,), −100 where no loss is taken (packed documents)
+        local, mask = sh.local(labels)
+        taken = labels >= 0
         lmax = logits.max(dim=1).values  # (t,), −inf on a shard of padding only
         target = torch.where(mask, logits.gather(1, local[:, None])[:, 0], torch.zeros_like(lmax))
         e = logits.sub_(torch.nan_to_num(lmax, neginf=0.0)[:, None]).exp_()  # (t, rows) in place
@@ -268,11 +270,11 @@ class VocabRuntime:
         rescale = torch.exp(stats[:, 0] - gmax)  # (p, t)
         sumexp = (stats[:, 1] * rescale).sum(dim=0)
         if self.rank == last:  # everyone knows the loss; one rank accounts it
-            loss = torch.log(sumexp) + gmax - stats[:, 2].sum(dim=0)
+            loss = (torch.log(sumexp) + gmax - stats[:, 2].sum(dim=0)) * taken
             ex.add_loss(loss.sum().double() / ex.normaliser)
         if not ex.training:  # a forward-only step (every rank alike): no head gradient, no reduce
             return
-        g = e.mul_((rescale[self.index] / sumexp)[:, None])  # softmax on the shard, − onehot, / token count
+        g = e.mul_((rescale[self.index] / sumexp * taken)[:, None])  # softmax on the shard, − onehot, / count
         rows = torch.arange(t, device=g.device)[mask]
         g[rows, local[mask]] -= 1.0
         g.div_(ex.normaliser)

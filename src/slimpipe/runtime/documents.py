@@ -1,0 +1,173 @@
+"""Packed documents in the runtime: document-causal slice attention, per-document positions, label masks.
+
+A step's ``documents`` tensor (m, s+1) gives each token's document index, non-decreasing along a row (one
+row per micro-batch). From it, per row: the document starts (``RowDocs``), each slice's spans
+(slimpipe.sim.documents.slice_spans: the same function the simulator prices), the position of every token
+in its document (RoPE restarts per document when asked), and the labels with −100 wherever the next token
+opens another document (no loss across a boundary; the cross-entropies ignore −100).
+
+Attention (``DocumentWindow``): slice j's queries run as per-document segments, never with a mask —
+the carry-in document's rows [0, c) over the prefix keys [D, start) (one unmasked rectangle) merged by
+log-sum-exp with their own keys (square causal), every other document [a, b) square causal over its own
+keys. Keys before D, and prefix keys for rows of later documents, are never touched: no attention work on a
+masked block. Backward: the same calls' exact per-block gradients given the merged out/lse
+(runtime/block_attention.py); dq shares add up, prefix dK/dV rows [D, start) go to the window (rows before
+D get zero). Why segments and not one masked call: docs/runtime.md "Packed documents" (measured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slimpipe.runtime.block_attention import (
+    block_backward, block_forward, causal_mask, lse_dtype, math_block_backward, math_block_forward, merge,
+)
+from slimpipe.sim.documents import SliceSpans, slice_spans
+
+__all__ = ["RowDocs", "StepDocs", "DocumentWindow", "document_window_attention", "IGNORE"]
+
+IGNORE = -100
+"""Label of a position that takes no loss (the cross-entropies' ignore index)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RowDocs:
+    """The documents of one packed row (input positions [0, s))."""
+
+    starts: tuple[int, ...]
+    """First position of every document, starts[0] = 0."""
+
+    @staticmethod
+    def of(ids: torch.Tensor) -> RowDocs:
+        """From per-token document indices (s,) (non-decreasing)."""
+        change = torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1
+        return RowDocs((0, *change.tolist()))
+
+    def spans(self, start: int, end: int) -> SliceSpans:
+        return slice_spans(self.starts, start, end)
+
+    def positions(self, start: int, end: int, device: torch.device) -> torch.Tensor:
+        """(end − start,) position of each token in its document (float64, for RoPE angles)."""
+        sp = self.spans(start, end)
+        pos = torch.empty(end - start, dtype=torch.float64, device=device)
+        first = start - sp.carry
+        for a, b in sp.segments:
+            pos[a:b] = torch.arange(first if a == 0 else 0, (first if a == 0 else 0) + b - a,
+                                    dtype=torch.float64, device=device)
+        return pos
+
+
+@dataclass(frozen=True, slots=True)
+class StepDocs:
+    """Document structure of one step: per-row documents, masked labels, the positions mode."""
+
+    rows: tuple[RowDocs, ...]
+    """One per micro-batch row."""
+    labels: torch.Tensor
+    """(m, s) next-token labels, IGNORE where the next token opens another document."""
+    restart_positions: bool
+    """RoPE positions count from each document's start (else the row's positions)."""
+    valid_labels: int
+    """Labels that take a loss (the normaliser's share of this step's rows)."""
+
+    @staticmethod
+    def of(tokens: torch.Tensor, documents: torch.Tensor, *, restart_positions: bool = True) -> StepDocs:
+        """tokens, documents (m, s+1) on one device."""
+        if documents.shape != tokens.shape:
+            raise ValueError(f"documents {tuple(documents.shape)} must have the tokens' shape {tuple(tokens.shape)}")
+        if bool((documents[:, 1:] < documents[:, :-1]).any()):
+            raise ValueError("document indices must not decrease along a row")
+        boundary = documents[:, 1:] != documents[:, :-1]  # label i (token i+1) opens another document
+        labels = tokens[:, 1:].masked_fill(boundary, IGNORE)
+        rows = tuple(RowDocs.of(documents[r, :-1]) for r in range(documents.size(0)))
+        return StepDocs(rows, labels, restart_positions, int((~boundary).sum()))
+
+
+def _attend(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, causal: bool,
+            native: bool) -> tuple[torch.Tensor, ...]:
+    """One block: qt (b, H, tq, d), kt/vt (b, H_kv, tk, d) -> out (b, H, tq, d), lse (b, H, tq).
+    ``native``: the CPU flash kernel (GQA native); else explicit matmuls over grouped queries."""
+    if native:
+        return block_forward(qt, kt, vt, None, causal=causal)
+    g = qt.size(1) // kt.size(1)
+    b, h, t, d = qt.shape
+    mask = causal_mask(0, t, 0, g, dtype=qt.dtype, device=qt.device) if causal else None
+    out, lse = math_block_forward(qt.reshape(b, kt.size(1), g * t, d), kt, vt, mask)
+    return out.reshape(b, h, t, d), lse.reshape(b, h, t)
+
+
+def _attend_backward(dot: torch.Tensor, qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, ot: torch.Tensor,
+                     lse: torch.Tensor, causal: bool, native: bool) -> tuple[torch.Tensor, ...]:
+    """(dq share, dk, dv) of one block given the merged out/lse (shapes of qt, kt, vt)."""
+    if native:
+        return block_backward(dot, qt, kt, vt, ot, lse, None, causal=causal)
+    g = qt.size(1) // kt.size(1)
+    b, h, t, d = qt.shape
+
+    def grp(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(b, kt.size(1), g * t, d)
+
+    mask = causal_mask(0, t, 0, g, dtype=qt.dtype, device=qt.device) if causal else None
+    dq, dk, dv = math_block_backward(grp(dot), grp(qt), kt, vt, grp(ot), lse.reshape(b, kt.size(1), g * t), mask)
+    return dq.reshape(b, h, t, d), dk, dv
+
+
+class DocumentWindow(torch.autograd.Function):
+    """q (b, t, H, d) of slice [start, end) over its K/V window k_win/v_win (b, end, H_kv, d) under
+    document-causal attention (spans: SliceSpans) -> (b, t, H, d)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,  # type: ignore[override]
+                spans: SliceSpans, native: bool) -> torch.Tensor:
+        start, lo = spans.start, spans.carry
+        qt, kt, vt = q.transpose(1, 2), k_win.transpose(1, 2), v_win.transpose(1, 2)  # (b, heads, len, d)
+        b, h, t, d = qt.shape
+        out = q.new_empty(b, t, h, d)  # (b, t, H, d): the model's view(b, t, H·d) of it is free
+        lse = torch.empty(b, h, t, dtype=lse_dtype(q.dtype), device=q.device)
+        for a, e in spans.segments:
+            qs = qt[:, :, a:e]
+            o, s = _attend(qs, kt[:, :, start + a : start + e], vt[:, :, start + a : start + e], True, native)
+            if a == 0 and lo < start:  # the carry-in document also sees keys [D, start)
+                o_p, s_p = _attend(qs, kt[:, :, lo:start], vt[:, :, lo:start], False, native)
+                o, s = merge(o_p, s_p, o, s)
+            out[:, a:e].copy_(o.transpose(1, 2))
+            lse[:, :, a:e] = s
+        ctx.save_for_backward(q, k_win, v_win, out, lse)
+        ctx.spans, ctx.native = spans, native
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
+        q, k_win, v_win, out, lse = ctx.saved_tensors
+        spans: SliceSpans = ctx.spans
+        start, lo, native = spans.start, spans.carry, ctx.native
+        qt, kt, vt = q.transpose(1, 2), k_win.transpose(1, 2), v_win.transpose(1, 2)
+        dot, ot = dout.transpose(1, 2), out.transpose(1, 2)
+        dq = torch.empty_like(q)  # (b, t, H, d)
+        dk, dv = torch.zeros_like(k_win), torch.zeros_like(v_win)  # (b, end, H_kv, d); rows < D stay 0
+        for a, e in spans.segments:
+            rows = slice(a, e)
+            keys = slice(start + a, start + e)
+            g_q, g_k, g_v = _attend_backward(dot[:, :, rows], qt[:, :, rows], kt[:, :, keys], vt[:, :, keys],
+                                             ot[:, :, rows], lse[:, :, rows], True, native)
+            if a == 0 and lo < start:
+                p_q, p_k, p_v = _attend_backward(dot[:, :, rows], qt[:, :, rows], kt[:, :, lo:start],
+                                                 vt[:, :, lo:start], ot[:, :, rows], lse[:, :, rows], False,
+                                                 native)
+                g_q = g_q + p_q
+                dk[:, lo:start].copy_(p_k.transpose(1, 2))
+                dv[:, lo:start].copy_(p_v.transpose(1, 2))
+            dq[:, rows].copy_(g_q.transpose(1, 2))
+            dk[:, keys].copy_(g_k.transpose(1, 2))
+            dv[:, keys].copy_(g_v.transpose(1, 2))
+        return dq, dk, dv, None, None
+
+
+def document_window_attention(q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, spans: SliceSpans,
+                              *, native: bool | None = None) -> torch.Tensor:
+    """Document-causal attention of one slice (DocumentWindow). ``native`` (default: on CPU) runs ATen's
+    CPU flash kernel; otherwise the explicit-matmul blocks (any device)."""
+    native = q.device.type == "cpu" if native is None else native
+    return DocumentWindow.apply(q, k_win, v_win, spans, native)  # type: ignore[no-any-return]
