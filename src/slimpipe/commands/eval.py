@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from slimpipe.train.config import DATA_DTYPES, DEVICES, DTYPES
+from slimpipe.train.config import DATA_DTYPES, DEVICES, DOC_POSITIONS, DTYPES
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dtype", default="auto", choices=DATA_DTYPES, help="element type of a .bin file")
     parser.add_argument("--tokenizer", default="", metavar="DIR", help="Hugging Face tokenizer directory for text data")
     parser.add_argument("--text-field", default="text", help="JSON field of a document in .jsonl data [text]")
+    parser.add_argument("--pack-documents", action="store_true",
+                        help="document-causal attention, positions per document, no loss across a boundary")
+    parser.add_argument("--doc-positions", default="document", choices=DOC_POSITIONS,
+                        help="with --pack-documents: RoPE positions per document or along the window [document]")
+    parser.add_argument("--eod-id", type=int, default=-1, help="token id ending a document in a .bin/.npy file")
     parser.add_argument("--seq-len", type=int, required=True, help="S: tokens per window (labels are the next S)")
     parser.add_argument("--batch", type=int, default=4, help="windows per forward-only step [4]")
     parser.add_argument("--max-windows", type=int, default=0, help="evaluate only the first N windows (0: all)")
@@ -52,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     # gpipe with m = batch: always feasible; evaluate() runs its forward half whatever the row count.
     cfg = TrainConfig(
         init_from=args.init_from or "", resume=args.resume or "", data=args.data, data_dtype=args.data_dtype,
-        tokenizer=args.tokenizer, text_field=args.text_field, seq_len=args.seq_len, global_batch=args.batch,
+        tokenizer=args.tokenizer, text_field=args.text_field, pack_documents=args.pack_documents,
+        doc_positions=args.doc_positions, eod_id=args.eod_id, seq_len=args.seq_len, global_batch=args.batch,
         tp=args.tp, pp=args.pp, vpp=args.vpp, slices=args.slices, schedule="gpipe", vocab_parallel=args.vocab_parallel,
         local_pipeline=args.local_pipeline, nproc=args.nproc, device=args.device, dtype=args.dtype,
         threads=args.threads, timeout=args.timeout, progress=False,

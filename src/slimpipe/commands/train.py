@@ -11,7 +11,7 @@ import dataclasses
 
 from slimpipe.sim.workload import RECOMPUTE_MODES
 from slimpipe.train.config import (
-    DATA_DTYPES, DEVICES, DTYPES, NONFINITE, TrainConfig, field_docs, load_config_file,
+    DATA_DTYPES, DEVICES, DOC_POSITIONS, DTYPES, NONFINITE, TrainConfig, field_docs, load_config_file,
 )
 
 __all__ = ["HELP", "add_arguments", "run"]
@@ -19,7 +19,7 @@ __all__ = ["HELP", "add_arguments", "run"]
 HELP = "train a model with a pipeline schedule (default: the embedded stdlib demo, 2 stages, SlimPipe)"
 
 _CHOICES = {"dtype": DTYPES, "device": DEVICES, "data_dtype": DATA_DTYPES, "recompute": RECOMPUTE_MODES,
-            "nonfinite": NONFINITE}
+            "nonfinite": NONFINITE, "doc_positions": DOC_POSITIONS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,12 +19,14 @@ from pathlib import Path
 from slimpipe.config import ConfigError
 from slimpipe.sim.workload import RECOMPUTE_MODES
 
-__all__ = ["TrainConfig", "load_config_file", "field_docs", "DTYPES", "DEVICES", "DATA_DTYPES", "NONFINITE"]
+__all__ = ["TrainConfig", "load_config_file", "field_docs", "DTYPES", "DEVICES", "DATA_DTYPES", "NONFINITE",
+           "DOC_POSITIONS"]
 
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_DTYPES = ("auto", "uint16", "uint32")
 NONFINITE = ("stop", "skip")
+DOC_POSITIONS = ("document", "global")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -48,6 +50,16 @@ class TrainConfig:
     after every document."""
     text_field: str = "text"
     """The JSON field holding a document's text in a .jsonl --data file."""
+    pack_documents: bool = False
+    """Packed documents: each token attends only within its document (document-causal attention through
+    the slices, fully masked K/V blocks skipped), positions restart per document (--doc-positions) and no
+    loss is taken across a boundary. Boundaries: tokenized text's documents, the stdlib corpus' files, or
+    --eod-id in a token file (docs/runtime.md "Packed documents")."""
+    doc_positions: str = "document"
+    """With --pack-documents: RoPE positions count from each document's start (document) or along the row
+    (global; the same attention for RoPE, which only sees relative positions inside a document)."""
+    eod_id: int = -1
+    """Token id that ends a document in a .bin/.npy file (it belongs to the document it ends); -1: none."""
     seq_len: int = 2048
     """s: tokens per sequence (each sample reads s + 1 tokens: inputs and shifted labels)."""
     global_batch: int = 4
@@ -158,6 +170,14 @@ class TrainConfig:
                            ("recompute", RECOMPUTE_MODES)):
             if getattr(self, f) not in allowed:
                 raise ConfigError(f"--{_flag(f)}={getattr(self, f)!r} is unknown: use one of {', '.join(allowed)}")
+        if self.doc_positions not in DOC_POSITIONS:
+            raise ConfigError(f"--doc-positions={self.doc_positions!r} is unknown: use one of "
+                              f"{', '.join(DOC_POSITIONS)}")
+        if self.pack_documents and self.attn_balance:
+            raise ConfigError("--pack-documents runs without the attention exchange (document masking "
+                              "already evens out the slices): use --attn-balance 0")
+        if not isinstance(self.eod_id, int) or self.eod_id < -1:
+            raise ConfigError(f"--eod-id={self.eod_id!r} must be a token id ≥ 0, or -1 for none")
         if self.nonfinite not in NONFINITE:
             raise ConfigError(f"--nonfinite={self.nonfinite!r} is unknown: use one of {', '.join(NONFINITE)}")
         if not 0 < self.lr < math.inf:  # also false for nan

@@ -9,7 +9,6 @@ replica d takes sequences ``[d·m, (d+1)·m)`` of it.
 from __future__ import annotations
 
 import hashlib
-import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from slimpipe.config import ConfigError
+from slimpipe.sim.documents import DocLengths, stdlib_files
 from slimpipe.train.corpus import check_ids, open_npy, tokenize_corpus
 
-__all__ = ["TokenData", "load_data", "stdlib_corpus"]
-
-# Parts of the stdlib tree left out of the corpus: installed third-party code varies between machines,
-# and the test suites are large and repetitive.
-_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+__all__ = ["TokenData", "load_data", "stdlib_corpus", "stdlib_documents"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +46,31 @@ class TokenData:
         rng = np.random.default_rng([seed, step])
         if self.tokens is None:
             return _synthetic(rng, batch, seq_len, self.vocab_size, seed)
-        starts = rng.integers(0, self.num_tokens - seq_len, size=batch)  # window s+1 fits
+        starts = self._offsets(step, seed=seed, batch=batch, seq_len=seq_len)
         return np.stack([np.asarray(self.tokens[o : o + seq_len + 1], dtype=np.int64) for o in starts])
+
+    def _offsets(self, step: int, *, seed: int, batch: int, seq_len: int) -> np.ndarray:
+        rng = np.random.default_rng([seed, step])
+        return rng.integers(0, self.num_tokens - seq_len, size=batch)  # window s+1 fits
+
+    def batch_documents(self, step: int, *, seed: int, batch: int, seq_len: int) -> np.ndarray:
+        """(B, s + 1) document index of every token of ``batch(step)``'s windows (packed documents)."""
+        return self._documents(self._offsets(step, seed=seed, batch=batch, seq_len=seq_len), seq_len)
+
+    def window_documents(self, first: int, count: int, seq_len: int) -> np.ndarray:
+        """(count, S + 1) document index of every token of ``windows(first, count)``."""
+        return self._documents(np.arange(first, first + count) * seq_len, seq_len)
+
+    def doc_lengths(self) -> DocLengths:
+        """The distribution of the data's document lengths (the simulator's --doc-lengths)."""
+        assert self.docs is not None, "the data has no document boundaries"
+        lengths, counts = np.unique(np.diff(np.append(self.docs, self.num_tokens)), return_counts=True)
+        return DocLengths(self.name, tuple(int(x) for x in lengths), tuple(float(c) / counts.sum() for c in counts))
+
+    def _documents(self, offsets: np.ndarray, seq_len: int) -> np.ndarray:
+        assert self.docs is not None, "the data has no document boundaries"
+        pos = offsets[:, None] + np.arange(seq_len + 1)[None, :]
+        return np.searchsorted(self.docs, pos, side="right").astype(np.int64) - 1
 
 
     def eval_windows(self, seq_len: int) -> int:
@@ -80,28 +99,34 @@ def _synthetic(rng: np.random.Generator, batch: int, seq_len: int, vocab: int, s
 
 def stdlib_corpus() -> tuple[np.ndarray, str]:
     """Bytes of the sorted .py files of this Python's standard library (offline, same on every run)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
-        files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
-    files.sort()
-    blob = b"\n".join(f.read_bytes() for f in files)
-    return np.frombuffer(blob, dtype=np.uint8), str(root)
+    blob = b"\n".join(f.read_bytes() for f in stdlib_files())
+    return np.frombuffer(blob, dtype=np.uint8), sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_documents() -> np.ndarray:
+    """Start offset of every file of stdlib_corpus() (a document: its bytes and the joining newline)."""
+    sizes = [f.stat().st_size + 1 for f in stdlib_files()]
+    return np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64)
 
 
 def load_data(spec: str, *, vocab_size: int, seq_len: int, data_dtype: str = "auto", tokenizer: str = "",
-              text_field: str = "text") -> TokenData:
+              text_field: str = "text", eod_id: int = -1, need_documents: bool = False) -> TokenData:
     """Load and check a data spec; every problem is a ConfigError naming the fix.
 
     .bin: flat uint16/uint32 ids; .npy: a 1-D integer array (memory-mapped); with ``tokenizer`` any other
     file is text (.jsonl: one document per line) tokenized once and cached (slimpipe.train.corpus);
-    without it, bytes."""
+    without it, bytes. Document boundaries (``docs``): tokenized text's documents, the stdlib corpus'
+    files, or the positions after every ``eod_id`` token; ``need_documents`` (--pack-documents) refuses
+    data without them."""
     docs = None
     if spec == "synthetic":
+        if need_documents:
+            raise ConfigError("--pack-documents needs data with document boundaries: give tokenized text, "
+                              "stdlib, or a token file with --eod-id (synthetic has none)")
         return TokenData("synthetic", None, vocab_size, "synthetic")
     if spec == "stdlib":
         tokens, root = stdlib_corpus()
+        docs = stdlib_documents()
         name = f"stdlib ({root}, {len(tokens) / 1e6:.1f} MB)"
         _check_bytes(vocab_size, spec)
     else:
@@ -127,7 +152,23 @@ def load_data(spec: str, *, vocab_size: int, seq_len: int, data_dtype: str = "au
             f"--data {spec}: has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}: "
             "use more data or a shorter --seq-len"
         )
+    if eod_id >= 0:
+        docs = _eod_documents(tokens, eod_id)
+    if need_documents and docs is None:
+        raise ConfigError(f"--pack-documents: --data {spec} has no document boundaries; give tokenized text "
+                          "(--tokenizer), stdlib, or a .bin/.npy token file with --eod-id ID")
     return TokenData(name, tokens, vocab_size, _fingerprint(tokens), docs)
+
+
+def _eod_documents(tokens: np.ndarray, eod_id: int) -> np.ndarray:
+    """Start offsets of the documents of a token array whose documents each end with ``eod_id`` (scanned
+    in blocks: a memory-mapped file is never read whole)."""
+    starts = [np.zeros(1, dtype=np.int64)]
+    block = 1 << 24
+    for lo in range(0, len(tokens), block):
+        ends = np.flatnonzero(np.asarray(tokens[lo : lo + block]) == eod_id) + lo + 1
+        starts.append(ends[ends < len(tokens)].astype(np.int64))
+    return np.concatenate(starts)
 
 
 def _check_bytes(vocab_size: int, spec: str) -> None:

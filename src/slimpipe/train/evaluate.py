@@ -30,20 +30,27 @@ def evaluate_loop(prep: Prepared, rt: Any, *, rank: int, device: torch.device) -
     if opts.max_windows:
         total = min(total, opts.max_windows)
     t0 = time.perf_counter()
-    loss_sum = 0.0
+    loss_sum, tokens = 0.0, 0
     for first in range(0, total, opts.batch):
         rows = min(opts.batch, total - first)
         batch = torch.from_numpy(prep.data.windows(first, rows, s)).to(device)  # (rows, S+1)
-        loss_sum += rt.evaluate(batch, loss_tokens=1).loss  # loss_tokens=1: the plain sum over tokens
+        docs = None
+        if cfg.pack_documents:  # no loss where the next token opens another document
+            ids = prep.data.window_documents(first, rows, s)
+            docs = torch.from_numpy(ids)
+            tokens += int((ids[:, 1:] == ids[:, :-1]).sum())
+        else:
+            tokens += rows * s
+        loss_sum += rt.evaluate(batch, loss_tokens=1, documents=docs).loss  # loss_tokens=1: the plain sum
     seconds = time.perf_counter() - t0
-    tokens = total * s
     loss = loss_sum / tokens
     out = {
         "loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": tokens,
         "windows": total, "seq_len": s, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
         "model": prep.model.name, "data": prep.data.name,
-        "layout": {"pp": cfg.pp, "vpp": cfg.vpp, "slices": cfg.slices, "vocab_parallel": cfg.vocab_parallel,
-                   "local_pipeline": cfg.local_pipeline, "dtype": cfg.dtype},
+        "layout": {"tp": cfg.tp, "pp": cfg.pp, "vpp": cfg.vpp, "slices": cfg.slices, "vocab_parallel": cfg.vocab_parallel,
+                   "local_pipeline": cfg.local_pipeline, "dtype": cfg.dtype,
+                   "pack_documents": cfg.pack_documents},
     }
     if rank == 0:
         sys.stdout.write((json.dumps(out) if opts.json else summary_line(out)) + "\n")

@@ -98,7 +98,8 @@ def preflight(cfg: TrainConfig, *, env: TorchrunEnv | None = None, check_outputs
     if cfg.device == "cpu":  # before loading data; CUDA runs are checked once torch says how big a GPU is
         check_memory(cfg, model, layout, schedule, local_procs=procs)
     data = load_data(cfg.data, vocab_size=model.vocab_size, seq_len=cfg.seq_len, data_dtype=cfg.data_dtype,
-                     tokenizer=cfg.tokenizer, text_field=cfg.text_field)
+                     tokenizer=cfg.tokenizer, text_field=cfg.text_field, eod_id=cfg.eod_id,
+                     need_documents=cfg.pack_documents)
     if resume_dir is not None and evaluation is None:
         check_checkpoint(resume_dir, model=model.to_dict(), seed=cfg.seed, data_fingerprint=data.fingerprint,
                          steps=cfg.steps, data_name=data.name)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from slimpipe.hf.weights import load_hf_weights
+from slimpipe.sim.documents import expected_slice_pairs
 from slimpipe.train.checkpoint import last_finite_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from slimpipe.train.exits import FAILED, OK, PEER, AgreedError, Diverged
 from slimpipe.train.faults import fault_hook
@@ -129,7 +130,8 @@ def _build_runtime(prep: Prepared, device: torch.device) -> tuple[Any, int]:
     from slimpipe.runtime.offload import OffloadConfig
 
     optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip)
-    memory = dict(recompute=cfg.recompute, offload=OffloadConfig(ratio=cfg.offload, min_bytes=cfg.offload_min_bytes))
+    memory = dict(recompute=cfg.recompute, offload=OffloadConfig(ratio=cfg.offload, min_bytes=cfg.offload_min_bytes),
+                  restart_positions=cfg.doc_positions == "document")
     dtype = _DTYPES[cfg.dtype]
     if cfg.local_pipeline:
         rt = LocalPipelineRuntime(prep.model, prep.schedule, dtype=dtype, seed=cfg.seed, device=device, optim=optim,
@@ -184,7 +186,10 @@ def _open_outputs(prep: Prepared, world: int, device: torch.device, start: int) 
         peak, how = cfg.peak_tflops * 1e12, "--peak-tflops"
     else:
         peak, how = measure_peak_flops(_DTYPES[cfg.dtype], device)
-    fpt = prep.model.flops_per_token(cfg.seq_len)  # executed FLOPs; mfu_dense: the PaLM convention
+    keys = None  # packed documents: the mean keys a query sees, from the data's document lengths
+    if cfg.pack_documents:
+        keys = sum(expected_slice_pairs(prep.data.doc_lengths(), [0, cfg.seq_len])[0]) / cfg.seq_len
+    fpt = prep.model.flops_per_token(cfg.seq_len, keys_per_query=keys)  # executed; mfu_dense: PaLM convention
     meter = _Meter(cfg.global_batch * cfg.seq_len, world, peak, fpt,
                    prep.model.flops_per_token(cfg.seq_len, causal=False), time.perf_counter())
     logger = StepLogger(cfg.log_json, steps=cfg.steps, start_step=start, log_every=cfg.log_every,
@@ -218,9 +223,10 @@ def _train(prep: Prepared, *, rank: int, world: int, device: torch.device, step:
                 group["lr"] = lr
             batch = prep.data.batch(k, seed=cfg.seed, batch=cfg.global_batch, seq_len=cfg.seq_len)  # (B, s+1)
             mine = torch.from_numpy(batch[dp_rank * m : (dp_rank + 1) * m]).to(device)  # (m, s+1)
+            docs, loss_tokens = _documents(prep, k, dp_rank * m, m)
             t0 = time.perf_counter()
             # schedule, DP all-reduce, clip, AdamW (not applied when the loss or grad norm is nan/inf)
-            res = rt.train_step(mine, skip_nonfinite=True)
+            res = rt.train_step(mine, skip_nonfinite=True, documents=docs, loss_tokens=loss_tokens)
             finite = math.isfinite(res.loss) and math.isfinite(res.grad_norm)
             if logger is not None:
                 logger.log({**meter.record(k, lr, res, time.perf_counter() - t0), "skipped": not finite})
@@ -236,6 +242,17 @@ def _train(prep: Prepared, *, rank: int, world: int, device: torch.device, step:
     finally:
         if logger is not None:
             logger.close()
+
+
+def _documents(prep: Prepared, step: int, first: int, rows: int) -> tuple[torch.Tensor | None, int | None]:
+    """--pack-documents: this replica's (m, s+1) document indices and the global batch's loss-taking
+    labels (the normaliser: no loss across a document boundary); else (None, None)."""
+    cfg = prep.cfg
+    if not cfg.pack_documents:
+        return None, None
+    ids = prep.data.batch_documents(step, seed=cfg.seed, batch=cfg.global_batch, seq_len=cfg.seq_len)
+    taken = int((ids[:, 1:] == ids[:, :-1]).sum())
+    return torch.from_numpy(ids[first : first + rows]), max(taken, 1)
 
 
 def _diverged(cfg: Any, step: int, res: Any, skipped: int) -> Diverged:
@@ -314,7 +331,9 @@ def _header(prep: Prepared, world: int, device: torch.device, start: int, peak: 
         f"  {world} process(es) on {device.type}, {torch.get_num_threads()} thread(s) each | peak "
         f"{peak / 1e12:.3g} TFLOP/s per process ({how}) | out {cfg.out_dir}",
         "  mfu = executed FLOPs 6N + 6·L·H·Q·T (causal attention as run) per token; the log's mfu_dense: "
-        "6N + 12·L·H·Q·T",
+        "6N + 12·L·H·Q·T" if not cfg.pack_documents else
+        "  mfu = executed FLOPs 6N + 12·L·H·Q·K (K: keys per query under document-causal attention, expected "
+        "from the data's document lengths) per token; the log's mfu_dense: 6N + 12·L·H·Q·T",
     ]
     if start:
         lines.append(f"  resumed from {prep.resume_dir} at step {start}")
