@@ -207,8 +207,9 @@ def _table(args: argparse.Namespace, ev, elapsed: float) -> str:
         f"tokens/s      {rep.tokens_per_s:.6g}  ({rep.tokens_per_s / rep.gpus:.6g} per GPU)",
     ]
     if rep.mfu is not None:
-        as_run = "document-causal attention as run" if wl.documents is not None else "causal attention as run"
-        lines.append(f"MFU           {100 * rep.mfu:.1f} % executed (6N+6·L·H·Q·T, {as_run})   "
+        as_run = ("6N+12·L·H·Q·K, K = keys per query, document-causal attention as run"
+                  if wl.documents is not None else "6N+6·L·H·Q·T, causal attention as run")
+        lines.append(f"MFU           {100 * rep.mfu:.1f} % executed ({as_run})   "
                      f"{100 * rep.mfu_dense:.1f} % dense convention (6N+12·L·H·Q·T)")
     docs = _documents(ev)
     if docs:

@@ -26,7 +26,8 @@ from slimpipe.runtime.block_attention import (
 )
 from slimpipe.sim.documents import SliceSpans, slice_spans
 
-__all__ = ["RowDocs", "StepDocs", "DocumentWindow", "document_window_attention", "IGNORE"]
+__all__ = ["RowDocs", "StepDocs", "DocumentWindow", "document_window_attention", "forward_blocks",
+           "backward_blocks", "IGNORE"]
 
 IGNORE = -100
 """Label of a position that takes no loss (the cross-entropies' ignore index)."""
@@ -114,26 +115,65 @@ def _attend_backward(dot: torch.Tensor, qt: torch.Tensor, kt: torch.Tensor, vt: 
     return dq.reshape(b, h, t, d), dk, dv
 
 
+Block = tuple[torch.Tensor, torch.Tensor]  # (k, v) of some keys, (b, heads, len, d) layout
+
+
+def forward_blocks(qt: torch.Tensor, own: Block, carry: list[Block], spans: SliceSpans,
+                   native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document-causal attention of one slice: qt (b, H, t, d); ``own`` the slice's keys; ``carry`` the
+    prefix keys the carry-in document sees ([D, start), in any number of blocks) -> out (b, t, H, d) in q's
+    dtype, lse (b, H, t)."""
+    b, h, t, d = qt.shape
+    out = qt.new_empty(b, t, h, d)  # (b, t, H, d): the model's view(b, t, H·d) of it is free
+    lse = torch.empty(b, h, t, dtype=lse_dtype(qt.dtype), device=qt.device)
+    for a, e in spans.segments:
+        qs = qt[:, :, a:e]
+        o, s = _attend(qs, own[0][:, :, a:e], own[1][:, :, a:e], True, native)
+        if a == 0:  # the carry-in document also sees the prefix keys [D, start)
+            for kb, vb in carry:
+                o_p, s_p = _attend(qs, kb, vb, False, native)
+                o, s = merge(o_p, s_p, o, s)
+        out[:, a:e].copy_(o.transpose(1, 2))
+        lse[:, :, a:e] = s
+    return out, lse
+
+
+def backward_blocks(dout: torch.Tensor, qt: torch.Tensor, own: Block, carry: list[Block], out: torch.Tensor,
+                    lse: torch.Tensor, spans: SliceSpans,
+                    native: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Block]]:
+    """The same blocks' exact gradients given the merged out/lse: dq (b, t, H, d), the own keys' dk, dv
+    (b, t, H_kv, d), and (dk, dv) (b, len, H_kv, d) for every carry block."""
+    dot, ot = dout.transpose(1, 2), out.transpose(1, 2)
+    dq = torch.empty_like(dout)  # (b, t, H, d)
+    b, hk, t, d = own[0].shape
+    dk, dv = own[0].new_empty(b, t, hk, d), own[1].new_empty(b, t, hk, d)
+    carry_grads: list[Block] = []
+    for a, e in spans.segments:
+        rows = slice(a, e)
+        g_q, g_k, g_v = _attend_backward(dot[:, :, rows], qt[:, :, rows], own[0][:, :, rows], own[1][:, :, rows],
+                                         ot[:, :, rows], lse[:, :, rows], True, native)
+        if a == 0:
+            for kb, vb in carry:
+                p_q, p_k, p_v = _attend_backward(dot[:, :, rows], qt[:, :, rows], kb, vb, ot[:, :, rows],
+                                                 lse[:, :, rows], False, native)
+                g_q = g_q + p_q
+                carry_grads.append((p_k.transpose(1, 2), p_v.transpose(1, 2)))
+        dq[:, rows].copy_(g_q.transpose(1, 2))
+        dk[:, rows].copy_(g_k.transpose(1, 2))
+        dv[:, rows].copy_(g_v.transpose(1, 2))
+    return dq, dk, dv, carry_grads
+
+
 class DocumentWindow(torch.autograd.Function):
     """q (b, t, H, d) of slice [start, end) over its K/V window k_win/v_win (b, end, H_kv, d) under
-    document-causal attention (spans: SliceSpans) -> (b, t, H, d)."""
+    document-causal attention (spans: SliceSpans) -> (b, t, H, d). The window's rows [D, start) are the
+    carry block; rows before D are never read and get a zero gradient."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,  # type: ignore[override]
                 spans: SliceSpans, native: bool) -> torch.Tensor:
-        start, lo = spans.start, spans.carry
-        qt, kt, vt = q.transpose(1, 2), k_win.transpose(1, 2), v_win.transpose(1, 2)  # (b, heads, len, d)
-        b, h, t, d = qt.shape
-        out = q.new_empty(b, t, h, d)  # (b, t, H, d): the model's view(b, t, H·d) of it is free
-        lse = torch.empty(b, h, t, dtype=lse_dtype(q.dtype), device=q.device)
-        for a, e in spans.segments:
-            qs = qt[:, :, a:e]
-            o, s = _attend(qs, kt[:, :, start + a : start + e], vt[:, :, start + a : start + e], True, native)
-            if a == 0 and lo < start:  # the carry-in document also sees keys [D, start)
-                o_p, s_p = _attend(qs, kt[:, :, lo:start], vt[:, :, lo:start], False, native)
-                o, s = merge(o_p, s_p, o, s)
-            out[:, a:e].copy_(o.transpose(1, 2))
-            lse[:, :, a:e] = s
+        own, carry = _window_blocks(k_win, v_win, spans)
+        out, lse = forward_blocks(q.transpose(1, 2), own, carry, spans, native)
         ctx.save_for_backward(q, k_win, v_win, out, lse)
         ctx.spans, ctx.native = spans, native
         return out
@@ -142,27 +182,23 @@ class DocumentWindow(torch.autograd.Function):
     def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
         q, k_win, v_win, out, lse = ctx.saved_tensors
         spans: SliceSpans = ctx.spans
-        start, lo, native = spans.start, spans.carry, ctx.native
-        qt, kt, vt = q.transpose(1, 2), k_win.transpose(1, 2), v_win.transpose(1, 2)
-        dot, ot = dout.transpose(1, 2), out.transpose(1, 2)
-        dq = torch.empty_like(q)  # (b, t, H, d)
+        own, carry = _window_blocks(k_win, v_win, spans)
+        dq, dk_own, dv_own, carry_grads = backward_blocks(dout, q.transpose(1, 2), own, carry, out, lse, spans,
+                                                          ctx.native)
         dk, dv = torch.zeros_like(k_win), torch.zeros_like(v_win)  # (b, end, H_kv, d); rows < D stay 0
-        for a, e in spans.segments:
-            rows = slice(a, e)
-            keys = slice(start + a, start + e)
-            g_q, g_k, g_v = _attend_backward(dot[:, :, rows], qt[:, :, rows], kt[:, :, keys], vt[:, :, keys],
-                                             ot[:, :, rows], lse[:, :, rows], True, native)
-            if a == 0 and lo < start:
-                p_q, p_k, p_v = _attend_backward(dot[:, :, rows], qt[:, :, rows], kt[:, :, lo:start],
-                                                 vt[:, :, lo:start], ot[:, :, rows], lse[:, :, rows], False,
-                                                 native)
-                g_q = g_q + p_q
-                dk[:, lo:start].copy_(p_k.transpose(1, 2))
-                dv[:, lo:start].copy_(p_v.transpose(1, 2))
-            dq[:, rows].copy_(g_q.transpose(1, 2))
-            dk[:, keys].copy_(g_k.transpose(1, 2))
-            dv[:, keys].copy_(g_v.transpose(1, 2))
+        dk[:, spans.start :].copy_(dk_own)
+        dv[:, spans.start :].copy_(dv_own)
+        for g_k, g_v in carry_grads:
+            dk[:, spans.carry : spans.start].copy_(g_k)
+            dv[:, spans.carry : spans.start].copy_(g_v)
         return dq, dk, dv, None, None
+
+
+def _window_blocks(k_win: torch.Tensor, v_win: torch.Tensor, spans: SliceSpans) -> tuple[Block, list[Block]]:
+    kt, vt = k_win.transpose(1, 2), v_win.transpose(1, 2)  # (b, H_kv, end, d)
+    start, lo = spans.start, spans.carry
+    carry = [(kt[:, :, lo:start], vt[:, :, lo:start])] if lo < start else []
+    return (kt[:, :, start:], vt[:, :, start:]), carry
 
 
 def document_window_attention(q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, spans: SliceSpans,
