@@ -169,10 +169,9 @@ def _documents(ev) -> dict[str, object]:
     wl = ev.workload
     if wl.documents is None or not hasattr(ev.cost, "pairs"):
         return {}
-    from slimpipe.sim.cost import slice_pairs
-    from dataclasses import replace
+    from slimpipe.sim.documents import slice_pairs
 
-    causal = slice_pairs(replace(wl, documents=None), ev.schedule.slice_fractions())
+    causal = slice_pairs(wl.seq_len, ev.schedule.slice_fractions(), None)
     doc = ev.cost.pairs
     return {"doc_lengths": wl.documents.name, "doc_mean_length": wl.documents.mean,
             "attention_pairs_per_slice": [p + d for p, d in doc],

@@ -47,13 +47,13 @@ from typing import Protocol
 
 from slimpipe.config import ModelConfig
 from slimpipe.schedule.actions import Kind
-from slimpipe.sim.documents import expected_slice_pairs
+from slimpipe.sim.documents import slice_pairs
 from slimpipe.sim.hardware import CostProfile, Hardware, elementwise_width
 from slimpipe.sim.workload import Workload
 
 __all__ = [
     "CostModel", "UniformCost", "AnalyticCost", "LayerFlops", "layer_flops", "seq1f1b_partition",
-    "ATTN_BWD_FACTOR", "slice_pairs",
+    "ATTN_BWD_FACTOR",
 ]
 
 ATTN_BWD_FACTOR = 2.5
@@ -143,7 +143,7 @@ class AnalyticCost:
         self.prefix = [sum(self.tokens[:j]) for j in range(len(self.tokens))]
         # (prefix, diagonal) query-key pairs per slice: causal (T·P, T²/2), or the expectation over packed
         # rows of the workload's document lengths (document-causal: sim/documents.py)
-        self.pairs = slice_pairs(workload, slice_fractions)
+        self.pairs = slice_pairs(workload.seq_len, slice_fractions, workload.documents)
         par = workload.parallel
         self.b = par.micro_batch  # sequences per micro-batch: every per-unit cost scales with b
         self._fwd: dict[tuple[int, int], float] = {}
@@ -398,17 +398,6 @@ class AnalyticCost:
         bw = hw.link_bw(par.tp * group)
         # Expert weights sync over their own expert-data-parallel replicas (Megatron's expert-DP group).
         return _ring_time(dense * 6, group, bw, lat) + _ring_time(expert * 6, round(expert_dp(par)), bw, lat)
-
-
-def slice_pairs(workload: Workload, slice_fractions: Sequence[float]) -> list[tuple[float, float]]:
-    """(prefix, diagonal) query-key pairs of each slice of one sequence: (T·P, T²/2) for one causal
-    sequence; with ``workload.documents`` the mean over 512 sampled packed rows (fixed seed)."""
-    s = workload.seq_len
-    tokens = [s * w for w in slice_fractions]
-    if workload.documents is None:
-        return [(t * sum(tokens[:j]), t * t / 2) for j, t in enumerate(tokens)]
-    bounds = [round(s * sum(slice_fractions[:j])) for j in range(len(slice_fractions))] + [s]
-    return expected_slice_pairs(workload.documents, bounds)
 
 
 def _linear_shapes(model: ModelConfig, t: int, etp: int) -> list[tuple[int, int, float]]:

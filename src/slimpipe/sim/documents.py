@@ -32,7 +32,7 @@ from pathlib import Path
 from slimpipe.config import ConfigError
 
 __all__ = ["SliceSpans", "slice_spans", "DocLengths", "parse_doc_lengths", "expected_slice_pairs",
-           "causal_slice_pairs", "stdlib_files"]
+           "slice_pairs", "causal_slice_pairs", "stdlib_files"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +67,17 @@ def slice_spans(starts: Sequence[int], start: int, end: int) -> SliceSpans:
     i = bisect.bisect_right(starts, start) - 1
     inner = starts[i + 1 : bisect.bisect_left(starts, end)]
     return SliceSpans(start, end, starts[i], (0, *(x - start for x in inner), end - start))
+
+
+def slice_pairs(seq_len: int, slice_fractions: Sequence[float],
+                docs: DocLengths | None) -> list[tuple[float, float]]:
+    """(prefix, diagonal) pairs of each slice of one sequence (the cost model's attention): (T·P, T²/2)
+    for one causal sequence; with ``docs`` the mean over 512 sampled packed rows (fixed seed)."""
+    tokens = [seq_len * w for w in slice_fractions]
+    if docs is None:
+        return [(t * sum(tokens[:j]), t * t / 2) for j, t in enumerate(tokens)]
+    bounds = [round(seq_len * sum(slice_fractions[:j])) for j in range(len(slice_fractions))] + [seq_len]
+    return expected_slice_pairs(docs, bounds)
 
 
 def causal_slice_pairs(bounds: Sequence[int]) -> list[tuple[float, float]]:
