@@ -52,6 +52,7 @@ def test_train_and_eval_packed_stdlib(tmp_path, capfd) -> None:
     (["--data", "synthetic", "--pack-documents"], "document boundaries"),
     (["--data", "stdlib", "--pack-documents", "--attn-balance", "1"], "--attn-balance 0"),
     (["--data", "stdlib", "--eod-id", "-5"], "--eod-id"),
+    (["--data", "stdlib", "--pack-documents", "--cp", "2", "--seq-len", "128"], "--cp 1"),
 ])
 def test_bad_packing_input(argv: list[str], needle: str, capsys, tmp_path) -> None:
     code = main(["train", "--model", "tiny", "--seq-len", "64", "--steps", "1", "--out-dir", str(tmp_path / "x"),

@@ -80,6 +80,9 @@ class StepLoop:
         if self._has_exchange():
             raise ConfigError("packed documents run without attention exchange: build the runtime with "
                               "attn_balance=0")
+        state = getattr(self, "state", None)
+        if state is not None and state.cp > 1:
+            raise ConfigError("packed documents run without context parallelism: use cp=1")
         return StepDocs.of(tokens, documents.to(tokens.device),
                            restart_positions=getattr(self, "restart_positions", True))
 

@@ -173,6 +173,9 @@ class TrainConfig:
         if self.doc_positions not in DOC_POSITIONS:
             raise ConfigError(f"--doc-positions={self.doc_positions!r} is unknown: use one of "
                               f"{', '.join(DOC_POSITIONS)}")
+        if self.pack_documents and self.cp > 1:
+            raise ConfigError("--pack-documents runs without context parallelism (the zig-zag pieces would "
+                              "need document-aware CP attention): use --cp 1")
         if self.pack_documents and self.attn_balance:
             raise ConfigError("--pack-documents runs without the attention exchange (document masking "
                               "already evens out the slices): use --attn-balance 0")
