@@ -18,9 +18,11 @@ __all__ = [
 ]
 
 MAX_ACTIONS = 2_000_000
-"""Default cap on a schedule's estimated lowered actions (``estimated_actions``). The simulator handles
-~230K actions/s at ~120 B each on one core (measured: p8 n8 m2048, 786K actions in 3.4 s, 99 MB), so the
-cap keeps one command under ~10 s and ~250 MB; ``--max-actions`` raises it."""
+"""Default cap on a schedule's estimated lowered actions (``estimated_actions``). `slimpipe simulate` handles
+~600K actions/s at ~200 B each on one core (measured: p4 n4 m20000, 1.6M actions in 2.6 s and 330 MB;
+p8 n8 m2048, 721K in 1.4 s), so the cap keeps one command to a few seconds and ~400 MB; ``--max-actions``
+raises it."""
+_ACTIONS_PER_S, _BYTES_PER_ACTION = 600e3, 200
 
 
 def check_model(model: ModelConfig) -> None:
@@ -105,7 +107,8 @@ def check_size(p: int, m: int, n: int, v: int, *, limit: int | None = None) -> N
     if limit and actions > limit:
         raise ConfigError(
             f"p={p} m={m} n={n} v={v} is a schedule of ~{actions:,} actions, over the {limit:,} limit "
-            f"(~{actions / 230e3:,.0f} s and ~{actions * 120 / 2**30:,.1f} GiB to build and simulate): "
+            f"(~{actions / _ACTIONS_PER_S:,.0f} s and ~{actions * _BYTES_PER_ACTION / 2**30:,.1f} GiB to build "
+            "and simulate): "
             "use fewer micro-batches, slices or stages, or raise --max-actions"
         )
 

@@ -80,7 +80,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                    help="attention context exchange: at most N prefix slices per exchange (0 = off; "
                         "docs/exchange.md)")
     g.add_argument("--max-actions", type=int, default=None, metavar="N",
-                   help="refuse schedules of more than N estimated actions (default 2,000,000, ~10 s; 0 = no "
+                   help="refuse schedules of more than N estimated actions (default 2,000,000, a few seconds; 0 = no "
                         "limit)")
 
 

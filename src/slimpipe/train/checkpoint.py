@@ -214,12 +214,16 @@ def _free(root: Path) -> str:
 
 def _attempt(fn: Any) -> str | None:
     """Run ``fn``; its failure as one line (None on success)."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
     try:
         fn()
         return None
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - signals (Stopped) pass through
+        wrapped = [e for e, _ in getattr(exc, "failures", {}).values()]  # DCP wraps even a BaseException
+        stop = next((e for e in wrapped if not isinstance(e, Exception)), None)
+        if stop is not None:
+            raise stop from None
         return _one_line(exc)
 
 
@@ -307,11 +311,11 @@ def load_checkpoint(rt: Any, step_dir: Path) -> int:
         "train": {"step": 0, "data_position": 0},
     }
     _verify_shards(step_dir)
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         dcp.load(sd, checkpoint_id=str(step_dir))
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # noqa: BLE001 - verified (or older than checksums) yet unloadable
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - verified (or older) yet unloadable
         raise BadCheckpoint(f"--resume {step_dir}: DCP cannot load it ({_one_line(exc)}); resume "
                             "from another step_* directory") from exc
     if getattr(rt, "tp_layout", None) is not None:  # DTensors filled with this rank's piece → pieces

@@ -92,8 +92,11 @@ class Stopped(BaseException):
     """SIGTERM/SIGINT in a single-process run (a BaseException: no ``except Exception`` swallows it)."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+        super().__init__(signum)  # args = (signum,): survives pickling (DCP gathers a rank's exception)
+        self.signum = int(signum)
+
+    def __str__(self) -> str:
+        return signal.Signals(self.signum).name
 
 
 @contextlib.contextmanager
