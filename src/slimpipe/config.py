@@ -80,6 +80,13 @@ class ModelConfig:
     """E: experts per MoE layer; 1 = dense SwiGLU MLP."""
     top_k: int = 1
     """Experts each token is routed to (MoE only)."""
+    aux_loss_coeff: float = 0.01
+    """α of the load-balancing loss α·E·Σ_e f_e·P_e per MoE layer and sequence (MoE only; 0 disables it).
+    f_e: fraction of the sequence's k·s routed assignments that chose expert e; P_e: mean router
+    probability of e over the sequence (docs/moe.md)."""
+    capacity_factor: float | None = None
+    """None = dropless; else each expert takes at most ⌈factor·k·t/E⌉ of the t tokens of one sequence's slice
+    (one dispatch), the lowest-probability routed copies beyond that are dropped (MoE only)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # from JSON (to_dict writes it as a table)
@@ -98,6 +105,12 @@ class ModelConfig:
             )
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"model.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if not self.aux_loss_coeff >= 0:
+            raise ConfigError(f"model.aux_loss_coeff={self.aux_loss_coeff!r} must be ≥ 0 (0 disables the loss)")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(
+                f"model.capacity_factor={self.capacity_factor!r} must be > 0, or None for dropless routing"
+            )
 
     @property
     def kv_dim(self) -> int:
@@ -169,6 +182,9 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
                         head_dim=32, vocab_size=256),
     "small": ModelConfig(name="small", num_layers=8, hidden=256, ffn=768, num_heads=8, num_kv_heads=4,
                          head_dim=32, vocab_size=256),
+    # The MoE counterpart of "tiny": 4 SwiGLU experts of f = 256, top-2 (CPU tests, bars).
+    "tiny-moe": ModelConfig(name="tiny-moe", num_layers=8, hidden=128, ffn=256, num_heads=4, num_kv_heads=2,
+                            head_dim=32, vocab_size=256, num_experts=4, top_k=2),
     # ~1.2B Llama-3.2-1B-like shape for the single-GPU checks.
     "llama-1b": _llama("llama-1b", 16, 2048, 8192, 32, 8, head_dim=64, tie_embeddings=True),
     # The paper's setup table (SlimPipe §14): head_dim 128, V = 128256.

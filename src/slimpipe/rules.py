@@ -13,7 +13,7 @@ from __future__ import annotations
 from slimpipe.config import ConfigError, ModelConfig, ParallelConfig
 
 __all__ = [
-    "check_model", "tp_problem", "sequence_problem", "check_layout", "estimated_actions", "check_size",
+    "check_model", "tp_problem", "sequence_problem", "expert_problem", "check_layout", "estimated_actions", "check_size",
     "exchange_problem", "check_exchange", "MAX_ACTIONS",
 ]
 
@@ -76,6 +76,29 @@ def sequence_problem(seq_len: int, n: int, t: int = 1, c: int = 1) -> str | None
     return None
 
 
+def expert_problem(model: ModelConfig, par: ParallelConfig) -> str | None:
+    """Expert parallelism (MoE only): e divides E, and the expert groups (expert-TP × e GPUs) live inside the
+    t·c·d GPUs of one pipeline stage — with the default expert-TP = t, e divides c·d (Megatron's layout);
+    expert-TP divides f."""
+    if model.num_experts == 1:
+        if par.ep > 1:
+            return f"--ep={par.ep} needs an MoE model (model {model.name!r} is dense): use --ep 1"
+        if par.expert_tp != par.tp:
+            return f"--etp={par.etp} needs an MoE model (model {model.name!r} is dense): drop --etp"
+        return None
+    if model.num_experts % par.ep:
+        return f"--ep={par.ep} does not divide num_experts={model.num_experts}: pick a divisor of it"
+    etp, tcd = par.expert_tp, par.tp * par.cp * par.dp
+    if tcd % (etp * par.ep):
+        fix = ("use an --ep dividing cp·dp, or --etp 1 to let the expert group span the TP ranks"
+               if etp > 1 else "change --ep or --dp")
+        return (f"--ep={par.ep} × expert-TP {etp} must divide tp·cp·dp={tcd} (the expert groups live inside the "
+                f"GPUs of one pipeline stage): {fix}")
+    if model.ffn % etp:
+        return f"model.ffn={model.ffn} is not divisible by expert-TP {etp}: use --etp 1 or another --tp"
+    return None
+
+
 def _divisors(x: int) -> list[int]:
     small = [k for k in range(1, int(x ** 0.5) + 1) if x % k == 0]
     return sorted({*small, *(x // k for k in small)})
@@ -86,7 +109,7 @@ def check_layout(model: ModelConfig, par: ParallelConfig, seq_len: int, *, vocab
     check_model(model)
     par.check_layers(model.num_layers)
     for problem in (tp_problem(model, par.tp, vocab_parallel=vocab_parallel),
-                    sequence_problem(seq_len, par.slices, par.tp, par.cp)):
+                    sequence_problem(seq_len, par.slices, par.tp, par.cp), expert_problem(model, par)):
         if problem:
             raise ConfigError(problem)
 

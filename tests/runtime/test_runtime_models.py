@@ -8,7 +8,6 @@ from torch import nn
 
 from tests.support.models import RTOL, max_rel_error, model, tokens
 from slimpipe.config import ConfigError
-from slimpipe.models import LlamaParts
 from slimpipe.runtime import LocalPipelineRuntime, build_reference, reference_loss, stages_of_rank
 from slimpipe.schedule.builders import build
 
@@ -43,9 +42,10 @@ def test_megatron_stage_mapping() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_moe_is_refused_clearly() -> None:
-    with pytest.raises(ConfigError, match="num_experts"):
-        LlamaParts(model(2, num_experts=4, top_k=2))
+def test_moe_blocks_name_experts_globally() -> None:
+    names = dict(build_reference(model(2, num_experts=4, top_k=2), seed=1).named_parameters())
+    assert {"layers.1.mlp.router.weight", "layers.1.mlp.experts.3.w2.weight"} <= set(names)
+    assert "layers.1.mlp.w1.weight" not in names
 
 
 # ---- the user-model contract (the same decoder is shown in docs/runtime.md) ------------------------------

@@ -70,6 +70,9 @@ def _checkpoint(tmp: Path, *, model: str = "tiny", seed: int = 0, step: int = 2)
     (["--timeout", "1"], ["--timeout"]),
     (["--slice-split", "halves"], ["--slice-split='halves' is unknown"]),
     (["--slice-split", "equal-flop", "--attn-balance", "2"], ["equal slices"]),
+    (["--pp", "2", "--dp", "2", "--ep", "2"], ["--ep=2 needs an MoE model"]),            # tiny is dense
+    (["--model", "tiny-moe", "--pp", "2", "--dp", "2", "--ep", "4"], ["--ep=4", "tp·cp·dp=2"]),
+    (["--model", "tiny-moe", "--pp", "2", "--dp", "3", "--ep", "3"], ["--ep=3 does not divide num_experts=4"]),
 ])
 def test_bad_layout_and_names(argv: list[str], needles: list[str], tmp_path: Path,
                               capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,8 +2,9 @@
 
 Parameter names (relative to the pipeline's rank model, see slimpipe.runtime.stage): ``embed.weight``,
 ``layers.<i>.attn_norm.weight``, ``layers.<i>.attn.{wq,wk,wv,wo}.weight``, ``layers.<i>.mlp_norm.weight``,
-``layers.<i>.mlp.{w1,w2,w3}.weight``, ``norm.weight``, ``head.weight`` (absent when tied). No biases, no
-dropout. Attention goes through ``ctx.attend`` so the same block runs unsliced (reference) or as one slice
+``layers.<i>.mlp.{w1,w2,w3}.weight`` (MoE: ``layers.<i>.mlp.router.weight`` and
+``layers.<i>.mlp.experts.<e>.{w1,w2,w3}.weight``, models/moe.py), ``norm.weight``, ``head.weight`` (absent
+when tied). No biases, no dropout. Attention goes through ``ctx.attend`` so the same block runs unsliced (reference) or as one slice
 of a pipelined sequence with its K/V prefix.
 """
 
@@ -17,6 +18,7 @@ from torch import nn
 from slimpipe.config import ConfigError, ModelConfig, RopeScaling
 from slimpipe.models.base import LayerContext
 from slimpipe.models.fused import rms_norm, swiglu
+from slimpipe.models.moe import ExpertPlacement, MoEMLP
 
 __all__ = ["LlamaParts", "RMSNorm", "Attention", "MLP", "Block", "Head", "rope_tables", "rope_inv_freq", "apply_rope"]
 
@@ -157,17 +159,20 @@ class Block(nn.Module):
 
     recompute_modes = ("none", "partial", "partial+fc1", "full")
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int = 0, placement: ExpertPlacement | None = None) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp: nn.Module = MLP(cfg) if cfg.num_experts == 1 else MoEMLP(
+            layer=index, hidden=cfg.hidden, num_experts=cfg.num_experts, top_k=cfg.top_k,
+            aux_loss_coeff=cfg.aux_loss_coeff, capacity_factor=cfg.capacity_factor,
+            make_expert=lambda: MLP(cfg), placement=placement)
 
     def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         a = self.attn.core(self.attn_norm(x), ctx)  # (b, t, H·d)
-        if ctx.recompute == "partial+fc1":
-            return ctx.checkpoint(self._rest, x, a)
+        if ctx.recompute == "partial+fc1":  # ctx too: an MoE MLP needs the slice's routing context
+            return ctx.checkpoint(self._rest, x, a, ctx)
         return self._rest(x, a, ctx)
 
     def _rest(self, x: torch.Tensor, a: torch.Tensor, ctx: LayerContext | None = None) -> torch.Tensor:
@@ -192,15 +197,16 @@ class Head(nn.Module):
 
 
 class LlamaParts:
-    """DecoderParts for a ModelConfig (dense models; MoE is not supported by the runtime yet)."""
+    """DecoderParts for a ModelConfig: dense Llama blocks, or Mixtral-style MoE blocks when num_experts > 1
+    (``placement`` says which experts this rank holds; default all of them)."""
 
-    def __init__(self, cfg: ModelConfig, *, init_std: float = 0.02) -> None:
-        if cfg.num_experts != 1:
+    def __init__(self, cfg: ModelConfig, *, init_std: float = 0.02,
+                 placement: ExpertPlacement | None = None) -> None:
+        if placement is not None and cfg.num_experts % placement.size:
             raise ConfigError(
-                f"model.num_experts={cfg.num_experts}: the runtime builds dense Llama blocks only; "
-                "use a dense preset (num_experts=1) or pass your own DecoderParts"
+                f"--ep={placement.size} does not divide model.num_experts={cfg.num_experts}: pick a divisor"
             )
-        self.cfg = cfg
+        self.cfg, self.placement = cfg, placement
         self.num_layers, self.hidden, self.vocab_size = cfg.num_layers, cfg.hidden, cfg.vocab_size
         self.tie_embeddings = cfg.tie_embeddings
         self.init_std = init_std
@@ -209,7 +215,7 @@ class LlamaParts:
         return nn.Embedding(self.cfg.vocab_size, self.cfg.hidden)
 
     def block(self, index: int) -> nn.Module:
-        return Block(self.cfg)
+        return Block(self.cfg, index, self.placement)
 
     def final_norm(self) -> nn.Module:
         return RMSNorm(self.cfg.hidden, self.cfg.norm_eps)
@@ -222,6 +228,9 @@ class LlamaParts:
         {global parameter name: Shard} of what got split."""
         from slimpipe.models.llama_parallel import parallelize_llama
 
+        if self.cfg.num_experts > 1 and getattr(tp, "size", 1) > 1:
+            raise ConfigError(f"--tp={tp.size} with an MoE model: expert tensor parallelism is not in the "  # type: ignore[attr-defined]
+                              "runtime yet; use --tp 1 (experts split over data-parallel ranks with --ep)")
         return parallelize_llama(model, self.cfg, tp)  # type: ignore[arg-type]
 
     def init_parameter(self, name: str, param: torch.Tensor, generator: torch.Generator) -> None:
@@ -229,6 +238,6 @@ class LlamaParts:
             param.fill_(1.0)
             return
         std = self.init_std
-        if name.endswith(("attn.wo.weight", "mlp.w2.weight")):  # GPT-2 style residual scaling
+        if name.endswith(("attn.wo.weight", ".w2.weight")):  # GPT-2 style residual scaling (experts too)
             std = std / math.sqrt(2 * self.cfg.num_layers)
         param.normal_(0.0, std, generator=generator)

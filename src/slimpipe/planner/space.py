@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from slimpipe.config import ConfigError, ParallelConfig
 from slimpipe.planner.request import INTERLEAVED, SLICED, PlanRequest, exchange_applies, slice_splits
-from slimpipe.rules import sequence_problem, tp_problem
+from slimpipe.rules import expert_problem, sequence_problem, tp_problem
 from slimpipe.sim.evaluate import builder_warmup, precheck_memory
 from slimpipe.sim.exchange import exchange_buffer_bound
 from slimpipe.sim.workload import Workload
@@ -38,8 +38,9 @@ def layouts(req: PlanRequest) -> Iterator[tuple[int, int, int, int, int]]:
                 if c & (c - 1):
                     continue
                 # Megatron's default expert-TP = t: the expert group lies inside the c·d ranks.
-                eps = [e for e in _divisors(mod.num_experts) if (c * d) % e == 0 and mod.ffn % t == 0]
-                for e in eps if mod.num_experts > 1 else [1]:
+                eps = [e for e in _divisors(mod.num_experts)
+                       if expert_problem(mod, ParallelConfig(tp=t, cp=c, pp=p, dp=d, ep=e)) is None]
+                for e in eps:
                     yield t, c, p, d, e
 
 

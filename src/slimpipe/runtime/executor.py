@@ -33,6 +33,7 @@ from slimpipe.runtime.offload import OffloadConfig, Offloader
 from slimpipe.runtime.p2p import Transport
 from slimpipe.runtime.recompute import check_recompute
 from slimpipe.runtime.result import PipelineError, TraceEvent
+from slimpipe.runtime.routing import RoutingBook
 from slimpipe.runtime.vocab import VocabRuntime
 from slimpipe.runtime.stage import RankModel, StageInfo, slice_bounds, stage_forward
 
@@ -82,6 +83,7 @@ class RankExecutor:
         self.offload = None if offload is None or not offload.ratio else Offloader(
             offload, self.program, device, self.tracker.moved_out)
         self.store: KVStore | None = None
+        self.routing = RoutingBook()  # MoE load-balancing statistics per (layer, micro-batch)
         self.step = 0
         self.training = True  # False in a forward-only step (evaluate): nothing is kept for a backward
         self._program = self.program
@@ -113,6 +115,9 @@ class RankExecutor:
             self.ids, self.labels = tokens[:, :-1], tokens[:, 1:] if docs is None else docs.labels
         self.store = KVStore(self.bounds, self.masks, self.recompute, training=self.training, cp=self.cp,
                              docs=docs)
+        cp = None if self.cp is None else self.cp.comm
+        self.routing.begin_step(self.bounds[-1], self.normaliser, cp_size=1 if cp is None else cp.size,
+                                cp_group=None if cp is None else cp.group)
         if self.exchange is not None:
             self.exchange.begin_step(self.bounds)
         self._token_ptrs = {t.untyped_storage().data_ptr() for t in (tokens, self.ids, self.labels)}
@@ -159,6 +164,8 @@ class RankExecutor:
                 self.offload.end_step()
             if self.exchange is not None:
                 self.exchange.end_step()
+            if self.training:  # MoE layers' load-balancing loss (an evaluation reports cross-entropy only)
+                self.loss_sum += self.routing.aux_loss(self.device)
         except Exception as exc:
             raise self._error(len(self._program), None, exc) from exc
 
@@ -222,6 +229,8 @@ class RankExecutor:
         labels = self.labels[mb : mb + 1, start:end] if info.last else None
         assert self.store is not None
         slice_kv = self.store.begin_forward(a.stage, mb, j)
+        if self.training:
+            self.routing.attach(slice_kv.shared, mb, start)
         if self.exchange is not None:
             slice_kv.attention_hook = self.exchange.on_forward(a, slice_kv)
         offload = self.offload if self.training else None  # a forward-only step saves nothing

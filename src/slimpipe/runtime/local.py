@@ -154,7 +154,8 @@ class LocalPipelineRuntime(StepLoop):
             raise PipelineError(f"messages never received at the end of the step: {self.hub.pending()}")
         values = [executor_stats(ex, elapsed) for ex in self.executors]
         trace = sorted((ev for ex in self.executors for ev in ex.trace), key=lambda e: e.start_s)
-        res = reduce_step_stats(values, trace, float(self.executors[-1].loss_sum), math.nan, False)
+        loss = float(sum(ex.loss_sum for ex in self.executors))  # MoE ranks add their balancing loss
+        res = reduce_step_stats(values, trace, loss, math.nan, False)
         if self.device.type == "cuda":  # one device for every rank: only the process-wide peak exists
             res = dataclasses.replace(res, cuda_max_allocated=[torch.cuda.max_memory_allocated(self.device)])
         return res

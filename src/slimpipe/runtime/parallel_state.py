@@ -24,9 +24,11 @@ earlier ``arange(world).view(dp, pp)`` grid. Example d2 c1 p2 t2 (8 ranks)::
 * ``embed_group`` {pp rank 0, pp rank p−1} of this (dp, cp, tp) coordinate when p > 1 (tied embeddings).
 
 **Context parallelism** uses ``cp_group`` (the c ranks of one (dp, pp, tp) coordinate, consecutive in
-steps of p·t). **Expert parallelism** (not built) would split the dp·cp ranks: e consecutive members of
-``dp_cp_group`` form an ``ep`` group (``mesh["dp_cp"]`` unflattened into (d·c/e, e)); add it in
-:func:`_mesh_groups` next to ``dp_cp`` and a field here.
+steps of p·t). **Expert parallelism** (MoE, ``ep`` = e) splits the d·c ranks of ``dp_cp_group``
+(mesh["dp_cp"] order) into groups of e consecutive members, ``ep_group`` (Megatron's layout: the expert
+group lies inside the data×context-parallel ranks); the d·c/e ranks at the same position of every expert
+group hold the same experts and form ``edp_group`` (expert gradients are summed there). Example d4 c1 p1
+t1, e = 2: ep groups {0,1} {2,3}, edp groups {0,2} {1,3}.
 """
 
 from __future__ import annotations
@@ -100,9 +102,17 @@ class ParallelState:
     sum), else None."""
     timeout_s: float
     """Timeout of every group created here."""
+    ep: int = 1
+    """e: expert-parallel size (MoE), a divisor of d·c."""
+    ep_rank: int = 0
+    """Position in the expert group, in [0, e): holds experts [ep_rank·E/e, (ep_rank+1)·E/e)."""
+    ep_group: ProcessGroup | None = None
+    """The e ranks of this expert group (token all-to-all, runtime/experts.py); None when e = 1."""
+    edp_group: ProcessGroup | None = None
+    """The d·c/e ranks holding this rank's experts (expert-gradient all-reduce); dp_cp_group when e = 1."""
 
     @classmethod
-    def create(cls, *, pp: int, tp: int = 1, cp: int = 1, dp: int | None = None,
+    def create(cls, *, pp: int, tp: int = 1, cp: int = 1, dp: int | None = None, ep: int = 1,
                timeout_s: float = 600.0) -> ParallelState:
         """Build the mesh after ``torch.distributed.init_process_group`` (collective: call on every rank,
         in the same order; every call creates new communicators). ``dp`` defaults to world / (c·p·t)."""
@@ -117,6 +127,9 @@ class ParallelState:
                 f"tp·cp·pp·dp = {tp}·{cp}·{pp}·{'?' if dp is None else dp} must equal the world size {world}: "
                 "fix --tp/--cp/--pp/--dp or the number of processes"
             )
+        if ep < 1 or (dp * cp) % ep:
+            raise ValueError(f"--ep={ep} must divide dp·cp={dp * cp}: the expert groups are made of "
+                             "data(×context)-parallel ranks; change --ep or --dp")
         timeout = timedelta(seconds=timeout_s)
         device = _device()
         mesh, axis = _mesh_groups(device, (dp, cp, pp, tp), timeout)
@@ -124,13 +137,15 @@ class ParallelState:
         pp_ranks = mesh.mesh.movedim(2, -1).reshape(-1, pp).tolist()  # every pipeline, in mesh order
         channels = {name: _subgroup(pp_ranks, timeout) for name in _CHANNELS}
         embed = _subgroup([[r[0], r[-1]] for r in pp_ranks], timeout, member=False) if pp > 1 else None
+        ep_group, edp_group = _expert_groups(mesh, ep, timeout) if ep > 1 else (None, axis["dp_cp"])
         return cls(
             rank=rank, world=world, dp=dp, cp=cp, pp=pp, tp=tp, dp_rank=coords["dp"], cp_rank=coords["cp"],
             pp_rank=coords["pp"], tp_rank=coords["tp"], device=device, mesh=mesh,
             dp_group=axis["dp"], cp_group=axis["cp"], pp_group=axis["pp"], tp_group=axis["tp"],
             dp_cp_group=axis["dp_cp"], pp_tp_group=axis["pp_tp"], fwd_group=channels["fwd"],
             bwd_group=channels["bwd"], exchange_group=channels["exchange"], vocab_group=channels["vocab"],
-            embed_group=embed, timeout_s=timeout_s,
+            embed_group=embed, timeout_s=timeout_s, ep=ep, ep_rank=(coords["dp"] * cp + coords["cp"]) % ep,
+            ep_group=ep_group, edp_group=edp_group,
         )
 
     def rank_of(self, *, dp: int | None = None, cp: int | None = None, pp: int | None = None,
@@ -176,6 +191,16 @@ def _mesh_groups(device: torch.device, shape: tuple[int, int, int, int],
     mesh["dp", "cp"]._flatten("dp_cp", backend_override=override)
     mesh["pp", "tp"]._flatten("pp_tp", backend_override=override)
     return mesh, {name: mesh.get_group(name) for name in (*AXES, "dp_cp", "pp_tp")}
+
+
+def _expert_groups(mesh: DeviceMesh, ep: int, timeout: timedelta) -> tuple[ProcessGroup, ProcessGroup]:
+    """(expert group, expert-data-parallel group) of this rank: per (pp, tp) coordinate the d·c ranks in
+    dp_cp order, cut into runs of e (ep) and strided by e (edp)."""
+    d, c, p, t = mesh.mesh.shape
+    columns = mesh.mesh.reshape(d * c, p * t).t().tolist()  # one list of d·c ranks per (pp, tp)
+    ep_runs = [col[i : i + ep] for col in columns for i in range(0, d * c, ep)]
+    edp_runs = [col[j::ep] for col in columns for j in range(ep)]
+    return _subgroup(ep_runs, timeout), _subgroup(edp_runs, timeout)
 
 
 def _subgroup(members: list[list[int]], timeout: timedelta, *, member: bool = True) -> ProcessGroup:

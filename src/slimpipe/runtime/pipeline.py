@@ -22,6 +22,7 @@ from slimpipe.runtime.context_parallel import ContextParallel
 from slimpipe.runtime.cp_attention import CPGroup
 from slimpipe.runtime.exchange import dist_exchange, with_exchange
 from slimpipe.runtime.executor import RankExecutor
+from slimpipe.runtime.experts import expert_placement, split_expert_params
 from slimpipe.runtime.offload import OffloadConfig, as_offload
 from slimpipe.runtime.optim import OptimConfig, build_optimizer, squared_norm
 from slimpipe.runtime.p2p import DistTransport
@@ -116,7 +117,7 @@ class PipelineRuntime(StepLoop):
                  check_schedule: bool = True, mask_mode: str = "auto", attn_balance: int = 0,
                  vocab_parallel: bool = False, recompute: str = "none",
                  offload: float | OffloadConfig = 0.0, restart_positions: bool = True) -> None:
-        self.parts = as_parts(model)
+        self.parts = as_parts(model, expert_placement(model, state))
         self.restart_positions = restart_positions  # packed documents: RoPE positions per document
         self.state = state
         self.vocab_parallel = vocab_parallel  # embedding/head sharded over all ranks (docs/vocab_parallel.md)
@@ -203,7 +204,7 @@ class PipelineRuntime(StepLoop):
         loss = ex.loss_sum.clone()
         if st.dp * st.cp > 1:
             dist.all_reduce(loss, group=st.dp_cp_group)
-        if st.pp > 1:  # only the last pipeline rank holds a nonzero sum
+        if st.pp > 1:  # the last rank holds the cross-entropy, MoE ranks their balancing loss
             dist.all_reduce(loss, group=st.pp_group)
         stats = torch.tensor(executor_stats(ex, elapsed), dtype=torch.float64, device=st.device)
         gathered = [torch.empty_like(stats) for _ in range(st.pp)]
@@ -221,13 +222,25 @@ class PipelineRuntime(StepLoop):
             dist.all_reduce(model.embed.weight.grad, group=st.embed_group)  # Megatron's embedding group
         if st.tp > 1:  # sequence parallelism: a replicated weight saw only this rank's tokens
             _all_reduce_grads(model.tp_replicated(), st.tp_group)
-        if st.dp * st.cp > 1:  # every replica of this shard: DP and CP ranks hold the same parameters
-            _all_reduce_grads(list(model.parameters()), st.dp_cp_group)
+        # Every replica of a shard: dense weights over the DP and CP ranks, experts over the ranks holding
+        # the same experts (runtime/experts.py); the all-to-all already summed their expert group's tokens.
+        dense, experts = split_expert_params(model)
+        if st.dp * st.cp > 1:
+            _all_reduce_grads(dense, st.dp_cp_group)
+        if st.dp * st.cp > st.ep:
+            _all_reduce_grads(experts, st.edp_group)
 
     def _grad_norm(self) -> float:
-        sq = squared_norm(self.model.norm_parameters(), self.state.device)
-        if self.state.pp * self.state.tp > 1:  # every shard once: replicas and TP copies are left out
-            dist.all_reduce(sq, group=self.state.pp_tp_group)
+        st = self.state
+        experts = {id(p) for p in split_expert_params(self.model)[1]}
+        counted = list(self.model.norm_parameters())  # every shard once: replicas and TP copies left out
+        sq = squared_norm((p for p in counted if id(p) not in experts), st.device)
+        sq_experts = squared_norm((p for p in counted if id(p) in experts), st.device)
+        if st.ep > 1:  # the expert group's members hold different experts
+            dist.all_reduce(sq_experts, group=st.ep_group)
+        sq += sq_experts
+        if st.pp * st.tp > 1:
+            dist.all_reduce(sq, group=st.pp_tp_group)
         return math.sqrt(float(sq))
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from slimpipe.config import ConfigError, ModelConfig
 from slimpipe.models.base import DecoderParts, PlainContext, Shard, init_parameters
 from slimpipe.models.llama import LlamaParts
+from slimpipe.models.moe import ExpertPlacement, aux_loss_total
 from slimpipe.runtime.tensor_parallel import TensorParallel
 
 __all__ = [
@@ -27,10 +28,14 @@ __all__ = [
 ]
 
 
-def as_parts(model: ModelConfig | DecoderParts) -> DecoderParts:
-    """A ModelConfig becomes LlamaParts; a user's DecoderParts is used as is."""
+def as_parts(model: ModelConfig | DecoderParts, placement: ExpertPlacement | None = None) -> DecoderParts:
+    """A ModelConfig becomes LlamaParts (holding the experts ``placement`` names, default all); a user's
+    DecoderParts is used as is."""
     if isinstance(model, ModelConfig):
-        return LlamaParts(model)
+        return LlamaParts(model, placement=placement)
+    if placement is not None:
+        raise ConfigError("expert parallelism needs a ModelConfig (the built-in MoE blocks): use --ep 1 with "
+                          "your own DecoderParts")
     if not isinstance(model, DecoderParts):
         raise TypeError(f"model must be a ModelConfig or a DecoderParts, got {type(model).__name__}")
     return model
@@ -170,23 +175,21 @@ def reference_loss(model: RankModel, tokens: torch.Tensor, normaliser: float | N
     ``documents`` (B, s+1): packed documents, row by row with a dense document-causal mask (PlainContext),
     positions per document (``restart_positions``), no loss where the next token opens another document."""
     ids, labels = tokens[:, :-1], tokens[:, 1:]
-    if documents is None:
-        norm = float(labels.numel()) if normaliser is None else normaliser
-        x = model.embed(ids)
-        ctx = PlainContext()
-        for blk in model.layers.values():
-            x = blk(x, ctx)
-        return _loss(model, x, labels, norm)
-    labels = labels.masked_fill(documents[:, 1:] != documents[:, :-1], -100)
+    if documents is not None:  # no loss where the next token opens another document
+        labels = labels.masked_fill(documents[:, 1:] != documents[:, :-1], -100)
     norm = float((labels >= 0).sum()) if normaliser is None else normaliser
-    rows = []
-    for r in range(tokens.size(0)):  # one mask per row
-        x = model.embed(ids[r : r + 1])
-        ctx = PlainContext(documents[r, :-1], restart_positions=restart_positions)
+    # The whole batch at once; packed documents one row at a time (one dense mask per row).
+    runs = [(slice(None), PlainContext())] if documents is None else [
+        (slice(r, r + 1), PlainContext(documents[r, :-1], restart_positions=restart_positions))
+        for r in range(tokens.size(0))]
+    losses = []
+    for rows, ctx in runs:
+        x = model.embed(ids[rows])
         for blk in model.layers.values():
             x = blk(x, ctx)
-        rows.append(_loss(model, x, labels[r : r + 1], norm))
-    return torch.stack(rows).sum()
+        # MoE: each sequence's load-balancing loss, weighted by its token share (models/moe.py).
+        losses.append(_loss(model, x, labels[rows], norm) + aux_loss_total(ctx.shared, labels.size(1), norm))
+    return torch.stack(losses).sum()
 
 
 def reference_logits(model: RankModel, ids: torch.Tensor) -> torch.Tensor:

@@ -96,12 +96,15 @@ class MemoryBreakdown:
 def activation_bytes_per_token(workload: Workload) -> tuple[float, float]:
     """(a, a_none): saved bytes per token per layer in the workload's recompute mode, and with none.
 
-    MoE layers (top-k) save k copies of the MLP tensors plus the k dispatched token copies (2h each).
+    MoE layers (top-k) save k copies of the MLP tensors, the k dispatched token copies (the experts' input)
+    and the k expert outputs the routing weights multiply (2h each, at the sequence-parallel share: under
+    expert-TP = t Megatron's dispatchers hold the copies all-gathered over TP, up to t× these two terms,
+    which is not modelled). partial+fc1 and full recompute replay the dispatcher, so neither is kept.
     """
     model = workload.model
     h, kv, f = model.hidden, model.kv_dim, model.ffn
     k = model.top_k if model.num_experts > 1 else 1
-    disp = 2 * h * k if model.num_experts > 1 else 0
+    disp = 4 * h * k if model.num_experts > 1 else 0  # copies in, expert outputs out
     a_none = 12 * h + 4 * kv + 6 * f * k + disp
     a = {
         "none": a_none,

@@ -52,15 +52,9 @@ class Workload:
             raise ConfigError(f"--recompute={self.recompute!r} is unknown: use one of {modes}")
         if not 0.0 <= self.offload < 1.0:
             raise ConfigError(f"--offload={self.offload!r} must be in [0, 1): it is the offloaded fraction α")
-        # layers, heads/FFN/vocab by t, s by n·t·2c (slimpipe.rules)
+        # layers, heads/FFN/vocab by t, s by n·t·2c, experts (slimpipe.rules)
         check_layout(mod, par, self.seq_len, vocab_parallel=self.vocab_parallel)
         par.microbatches(self.global_batch)
-        if mod.num_experts == 1 and par.ep > 1:
-            raise ConfigError(f"--ep={par.ep} needs an MoE model (model {mod.name!r} is dense): use --ep 1")
-        if mod.num_experts == 1 and par.expert_tp != par.tp:
-            raise ConfigError(f"--etp={par.etp} needs an MoE model (model {mod.name!r} is dense): drop --etp")
-        if mod.num_experts > 1:
-            _check_experts(mod, par)
 
     @property
     def microbatches(self) -> int:
@@ -76,18 +70,3 @@ class Workload:
     def tokens_per_step(self) -> int:
         return self.global_batch * self.seq_len
 
-
-def _check_experts(mod: ModelConfig, par: ParallelConfig) -> None:
-    """e divides E; expert-TP·e divides the t·c·d GPUs of a stage; expert-TP divides f."""
-    if mod.num_experts % par.ep:
-        raise ConfigError(f"--ep={par.ep} does not divide num_experts={mod.num_experts}: pick a divisor of it")
-    etp, tcd = par.expert_tp, par.tp * par.cp * par.dp
-    if tcd % (etp * par.ep):
-        fix = ("use an --ep dividing cp·dp, or --etp 1 to let the expert group span the TP ranks"
-               if etp > 1 else "change --ep or --dp")
-        raise ConfigError(
-            f"--ep={par.ep} × expert-TP {etp} must divide tp·cp·dp={tcd} (the expert groups live inside the "
-            f"GPUs of one pipeline stage): {fix}"
-        )
-    if mod.ffn % etp:
-        raise ConfigError(f"model.ffn={mod.ffn} is not divisible by expert-TP {etp}: use --etp 1 or another --tp")

@@ -75,6 +75,9 @@ class TrainConfig:
     cp: int = 1
     """c: context-parallel size: every slice is cut into 2c zig-zag pieces, CP rank r holds pieces r and
     2c−1−r (query-out attention over the CP group); seq_len must be a multiple of 2·c·t·slices."""
+    ep: int = 1
+    """e: expert-parallel size (MoE models): each MoE layer's experts are split over groups of e
+    data-parallel ranks, tokens reach them by all-to-all per slice; must divide dp and num_experts."""
     vpp: int = 1
     """v: virtual stages per pipeline rank (interleaving)."""
     slices: int = 4
@@ -157,7 +160,7 @@ class TrainConfig:
     checkpoint with a finite loss) or skip (continue; stop after 5 such steps in a row)."""
 
     def __post_init__(self) -> None:
-        for f in ("seq_len", "global_batch", "pp", "dp", "tp", "cp", "vpp", "slices", "steps", "log_every"):
+        for f in ("seq_len", "global_batch", "pp", "dp", "tp", "cp", "ep", "vpp", "slices", "steps", "log_every"):
             val = getattr(self, f)
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ConfigError(f"--{_flag(f)}={val!r} must be a positive integer")

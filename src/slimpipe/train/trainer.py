@@ -137,7 +137,7 @@ def _build_runtime(prep: Prepared, device: torch.device) -> tuple[Any, int]:
         rt = LocalPipelineRuntime(prep.model, prep.schedule, dtype=dtype, seed=cfg.seed, device=device, optim=optim,
                                   attn_balance=cfg.attn_balance, vocab_parallel=cfg.vocab_parallel, **memory)
         return rt, 0
-    state = ParallelState.create(pp=cfg.pp, tp=cfg.tp, cp=cfg.cp, dp=cfg.dp, timeout_s=cfg.timeout)
+    state = ParallelState.create(pp=cfg.pp, tp=cfg.tp, cp=cfg.cp, dp=cfg.dp, ep=cfg.ep, timeout_s=cfg.timeout)
     rt = PipelineRuntime(prep.model, prep.schedule, state, dtype=dtype, seed=cfg.seed, optim=optim,
                          attn_balance=cfg.attn_balance, vocab_parallel=cfg.vocab_parallel, **memory)
     return rt, state.dp_rank
@@ -148,7 +148,7 @@ def _ckpt_meta(prep: Prepared) -> dict[str, Any]:
     return {
         "format": 1, "model": prep.model.to_dict(), "seed": cfg.seed, "data": prep.data.name,
         "data_fingerprint": prep.data.fingerprint, "seq_len": cfg.seq_len, "global_batch": cfg.global_batch,
-        "layout": {"tp": cfg.tp, "cp": cfg.cp, "pp": cfg.pp, "dp": cfg.dp, "vpp": cfg.vpp,
+        "layout": {"tp": cfg.tp, "cp": cfg.cp, "pp": cfg.pp, "dp": cfg.dp, "ep": cfg.ep, "vpp": cfg.vpp,
                    "slices": cfg.slices,
                    "schedule": cfg.schedule},
     }
@@ -324,7 +324,7 @@ def _header(prep: Prepared, world: int, device: torch.device, start: int, peak: 
         f"slimpipe train: {mdl.name} ({mdl.num_params() / 1e6:.1f}M params, L={mdl.num_layers} h={mdl.hidden}) "
         f"on {prep.data.name}",
         f"  layout {f'tp={cfg.tp} ' if cfg.tp > 1 else ''}{f'cp={cfg.cp} ' if cfg.cp > 1 else ''}"
-        f"pp={cfg.pp} dp={cfg.dp} vpp={cfg.vpp} "
+        f"pp={cfg.pp} dp={cfg.dp}{f' ep={cfg.ep}' if cfg.ep > 1 else ''} vpp={cfg.vpp} "
         f"slices={cfg.slices} schedule={cfg.schedule} "
         f"m={cfg.microbatches}{_memory_flags(cfg)} | seq {cfg.seq_len} × batch {cfg.global_batch} = "
         f"{cfg.seq_len * cfg.global_batch:,} tokens/step | {cfg.dtype}",
