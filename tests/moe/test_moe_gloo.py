@@ -1,9 +1,11 @@
-"""Expert parallelism on real processes (gloo): loss, every gradient and the grad norm equal the unsliced
-single-process model's on the whole global batch, with experts spread over e data-parallel ranks.
+"""Expert and tensor parallelism on real processes (gloo): loss, every gradient and the grad norm equal the
+unsliced single-process model's on the whole global batch, with experts spread over e data-parallel ranks
+and split over t tensor-parallel ranks.
 
-One forked group of 4 ranks runs every configuration: (p, d, e) layouts × schedules × vocabulary
-parallelism. Each rank holds E/e experts of each MoE layer; its gradients (after the dense all-reduce over
-dp and the expert all-reduce over the expert-data-parallel group) must match the reference's by name.
+One forked group of 4 ranks runs every configuration: (t, p, d, e) layouts × schedules × vocabulary
+parallelism × recompute. Each rank holds E/e experts of each MoE layer (1/t of each under TP); its
+gradients (after the TP sum of replicated weights, the dense all-reduce over dp and the expert all-reduce
+over the expert-data-parallel group) must match the reference's, cut the way the rank holds them.
 """
 
 from __future__ import annotations
@@ -21,25 +23,35 @@ from slimpipe.schedule.builders import build
 
 pytestmark = pytest.mark.dist
 
-# (p, e) → cases (builder, n, m, v, vocab-parallel, tied, recompute); d = 4 / p. A recomputed MoE layer
-# replays its all-to-alls inside the backward, on every member in the same order.
+# (t, p, e) → cases (builder, n, m, v, vocab-parallel, tied, recompute); d = 4 / (t·p). A recomputed MoE
+# layer replays its all-to-alls inside the backward, on every member in the same order. With t = 2 every
+# expert is split over the TP pair (expert-TP = t) and the router routes the all-gathered tokens.
 LAYOUTS = {
-    (2, 2): [("slimpipe", 4, 2, 1, False, False, "none"), ("slimpipe", 2, 2, 2, True, True, "full"),
-             ("interleaved-1f1b", 1, 2, 2, False, False, "none"),
-             ("seq1f1b", 4, 2, 1, False, True, "partial+fc1")],
-    (1, 4): [("slimpipe", 4, 2, 1, False, False, "none")],
-    (1, 2): [("gpipe", 2, 1, 1, True, False, "none")],
+    (1, 2, 2): [("slimpipe", 4, 2, 1, False, False, "none"), ("slimpipe", 2, 2, 2, True, True, "full"),
+                ("interleaved-1f1b", 1, 2, 2, False, False, "none"),
+                ("seq1f1b", 4, 2, 1, False, True, "partial+fc1")],
+    (1, 1, 4): [("slimpipe", 4, 2, 1, False, False, "none")],
+    (1, 1, 2): [("gpipe", 2, 1, 1, True, False, "none")],
+    (2, 2, 1): [("slimpipe", 4, 2, 1, False, False, "none"), ("slimpipe", 2, 2, 2, True, True, "full")],
+    (2, 1, 2): [("slimpipe", 4, 2, 1, False, False, "none"), ("1f1b", 1, 2, 1, True, True, "partial+fc1")],
 }
+SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}  # TP split dimension by weight
 
 
 def _cfg(p: int, v: int, tied: bool):
     return moe_model(max(2, p * v), tie_embeddings=tied)
 
 
+def _piece(name: str, ref: torch.Tensor, t: int, tp_rank: int) -> torch.Tensor:
+    """The part of the full reference gradient a TP rank holds (vocabulary-parallel rows are not compared)."""
+    dim = 0 if name in ("embed.weight", "head.weight") else SPLIT.get(name.split(".")[-2])
+    return ref if t == 1 or dim is None else ref.chunk(t, dim)[tp_rank]
+
+
 def _worker(rank: int, world: int) -> dict:
     out = {}
-    for (p, e), cases in LAYOUTS.items():
-        state = ParallelState.create(pp=p, ep=e, timeout_s=60.0)
+    for (t, p, e), cases in LAYOUTS.items():
+        state = ParallelState.create(pp=p, tp=t, ep=e, timeout_s=60.0)
         for name, n, m, v, vocab, tied, recompute in cases:
             rt = PipelineRuntime(_cfg(p, v, tied), build(name, p=p, m=m, n=n, v=v), state,
                                  dtype=torch.float64, seed=SEED, vocab_parallel=vocab, recompute=recompute)
@@ -49,23 +61,25 @@ def _worker(rank: int, world: int) -> dict:
             full = rt.model_state_dict()  # vocab shards gathered (collective)
             grads = {k: q.grad.clone() for k, q in rt.named_parameters()
                      if not (vocab and k in ("embed.weight", "head.weight"))}
-            out[(p, e, name, n, m, v, vocab, tied, recompute)] = (res.loss, norm, grads, sorted(full))
+            out[(t, p, e, name, n, m, v, vocab, tied, recompute)] = (state.tp_rank, res.loss, norm, grads,
+                                                                     sorted(full))
     return out
 
 
-@pytest.mark.timeout(180)
-def test_expert_parallel_gradients_match_the_unsliced_model() -> None:
+@pytest.mark.timeout(240)
+def test_expert_and_tensor_parallel_gradients_match_the_unsliced_model() -> None:
     results = run_dist(_worker, 4, timeout_s=90.0)
-    for (p, e), cases in LAYOUTS.items():
+    for (t, p, e), cases in LAYOUTS.items():
         for name, n, m, v, vocab, tied, recompute in cases:
-            key = (p, e, name, n, m, v, vocab, tied, recompute)
-            ref_loss, ref = reference(_cfg(p, v, tied), m * (4 // p))
+            key = (t, p, e, name, n, m, v, vocab, tied, recompute)
+            ref_loss, ref = reference(_cfg(p, v, tied), m * (4 // (t * p)))
+            ref_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in ref.values()))
             seen: set[str] = set()
-            for loss, norm, grads, names in (r[key] for r in results):
+            for tp_rank, loss, norm, grads, names in (r[key] for r in results):
                 assert abs(loss - ref_loss) <= RTOL * ref_loss, (key, loss, ref_loss)
-                err, worst = max_rel_error(grads, ref)
+                cut = {k: _piece(k, ref[k], t, tp_rank) for k in grads}
+                err, worst = max_rel_error(grads, cut)
                 assert err <= RTOL, (key, worst, err)
-                ref_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in ref.values()))
                 assert abs(norm - ref_norm) <= 1e-9 * ref_norm, (key, norm, ref_norm)
                 seen |= set(names)
                 experts = {k.split(".experts.")[1].split(".")[0] for k in grads if ".experts." in k}

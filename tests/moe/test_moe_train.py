@@ -1,5 +1,6 @@
 """`slimpipe train` on an MoE model: the loss curve (cross-entropy + load-balancing loss) does not depend on
-the layout — slices, stages, interleaving or experts spread over data-parallel ranks (--ep).
+the layout — slices, stages, experts spread over data-parallel ranks (--ep) or split over tensor-parallel
+ranks (--tp).
 
 fp32, 3 AdamW steps of tiny-moe on the synthetic walk; the reference is one process, no slicing.
 """
@@ -18,7 +19,7 @@ STEPS = 3
 MOE = dict(model="tiny-moe", steps=STEPS)
 LAYOUTS = {
     "pp2-dp2-ep2-slimpipe-n4": dict(pp=2, dp=2, ep=2, slices=4, schedule="slimpipe"),
-    "local-pp2-vpp2-slimpipe-n8": dict(pp=2, vpp=2, slices=8, schedule="slimpipe", local_pipeline=True),
+    "tp2-dp2-ep2-slimpipe-n4": dict(tp=2, pp=1, dp=2, ep=2, slices=4, schedule="slimpipe"),
 }
 
 

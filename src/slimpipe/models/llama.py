@@ -228,9 +228,6 @@ class LlamaParts:
         {global parameter name: Shard} of what got split."""
         from slimpipe.models.llama_parallel import parallelize_llama
 
-        if self.cfg.num_experts > 1 and getattr(tp, "size", 1) > 1:
-            raise ConfigError(f"--tp={tp.size} with an MoE model: expert tensor parallelism is not in the "  # type: ignore[attr-defined]
-                              "runtime yet; use --tp 1 (experts split over data-parallel ranks with --ep)")
         return parallelize_llama(model, self.cfg, tp)  # type: ignore[arg-type]
 
     def init_parameter(self, name: str, param: torch.Tensor, generator: torch.Generator) -> None:

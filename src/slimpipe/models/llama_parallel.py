@@ -8,6 +8,8 @@ spirit of torchtitan's per-model ``parallelize``; the model file stays a plain m
 | ``attn.wq``, ``attn.wk``, ``attn.wv`` | column-parallel: query heads H/T, K/V heads H_kv/T (rank i: heads [i·H/T, (i+1)·H/T), which use K/V heads [i·H_kv/T, …) under GQA) | one all-gather of the tokens |
 | ``attn.wo`` | row-parallel: the input columns of those heads | reduce-scatter of the tokens |
 | ``mlp.w1``, ``mlp.w3`` / ``mlp.w2`` | column-parallel (FFN features f/T) / row-parallel | all-gather / reduce-scatter |
+| MoE ``mlp.experts.<e>.{w1,w3}`` / ``.w2`` | expert TP: f/T of every expert, on all tokens (models/moe.py) | one all-gather in, one reduce-scatter of the k routed outputs |
+| MoE ``mlp.router`` | replicated, routes the all-gathered tokens | gradients summed over TP |
 | ``attn_norm``, ``mlp_norm``, ``norm`` | replicated, on the token shard (sequence parallelism) | gradients summed over TP |
 | ``embed``, ``head`` | vocabulary rows [i·V/T, (i+1)·V/T) (tied: the same tensor) | reduce-scatter / all-gather; vocab-parallel cross-entropy |
 
@@ -24,8 +26,10 @@ from torch import nn
 
 from slimpipe.config import ModelConfig
 from slimpipe.models.base import Shard
+from slimpipe.models.moe import MoEMLP
 from slimpipe.runtime.tensor_parallel import (
-    TensorParallel, VocabParallelCrossEntropy, column_parallel, row_parallel, vocab_parallel_embedding,
+    TensorParallel, VocabParallelCrossEntropy, column_parallel, gather_seq, row_parallel, scatter_seq,
+    vocab_parallel_embedding,
 )
 
 __all__ = ["parallelize_llama", "VocabParallelEmbedding", "VocabParallelHead", "vocab_parallel_loss"]
@@ -89,13 +93,31 @@ def _block(block: nn.Module, prefix: str, cfg: ModelConfig, tp: TensorParallel) 
     attn.heads = tp.shard(cfg.num_heads, "num_heads")
     attn.kv_heads = tp.shard(cfg.num_kv_heads, "num_kv_heads")
     shards = {}
-    for owner, col, row in ((attn, ("wq", "wk", "wv"), "wo"), (mlp, ("w1", "w3"), "w2")):
-        where = "attn" if owner is attn else "mlp"
+    owners = [(attn, "attn", ("wq", "wk", "wv"), "wo")]
+    if isinstance(mlp, MoEMLP):
+        shards |= _experts(mlp, prefix, tp)
+    else:
+        owners.append((mlp, "mlp", ("w1", "w3"), "w2"))
+    for owner, where, col, row in owners:
         for name, dim in [(c, 0) for c in col] + [(row, 1)]:
             setattr(owner, name, _split(getattr(owner, name), dim, tp))
             shards[f"{prefix}.{where}.{name}.weight"] = Shard(dim=dim, index=tp.rank, count=tp.size)
         owner.columns = partial(column_parallel, tp=tp)  # the model's TP seams (models/llama.py)
         owner.rows = partial(row_parallel, tp=tp)
+    return shards
+
+
+def _experts(moe: MoEMLP, prefix: str, tp: TensorParallel) -> dict[str, Shard]:
+    """Expert tensor parallelism (expert-TP = T, Megatron's default): every expert's w1/w3 by output rows,
+    w2 by input columns, computed locally on the all-gathered tokens (the MoE layer's gather/scatter seams
+    do the communication once per layer); the router stays whole (gradients summed over TP)."""
+    shards = {}
+    for e, expert in moe.experts.items():
+        for name, dim in (("w1", 0), ("w3", 0), ("w2", 1)):
+            setattr(expert, name, _split(getattr(expert, name), dim, tp))
+            shards[f"{prefix}.mlp.experts.{e}.{name}.weight"] = Shard(dim=dim, index=tp.rank, count=tp.size)
+    moe.gather, moe.scatter = partial(gather_seq, tp=tp), partial(scatter_seq, tp=tp)
+    moe.tp_rank, moe.tp_size = tp.rank, tp.size
     return shards
 
 

@@ -147,17 +147,20 @@ class RoutingContext(Protocol):
 
 
 class _BalanceGrad(torch.autograd.Function):
-    """Identity on ``out``; backward adds ∂aux/∂S = scale·c (whole-sequence counts) to the slice's S."""
+    """Identity on ``out``; backward adds ∂aux/∂S = share·scale·c (whole-sequence counts) to the slice's S
+    (share = 1/T under tensor parallelism: every TP rank routes the same tokens, their gradients are
+    summed)."""
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, sums: torch.Tensor, seq: SequenceRouting) -> torch.Tensor:  # type: ignore[override]
-        ctx.seq = seq
+    def forward(ctx, out: torch.Tensor, sums: torch.Tensor, seq: SequenceRouting,  # type: ignore[override]
+                share: float) -> torch.Tensor:
+        ctx.seq, ctx.share = seq, share
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         seq: SequenceRouting = ctx.seq
-        return grad, seq.total_counts() * seq.scale, None
+        return grad, seq.total_counts() * (seq.scale * ctx.share), None, None
 
 
 # ---- experts ------------------------------------------------------------------------------------------------
@@ -280,20 +283,33 @@ class MoEMLP(nn.Module):
         self.coeff, self.capacity_factor, self.dispatcher = aux_loss_coeff, capacity_factor, placement.dispatcher
         self.router = nn.Linear(hidden, num_experts, bias=False)
         self.experts = ExpertGroup(placement.rank * per, per, make_expert)
+        # Tensor-parallel seams (models/llama_parallel.py): the router runs on the sequence-parallel token
+        # shard and its logits are all-gathered, the tokens too; every TP rank sends all of them through its
+        # 1/T of each expert, and the partial expert outputs are reduce-scattered back to the token shard
+        # before the combine.
+        self.gather: Callable[[torch.Tensor], torch.Tensor] = _same
+        self.scatter: Callable[[torch.Tensor], torch.Tensor] = _same
+        self.tp_rank, self.tp_size = 0, 1
 
     def forward(self, x: torch.Tensor, ctx: object) -> torch.Tensor:
+        """x (b, t/T, h) → (b, t/T, h) (T = 1 without tensor parallelism)."""
+        logits = self.gather(self.router(x))  # (b, t, E): the router reads (and saves) the token shard only
+        x = self.gather(x)  # (b, t, h)
         b, t, h = x.shape
-        flat = x.reshape(b * t, h)
-        probs, experts, weights, keep = route(self.router(flat), self.top_k, self.capacity_factor, rows=b)
-        y = self._dispatch_combine(flat, experts, weights, keep).view(b, t, h)
+        probs, experts, weights, keep = route(logits.reshape(b * t, -1), self.top_k, self.capacity_factor,
+                                              rows=b)
+        out = self.scatter(self._dispatch(x.reshape(b * t, h), experts, keep).view(b, t, -1))  # (b, t/T, k·h)
+        mine = t // self.tp_size  # this rank's token shard of the routing weights
+        w = weights.view(b, t, -1)[:, self.tp_rank * mine : (self.tp_rank + 1) * mine]
+        y = (out.view(b, mine, self.top_k, h) * w.to(out.dtype).unsqueeze(-1)).sum(2)  # (b, t/T, h)
         if not self.coeff:
             return y
         e = self.num_experts
         counts = torch.zeros(b * t, e, dtype=probs.dtype, device=x.device).scatter_(1, experts, 1.0)
-        return self._balance(y, counts.view(b, t, e).sum(1), probs.view(b, t, e).sum(1), ctx)
+        return self._balance(y, counts.view(b, t, e).sum(1), probs.view(b, t, e).sum(1), ctx, t)
 
-    def _dispatch_combine(self, flat: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                          keep: torch.Tensor | None) -> torch.Tensor:
+    def _dispatch(self, flat: torch.Tensor, experts: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Every routed copy through its expert: (T, h) → (T·k, h) in (token, slot) order, dropped copies 0."""
         tokens, k = experts.shape
         which = experts.reshape(-1)  # (T·k,): routed copy a = token·k + slot
         copy = torch.arange(tokens * k, device=flat.device)
@@ -304,14 +320,15 @@ class MoEMLP(nn.Module):
         copy = copy[order]
         counts = torch.bincount(which, minlength=self.num_experts)  # (E,)
         ys = self.dispatcher(flat.index_select(0, copy // k), counts, self.experts)  # (M, h)
-        out = scatter_rows(ys, copy, tokens * k)  # (T·k, h): dropped copies are 0
-        return (out.view(tokens, k, -1) * weights.to(out.dtype).unsqueeze(-1)).sum(1)  # (T, h)
+        return scatter_rows(ys, copy, tokens * k)  # (T·k, h)
 
-    def _balance(self, y: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor, ctx: object) -> torch.Tensor:
-        """Attach the load-balancing loss: through the slice's routing context, or directly (unsliced)."""
+    def _balance(self, y: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor, ctx: object,
+                 t: int) -> torch.Tensor:
+        """Attach the load-balancing loss of the slice's t tokens: through the slice's routing context, or
+        directly (unsliced)."""
         shared: dict = ctx.shared  # type: ignore[attr-defined]
         routing = shared.get(ROUTING)
-        e, k, t = self.num_experts, self.top_k, y.size(1)
+        e, k = self.num_experts, self.top_k
         if routing is None:  # the whole sequence is here: aux per sequence (b,)
             aux = self.coeff * e * ((counts / (k * t)) * (sums / t)).sum(-1)
             shared.setdefault(AUX_LOSSES, []).append(aux)
@@ -319,7 +336,11 @@ class MoEMLP(nn.Module):
         counts = routing.reduce_counts(counts)  # whole-slice counts under context parallelism
         seq = routing.sequence(self.layer, self.coeff * e / (k * routing.seq_len * routing.normaliser))
         seq.record(routing.start, t, counts, sums.detach())
-        return _BalanceGrad.apply(y, sums, seq)
+        return _BalanceGrad.apply(y, sums, seq, 1.0 / self.tp_size)
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def aux_loss_total(shared: dict, tokens_per_sequence: int, normaliser: float) -> torch.Tensor | float:

@@ -96,15 +96,16 @@ class MemoryBreakdown:
 def activation_bytes_per_token(workload: Workload) -> tuple[float, float]:
     """(a, a_none): saved bytes per token per layer in the workload's recompute mode, and with none.
 
-    MoE layers (top-k) save k copies of the MLP tensors, the k dispatched token copies (the experts' input)
-    and the k expert outputs the routing weights multiply (2h each, at the sequence-parallel share: under
-    expert-TP = t Megatron's dispatchers hold the copies all-gathered over TP, up to t× these two terms,
-    which is not modelled). partial+fc1 and full recompute replay the dispatcher, so neither is kept.
+    MoE layers (top-k) save k copies of the MLP tensors, the k dispatched token copies (the experts' input,
+    all-gathered over expert-TP: 2h·etp each per sequence-parallel token) and the k expert outputs the
+    routing weights multiply (2h each, reduce-scattered back to the token shard first). partial+fc1 and full
+    recompute replay the dispatcher, so neither is kept.
     """
     model = workload.model
     h, kv, f = model.hidden, model.kv_dim, model.ffn
     k = model.top_k if model.num_experts > 1 else 1
-    disp = 4 * h * k if model.num_experts > 1 else 0  # copies in, expert outputs out
+    etp = workload.parallel.expert_tp
+    disp = 2 * h * k * (etp + 1) if model.num_experts > 1 else 0  # copies in (gathered over etp), outputs
     a_none = 12 * h + 4 * kv + 6 * f * k + disp
     a = {
         "none": a_none,

@@ -87,9 +87,6 @@ def preflight(cfg: TrainConfig, *, env: TorchrunEnv | None = None, check_outputs
     layout = ParallelConfig(tp=cfg.tp, cp=cfg.cp, pp=cfg.pp, dp=cfg.dp, ep=cfg.ep, vpp=cfg.vpp, slices=cfg.slices)
     # the rules simulate and plan apply too (slimpipe.rules)
     check_layout(model, layout, cfg.seq_len, vocab_parallel=cfg.vocab_parallel)
-    if model.num_experts > 1 and cfg.tp > 1:
-        raise ConfigError(f"--tp={cfg.tp} with an MoE model: expert tensor parallelism is not in the runtime "
-                          "yet; use --tp 1 (experts split over data-parallel ranks with --ep)")
     m = layout.microbatches(cfg.global_batch)
     check_exchange(cfg.schedule, cfg.pp, cfg.slices, cfg.attn_balance)
     _check_processes(cfg, env)
