@@ -2,7 +2,7 @@
 unsliced single-process model's on the whole global batch, with experts spread over e data-parallel ranks
 and split over t tensor-parallel ranks.
 
-One forked group of 4 ranks runs every configuration: (t, p, d, e) layouts × schedules × vocabulary
+One forked group of 4 ranks runs every configuration: (t, c, p, d, e) layouts × schedules × vocabulary
 parallelism × recompute. Each rank holds E/e experts of each MoE layer (1/t of each under TP); its
 gradients (after the TP sum of replicated weights, the dense all-reduce over dp and the expert all-reduce
 over the expert-data-parallel group) must match the reference's, cut the way the rank holds them.
@@ -23,17 +23,20 @@ from slimpipe.schedule.builders import build
 
 pytestmark = pytest.mark.dist
 
-# (t, p, e) → cases (builder, n, m, v, vocab-parallel, tied, recompute); d = 4 / (t·p). A recomputed MoE
-# layer replays its all-to-alls inside the backward, on every member in the same order. With t = 2 every
-# expert is split over the TP pair (expert-TP = t) and the router routes the all-gathered tokens.
+# (t, c, p, e) → cases (builder, n, m, v, vocab-parallel, tied, recompute); d = 4 / (t·c·p). A recomputed
+# MoE layer replays its all-to-alls inside the backward, on every member in the same order. With t = 2
+# every expert is split over the TP pair (expert-TP = t) and the router routes the all-gathered tokens;
+# with c = 2 each rank routes its zig-zag half of every slice and the expert counts are summed over CP.
 LAYOUTS = {
-    (1, 2, 2): [("slimpipe", 4, 2, 1, False, False, "none"), ("slimpipe", 2, 2, 2, True, True, "full"),
-                ("interleaved-1f1b", 1, 2, 2, False, False, "none"),
-                ("seq1f1b", 4, 2, 1, False, True, "partial+fc1")],
-    (1, 1, 4): [("slimpipe", 4, 2, 1, False, False, "none")],
-    (1, 1, 2): [("gpipe", 2, 1, 1, True, False, "none")],
-    (2, 2, 1): [("slimpipe", 4, 2, 1, False, False, "none"), ("slimpipe", 2, 2, 2, True, True, "full")],
-    (2, 1, 2): [("slimpipe", 4, 2, 1, False, False, "none"), ("1f1b", 1, 2, 1, True, True, "partial+fc1")],
+    (1, 1, 2, 2): [("slimpipe", 4, 2, 1, False, False, "none"), ("slimpipe", 2, 2, 2, True, True, "full"),
+                   ("interleaved-1f1b", 1, 2, 2, False, False, "none"),
+                   ("seq1f1b", 4, 2, 1, False, True, "partial+fc1")],
+    (1, 1, 1, 4): [("slimpipe", 4, 2, 1, False, False, "none")],
+    (1, 1, 1, 2): [("gpipe", 2, 1, 1, True, False, "none")],
+    (2, 1, 2, 1): [("slimpipe", 4, 2, 1, False, False, "none"), ("slimpipe", 2, 2, 2, True, True, "full")],
+    (2, 1, 1, 2): [("slimpipe", 4, 2, 1, False, False, "none"), ("1f1b", 1, 2, 1, True, True, "partial+fc1")],
+    (1, 2, 2, 1): [("slimpipe", 4, 2, 1, False, False, "none"), ("slimpipe", 2, 2, 2, True, False, "full")],
+    (1, 2, 1, 2): [("slimpipe", 4, 2, 1, False, False, "none")],
 }
 SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}  # TP split dimension by weight
 
@@ -50,8 +53,8 @@ def _piece(name: str, ref: torch.Tensor, t: int, tp_rank: int) -> torch.Tensor:
 
 def _worker(rank: int, world: int) -> dict:
     out = {}
-    for (t, p, e), cases in LAYOUTS.items():
-        state = ParallelState.create(pp=p, tp=t, ep=e, timeout_s=60.0)
+    for (t, c, p, e), cases in LAYOUTS.items():
+        state = ParallelState.create(pp=p, tp=t, cp=c, ep=e, timeout_s=60.0)
         for name, n, m, v, vocab, tied, recompute in cases:
             rt = PipelineRuntime(_cfg(p, v, tied), build(name, p=p, m=m, n=n, v=v), state,
                                  dtype=torch.float64, seed=SEED, vocab_parallel=vocab, recompute=recompute)
@@ -61,18 +64,18 @@ def _worker(rank: int, world: int) -> dict:
             full = rt.model_state_dict()  # vocab shards gathered (collective)
             grads = {k: q.grad.clone() for k, q in rt.named_parameters()
                      if not (vocab and k in ("embed.weight", "head.weight"))}
-            out[(t, p, e, name, n, m, v, vocab, tied, recompute)] = (state.tp_rank, res.loss, norm, grads,
-                                                                     sorted(full))
+            out[(t, c, p, e, name, n, m, v, vocab, tied, recompute)] = (state.tp_rank, res.loss, norm, grads,
+                                                                        sorted(full))
     return out
 
 
 @pytest.mark.timeout(240)
 def test_expert_and_tensor_parallel_gradients_match_the_unsliced_model() -> None:
     results = run_dist(_worker, 4, timeout_s=90.0)
-    for (t, p, e), cases in LAYOUTS.items():
+    for (t, c, p, e), cases in LAYOUTS.items():
         for name, n, m, v, vocab, tied, recompute in cases:
-            key = (t, p, e, name, n, m, v, vocab, tied, recompute)
-            ref_loss, ref = reference(_cfg(p, v, tied), m * (4 // (t * p)))
+            key = (t, c, p, e, name, n, m, v, vocab, tied, recompute)
+            ref_loss, ref = reference(_cfg(p, v, tied), m * (4 // (t * c * p)))
             ref_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in ref.values()))
             seen: set[str] = set()
             for tp_rank, loss, norm, grads, names in (r[key] for r in results):
