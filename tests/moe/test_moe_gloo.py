@@ -6,6 +6,7 @@ One forked group of 4 ranks runs every configuration: (t, c, p, d, e) layouts ×
 parallelism × recompute. Each rank holds E/e experts of each MoE layer (1/t of each under TP); its
 gradients (after the TP sum of replicated weights, the dense all-reduce over dp and the expert all-reduce
 over the expert-data-parallel group) must match the reference's, cut the way the rank holds them.
+One case packs documents (p2 d2 e2): routing is per token, so MoE composes with document-causal attention.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from tests.support.dist import run_dist
 from tests.support.models import RTOL, max_rel_error, tokens
-from tests.support.moe import SEED, SEQ, moe_model, reference
+from tests.support.moe import SEED, SEQ, moe_model, packed_documents, reference
 from slimpipe.runtime import ParallelState, PipelineRuntime
 from slimpipe.schedule.builders import build
 
@@ -38,6 +39,9 @@ LAYOUTS = {
     (1, 2, 2, 1): [("slimpipe", 4, 2, 1, False, False, "none"), ("slimpipe", 2, 2, 2, True, False, "full")],
     (1, 2, 1, 2): [("slimpipe", 4, 2, 1, False, False, "none")],
 }
+# Packed documents with experts (p2 d2 e2, 2 rows per replica): routing is per token and the balancing
+# loss per packed row, weighted by the row's share of the normaliser (the global batch's loss-taking labels).
+PACKED = ((1, 1, 2, 2), ("slimpipe", 4, 2, 1, False, True, "partial+fc1"))
 SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}  # TP split dimension by weight
 
 
@@ -51,40 +55,54 @@ def _piece(name: str, ref: torch.Tensor, t: int, tp_rank: int) -> torch.Tensor:
     return ref if t == 1 or dim is None else ref.chunk(t, dim)[tp_rank]
 
 
+def _run(state: ParallelState, layout: tuple, case: tuple, packed: bool) -> tuple:
+    (t, c, p, e), (name, n, m, v, vocab, tied, recompute) = layout, case
+    rt = PipelineRuntime(_cfg(p, v, tied), build(name, p=p, m=m, n=n, v=v), state,
+                         dtype=torch.float64, seed=SEED, vocab_parallel=vocab, recompute=recompute)
+    mine = slice(state.dp_rank * m, (state.dp_rank + 1) * m)
+    toks = tokens(m * state.dp, SEQ, seed=m * state.dp)[mine]
+    if packed:
+        docs = packed_documents()
+        labels = int((docs[:, 1:] == docs[:, :-1]).sum())  # the global batch's loss-taking labels
+        res = rt.forward_backward(toks, reduce_grads=True, documents=docs[mine], loss_tokens=labels)
+    else:
+        res = rt.forward_backward(toks, reduce_grads=True)
+    norm = rt._grad_norm()
+    full = rt.model_state_dict()  # vocab shards gathered (collective)
+    grads = {k: q.grad.clone() for k, q in rt.named_parameters()
+             if not (vocab and k in ("embed.weight", "head.weight"))}
+    return state.tp_rank, res.loss, norm, grads, sorted(full)
+
+
 def _worker(rank: int, world: int) -> dict:
     out = {}
-    for (t, c, p, e), cases in LAYOUTS.items():
+    for layout, cases in LAYOUTS.items():
+        t, c, p, e = layout
         state = ParallelState.create(pp=p, tp=t, cp=c, ep=e, timeout_s=60.0)
-        for name, n, m, v, vocab, tied, recompute in cases:
-            rt = PipelineRuntime(_cfg(p, v, tied), build(name, p=p, m=m, n=n, v=v), state,
-                                 dtype=torch.float64, seed=SEED, vocab_parallel=vocab, recompute=recompute)
-            toks = tokens(m * state.dp, SEQ, seed=m * state.dp)[state.dp_rank * m : (state.dp_rank + 1) * m]
-            res = rt.forward_backward(toks, reduce_grads=True)
-            norm = rt._grad_norm()
-            full = rt.model_state_dict()  # vocab shards gathered (collective)
-            grads = {k: q.grad.clone() for k, q in rt.named_parameters()
-                     if not (vocab and k in ("embed.weight", "head.weight"))}
-            out[(t, c, p, e, name, n, m, v, vocab, tied, recompute)] = (state.tp_rank, res.loss, norm, grads,
-                                                                        sorted(full))
+        for case in cases:
+            out[(*layout, *case)] = _run(state, layout, case, False)
+        if layout == PACKED[0]:
+            out[("packed", *layout, *PACKED[1])] = _run(state, layout, PACKED[1], True)
     return out
 
 
 @pytest.mark.timeout(240)
 def test_expert_and_tensor_parallel_gradients_match_the_unsliced_model() -> None:
     results = run_dist(_worker, 4, timeout_s=90.0)
-    for (t, c, p, e), cases in LAYOUTS.items():
-        for name, n, m, v, vocab, tied, recompute in cases:
-            key = (t, c, p, e, name, n, m, v, vocab, tied, recompute)
-            ref_loss, ref = reference(_cfg(p, v, tied), m * (4 // (t * c * p)))
-            ref_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in ref.values()))
-            seen: set[str] = set()
-            for tp_rank, loss, norm, grads, names in (r[key] for r in results):
-                assert abs(loss - ref_loss) <= RTOL * ref_loss, (key, loss, ref_loss)
-                cut = {k: _piece(k, ref[k], t, tp_rank) for k in grads}
-                err, worst = max_rel_error(grads, cut)
-                assert err <= RTOL, (key, worst, err)
-                assert abs(norm - ref_norm) <= 1e-9 * ref_norm, (key, norm, ref_norm)
-                seen |= set(names)
-                experts = {k.split(".experts.")[1].split(".")[0] for k in grads if ".experts." in k}
-                assert len(experts) == 4 // e, (key, experts)  # E/e experts per rank
-            assert seen == set(ref), key
+    grid = [(layout, case, False) for layout, cases in LAYOUTS.items() for case in cases] + [(*PACKED, True)]
+    for (t, c, p, e), (name, n, m, v, vocab, tied, recompute), packed in grid:
+        key = (t, c, p, e, name, n, m, v, vocab, tied, recompute)
+        ref_loss, ref = reference(_cfg(p, v, tied), m * (4 // (t * c * p)), packed=packed)
+        key = ("packed", *key) if packed else key
+        ref_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in ref.values()))
+        seen: set[str] = set()
+        for tp_rank, loss, norm, grads, names in (r[key] for r in results):
+            assert abs(loss - ref_loss) <= RTOL * ref_loss, (key, loss, ref_loss)
+            cut = {k: _piece(k, ref[k], t, tp_rank) for k in grads}
+            err, worst = max_rel_error(grads, cut)
+            assert err <= RTOL, (key, worst, err)
+            assert abs(norm - ref_norm) <= 1e-9 * ref_norm, (key, norm, ref_norm)
+            seen |= set(names)
+            experts = {k.split(".experts.")[1].split(".")[0] for k in grads if ".experts." in k}
+            assert len(experts) == 4 // e, (key, experts)  # E/e experts per rank
+        assert seen == set(ref), key

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support.documents import STARTS, doc_ids
+from tests.support.documents import STARTS4, doc_ids
 from tests.support.dist import run_dist
 from tests.support.models import RTOL, model, tokens
 from slimpipe.runtime import ParallelState, PipelineRuntime, build_reference, reference_loss
@@ -18,7 +18,6 @@ from slimpipe.schedule.builders import build
 pytestmark = pytest.mark.dist
 SEQ, SEED = 32, 9
 CFG = model(2, num_heads=4, num_kv_heads=2, vocab_size=64)
-STARTS4 = [*STARTS, (0, 16, 17)]
 # (t, p, d, vocab_parallel): every layout of 4 ranks with documents
 LAYOUTS = [(2, 2, 1, False), (2, 2, 1, True), (1, 2, 2, False)]
 

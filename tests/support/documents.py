@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["STARTS", "doc_ids", "dense_mask"]
+__all__ = ["STARTS", "STARTS4", "doc_ids", "dense_mask"]
 
 # Row 0: a 1-token document, a boundary on a slice edge (8), documents inside slices, one crossing two
 # slice edges; row 1: one document across the whole row; row 2: a boundary one token before the end.
 STARTS = [(0, 1, 8, 11, 12, 30), (0,), (0, 3, 31)]
+STARTS4 = [*STARTS, (0, 16, 17)]  # four rows: two data-parallel replicas of two
 
 
 def doc_ids(starts: list[tuple[int, ...]], seq: int) -> torch.Tensor:

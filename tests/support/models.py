@@ -29,11 +29,12 @@ def tokens(rows: int, seq: int = SEQ, *, vocab: int = 64, seed: int = 0) -> torc
     return torch.randint(0, vocab, (rows, seq + 1), generator=torch.Generator().manual_seed(seed))
 
 
-def reference_grads(cfg: ModelConfig, toks: torch.Tensor, *,
-                    seed: int) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss and every gradient of the unsliced, unpipelined model on the whole global batch (float64)."""
+def reference_grads(cfg: ModelConfig, toks: torch.Tensor, *, seed: int,
+                    documents: torch.Tensor | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and every gradient of the unsliced, unpipelined model on the whole global batch (float64);
+    ``documents``: packed documents (reference_loss's dense document-causal mask)."""
     ref = build_reference(cfg, seed=seed, dtype=torch.float64)
-    loss = reference_loss(ref, toks)
+    loss = reference_loss(ref, toks, documents=documents)
     loss.backward()
     return float(loss.detach()), {n: p.grad.clone() for n, p in ref.named_parameters()}
 
