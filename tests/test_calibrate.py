@@ -56,6 +56,11 @@ def test_quick_profile_is_valid_and_fast(quick_profile) -> None:
     # wq/wo (128×128, shared shape), wk/wv, w1/w3, w2, head
     assert len(prof.gemms) == 5 and all(g.fwd.per_item_s > 0 for g in prof.gemms)
     assert prof.attn_fwd.prefix_s + prof.attn_fwd.masked_diagonal_s > 0
+    # the P = 0 causal block per measured T (quick grid: T = 64, 128), each point reproduced exactly
+    for d, attn in (("fwd", prof.attn_fwd), ("bwd", prof.attn_bwd)):
+        assert [t for t, _ in attn.diagonal_curve] == [64.0, 128.0]
+        for a in (a for a in doc["measurements"]["attention"] if a["prefix"] == 0):
+            assert attn(TINY.q_dim, a["tokens"], 0) == pytest.approx(max(a[f"{d}_s"], attn.fixed_s))
     assert 1e-6 < prof.p2p_latency_s < 0.05 and prof.p2p_bandwidth > 1e7
     assert hw.intra_node_bw == pytest.approx(prof.p2p_bandwidth)  # CPU: the measured gloo link
     # gloo message costs from the 2-rank executor run's traces: a SEND posts a notice (µs…ms); a late
@@ -130,6 +135,39 @@ def test_profiles_without_message_costs_still_load(quick_profile) -> None:
         del doc["profile"][key]
     prof = profile_from_dict(doc, default_name="old", source="old.json").profile
     assert prof.p2p_send_s == prof.p2p_recv_s == 0.0
+
+
+def test_profiles_without_a_diagonal_curve_still_load(quick_profile) -> None:
+    """Older profiles have no P = 0 curve: one diagonal coefficient, as before."""
+    from slimpipe.sim.hardware import profile_from_dict
+
+    doc = json.loads(quick_profile[0].read_text())
+    del doc["profile"]["attn_fwd"]["diagonal_curve"]
+    attn = profile_from_dict(doc, default_name="old", source="old.json").profile.attn_fwd
+    assert attn.diagonal_curve == ()
+    assert attn(64, 100, 0) == pytest.approx(attn.fixed_s + attn.diagonal_s * 2 * 64 * 100 * 100)
+
+
+def test_diagonal_curve_interpolates_in_log_tokens() -> None:
+    attn = AttentionTime(fixed_s=0.0, prefix_s=1.0, diagonal_s=9.0, masked_diagonal_s=5.0,
+                         diagonal_curve=((100.0, 4.0), (400.0, 2.0)))
+    flops = 2 * 8 * 200 * 200
+    assert attn(8, 200, 0) == pytest.approx(3.0 * flops)  # halfway in log T
+    assert attn(8, 50, 0) == pytest.approx(4.0 * 2 * 8 * 50 * 50)  # flat beyond the ends
+    assert attn(8, 800, 0) == pytest.approx(2.0 * 2 * 8 * 800 * 800)
+    assert attn(8, 200, 10) == pytest.approx(4 * 8 * 200 * 10 + 5.0 * flops)  # P > 0: the fitted terms
+
+
+def test_fastest_pass_keeps_the_quicker_run_and_pools_messages() -> None:
+    from slimpipe.calibrate.executor import fastest_pass
+
+    def run(f: float, sends: list[float]) -> dict:
+        return {"units": [{"fwd_s": f, "bwd_s": 2 * f}], "send_s": sends, "late_recv_s": [], "step_s": 3 * f}
+    a, b = [run(1.0, [0.1]), run(2.0, [0.2])], [run(1.5, [0.3]), run(1.0, [0.4])]
+    got = fastest_pass([a, b])
+    assert [r["step_s"] for r in got] == [3.0, 3.0]
+    assert [r["send_s"] for r in got] == [[0.1, 0.3], [0.2, 0.4]]
+    assert got[0]["passes_units_s"] == [3.0, 4.5]
 
 
 def test_unit_consistency_ignores_message_costs(quick_profile) -> None:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from slimpipe.config import ModelConfig
 from slimpipe.schedule.actions import Kind, parse_action
 
-__all__ = ["message_costs", "measure_executor"]
+__all__ = ["fastest_pass", "message_costs", "measure_executor"]
 
 Trace = list[tuple[str, float, float, float]]  # (action, start, end, CPU seconds); wall clock seconds
 
@@ -119,4 +119,19 @@ def measure_executor(cfg: ModelConfig, runs: Sequence[tuple[str, int, int, int]]
                     "units": _units(r0["traces"] + r1["traces"], n, 2),
                     "send_s": sends, "late_recv_s": late})
     out[0]["elapsed_s"] = time.perf_counter() - t0
+    return out
+
+
+def fastest_pass(passes: Sequence[list[dict]]) -> list[dict]:
+    """Passes of ``measure_executor`` over the same runs merged: per run the pass with the smaller total
+    of unit CPU times (the machine's speed per CPU second drifts for seconds at a time with what runs
+    beside it; the kernel benchmarks between the passes take their median in the quieter moments too),
+    with every pass's message times pooled (wall time, a distribution, not a speed)."""
+    out = []
+    for runs in zip(*passes):
+        best = min(runs, key=lambda r: sum(u["fwd_s"] + u["bwd_s"] for u in r["units"]))
+        out.append({**best, "send_s": [x for r in runs for x in r["send_s"]],
+                    "late_recv_s": [x for r in runs for x in r["late_recv_s"]],
+                    "passes_units_s": [sum(u["fwd_s"] + u["bwd_s"] for u in r["units"]) for r in runs]})
+    out[0]["elapsed_s"] = sum(p[0].get("elapsed_s", 0.0) for p in passes)
     return out

@@ -71,7 +71,8 @@ def _fit_kernels(cfg: ModelConfig, m: dict) -> dict[str, object]:
     attn = {}
     for d in ("fwd", "bwd"):
         c = _nnls(rows, [a[f"{d}_s"] for a in m["attention"]])
-        attn[d] = AttentionTime(fixed_s=c[0], prefix_s=c[1], diagonal_s=c[2], masked_diagonal_s=c[3])
+        attn[d] = AttentionTime(fixed_s=c[0], prefix_s=c[1], diagonal_s=c[2], masked_diagonal_s=c[3],
+                                diagonal_curve=_diagonal_curve(q, m["attention"], d, c[0]))
     width = elementwise_width(cfg.hidden, cfg.q_dim, cfg.kv_dim, cfg.ffn)
 
     def per_token(points, scale, d):
@@ -86,6 +87,13 @@ def _fit_kernels(cfg: ModelConfig, m: dict) -> dict[str, object]:
         loss_fwd=per_token(m["loss"], cfg.vocab_size, "fwd"),
         loss_bwd=per_token(m["loss"], cfg.vocab_size, "bwd"),
     )
+
+
+def _diagonal_curve(q: int, points: Sequence[dict], d: str, fixed_s: float) -> tuple[tuple[float, float], ...]:
+    """Seconds per FLOP of the causal block at each measured T with P = 0 (the intercept taken off):
+    the first slice and unsliced units, whose kernel speed changes with T (AttentionTime)."""
+    pts = sorted((a["tokens"], a[f"{d}_s"]) for a in points if a["prefix"] == 0)
+    return tuple((float(t), max(0.0, s - fixed_s) / (2 * q * t * t)) for t, s in pts)
 
 
 def _fit_messages(runs: Sequence[dict]) -> dict[str, float]:
