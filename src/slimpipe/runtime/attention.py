@@ -36,7 +36,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from slimpipe.runtime.block_attention import block_backward, block_forward, merge
 
 __all__ = ["KVWindow", "MaskCache", "WindowBlocks", "window_attention", "recompute_backward",
-           "MASK_MODES"]
+           "MASK_MODES", "cuda_flash_fits"]
 
 MASK_MODES = ("auto", "blocks", "table", "bias")
 
@@ -76,6 +76,7 @@ class MaskCache:
         self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.ptrs: set[int] = set()  # storages of the cached tables (constants, excluded from accounting)
         self.cuda_blocks = True  # cleared when the CUDA fused op fails once (then ``bias`` is used)
+        self.force_math = False  # slice_attention: explicit matmuls on every device (tests the CUDA fallback)
 
     def uses_blocks(self, q: torch.Tensor, k: torch.Tensor) -> bool:
         """Whether window_attention takes the two-block path for q (b, t, H, d), k (b, end, H_kv, d)."""
@@ -83,7 +84,7 @@ class MaskCache:
             return False
         if q.device.type == "cpu":
             return True
-        return q.device.type == "cuda" and self.cuda_blocks and _cuda_flash_fits(q, k)
+        return q.device.type == "cuda" and self.cuda_blocks and cuda_flash_fits(q, k)
 
     def uses_table(self, device: torch.device) -> bool:
         """Whether mask() returns rows of the additive table on this device (the exchange owner's local
@@ -104,7 +105,8 @@ class MaskCache:
         return table[start:end, :end]
 
 
-def _cuda_flash_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+def cuda_flash_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the CUDA FA2 op takes q (b, ·, H, d) and k (b, ·, H_kv, d): fp16/bf16, d ≤ 256, d % 8 == 0."""
     d = q.size(-1)
     return (q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
             and q.size(2) % k.size(2) == 0)

@@ -54,6 +54,9 @@ class MemoryTracker:
         self._off_units.clear()
         self.current = self.offloaded = 0
         self.peak_saved = self.peak_kv = self.peak_total = self.peak_offloaded = 0
+        # Resident saved + K/V (+ restore buffers) without dK/dV: what the memory model's activations
+        # (+ kv_cache) predict; and dK/dV alone (its kv_grad term).
+        self.peak_act = self.peak_dkv = 0
 
     @contextmanager
     def saving(self, unit: Unit, boxer: Boxer | None = None) -> Iterator[None]:
@@ -106,6 +109,8 @@ class MemoryTracker:
         self.peak_kv = max(self.peak_kv, kv)
         self.peak_total = max(self.peak_total, self.current + kv + buffers)
         self.peak_offloaded = max(self.peak_offloaded, self.offloaded)
+        self.peak_act = max(self.peak_act, self.current + kv_bytes + buffers)
+        self.peak_dkv = max(self.peak_dkv, dkv_bytes)
 
     def live_units(self) -> int:
         return len(self._units)
