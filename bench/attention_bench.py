@@ -1,8 +1,8 @@
 """Sliced attention (n slices, K/V prefix, reverse-order backward) vs one unsliced causal attention.
 
 Both compute forward + backward of causal attention over the same s tokens; the sliced one goes through
-the runtime's K/V store exactly as a pipeline stage does (slice j attends to the zero-copy window of slices
-0..j, the backward hands dK/dV down). Prints time per fwd+bwd and the ratio to unsliced, plus the largest
+the runtime's K/V store exactly as a pipeline stage does (slice j attends to the blocks of slices 0..j in
+place, the backward hands dK/dV down block by block). Prints time per fwd+bwd and the ratio to unsliced, plus the largest
 output difference as a sanity check. Unsliced and every ``--mask-mode`` are timed round-robin per n.
 Examples::
 
@@ -22,7 +22,7 @@ import time
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
-from slimpipe.runtime.attention import MaskCache
+from slimpipe.runtime.attention import MaskCache, window_attention
 from slimpipe.runtime.kv import KVStore
 from slimpipe.runtime.stage import slice_bounds
 
@@ -57,6 +57,22 @@ def sliced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor
         outs[j].backward(dout[:, bounds[j]:bounds[j + 1]])
         store.end_backward(0, 0, j)
     store.check_drained()
+    return torch.cat([o.detach() for o in outs], 1)
+
+
+def windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, n: int) -> torch.Tensor:
+    """The former store (``window``): one whole-sequence K/V buffer per micro-batch, slice j attends to the
+    contiguous view of rows [0, end_j) with the two-block kernel (WindowBlocks), autograd sums the window
+    gradients into the buffer."""
+    bounds = slice_bounds(q.size(1), [1.0 / n] * n)
+    ks, vs = k.detach().requires_grad_(), v.detach().requires_grad_()
+    masks = MaskCache("auto")
+    outs = []
+    for j in range(n):
+        a, b = bounds[j], bounds[j + 1]
+        qj = q[:, a:b].detach().requires_grad_()
+        outs.append(window_attention(qj, ks[:, :b], vs[:, :b], a, masks, q.size(1)))
+    torch.autograd.backward(outs[::-1], [dout[:, bounds[j]:bounds[j + 1]] for j in reversed(range(n))])
     return torch.cat([o.detach() for o in outs], 1)
 
 
@@ -128,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--mask-mode", nargs="+", default=["auto"],
-                    help="one or more of auto | blocks | table | bias (slimpipe.runtime.attention), timed "
-                         "side by side; auto = two fused blocks merged by log-sum-exp, table/bias = one SDPA "
-                         "call over the window with a mask")
+                    help="one or more of auto | blocks | table | bias | window, timed side by side; auto = "
+                         "the store's per-slice K/V blocks, one fused call each, merged by log-sum-exp; "
+                         "table/bias = one SDPA call over a concatenated window with a mask; window = the "
+                         "former whole-sequence buffer with the two-block kernel")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="process: CPU time, for CPU runs with OMP_NUM_THREADS=1 on a busy machine")
     ap.add_argument("--explain", action="store_true",
@@ -146,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     dout = torch.randn(shape_q, generator=g, device=device, dtype=dtype)
     if args.explain:
         explain(q, k, v, max(args.slices), args.repeat)
-    masks = {mode: MaskCache(mode) for mode in args.mask_mode}
+    masks = {mode: (None if mode == "window" else MaskCache(mode)) for mode in args.mask_mode}
     ref = unsliced(q, k, v, dout)
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
@@ -160,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         fns = {"unsliced": lambda: unsliced(q, k, v, dout)}
         diff = 0.0
         for mode, mc in masks.items():
-            diff = max(diff, float((sliced(q, k, v, dout, n, mc).float() - ref.float()).abs().max()))
-            fns[mode] = lambda mc=mc, n=n: sliced(q, k, v, dout, n, mc)
+            fn = (lambda n=n: windowed(q, k, v, dout, n)) if mc is None else (
+                lambda mc=mc, n=n: sliced(q, k, v, dout, n, mc))
+            diff = max(diff, float((fn().float() - ref.float()).abs().max()))
+            fns[mode] = fn
         t = _time_many(fns, device, args.repeat, args.clock)
         row = "".join(f" {t[mode] * 1e3:.1f} | {t[mode] / t['unsliced']:.2f} |" for mode in masks)
         print(f"| {n} | {t['unsliced'] * 1e3:.1f} |{row} {diff:.2e} |", flush=True)

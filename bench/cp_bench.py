@@ -13,7 +13,7 @@ Four measurements (BENCHMARKS.md "Context parallelism"), each a subcommand:
   zig-zag (pieces r, 2c−1−r) against a contiguous split (pieces 2r, 2r+1) of the same slice. One thread,
   process CPU time (other processes' load does not inflate it), rounds alternating between the ranks.
 * ``memory``: PipelineRuntime steps at c = 1, 2, 4 (pp 1, one sequence): the runtime's peak K/V bytes per
-  rank (K/V buffers + dK/dV accumulators) and its peak activation bytes.
+  rank (K/V blocks + dK/dV accumulators) and its peak activation bytes.
 
     python bench/cp_bench.py bytes --c 2 4 --slices 4
     python bench/cp_bench.py balance --c 2 4 --seq 8192
@@ -37,6 +37,7 @@ from slimpipe.runtime.cp_attention import (
 )
 from slimpipe.runtime.block_attention import merge
 from slimpipe.runtime.forked import run_forked
+from slimpipe.runtime.slice_attention import Window
 
 
 # ---- ring attention over the K/V window (the comparison; fp64 math, masks from positions) -------------------
@@ -132,12 +133,17 @@ def _bytes_rank(rank: int, c: int, args: argparse.Namespace) -> list[dict]:
         sl = slice(lb[j], lb[j + 1])
         qj, dj = q[:, mine[sl]], dout[:, mine[sl]]
         kw, vw = k[:, mine[: lb[j + 1]]], v[:, mine[: lb[j + 1]]]
-        leaves = [x.clone().requires_grad_() for x in (qj, kw, vw)]
+        leaves = [x.clone().requires_grad_() for x in (qj, kw[:, lb[j]:], vw[:, lb[j]:])]
+        handed: dict[int, tuple] = {}  # this slice's dK/dV of the earlier blocks (the K/V store's deposits)
+        window = Window(prefix_k=[kw[:, lb[i]:lb[i + 1]] for i in range(j)],
+                        prefix_v=[vw[:, lb[i]:lb[i + 1]] for i in range(j)], handed=lambda: (None, None),
+                        deposit=lambda i, dk, dv, row=0: handed.__setitem__(i, (dk, dv)))
         comm.reset()
-        geo = SliceGeometry(start=lb[j], piece=layouts[rank].piece(j), rank=rank, size=c)
-        out = cp_attention(*leaves, geo, comm)
+        geo = SliceGeometry(piece=layouts[rank].piece(j), rank=rank, size=c)
+        out = cp_attention(*leaves, window, geo, comm)
         fwd_bytes = comm.sent_bytes
         out.backward(dj)
+        win_dk = torch.cat([*(handed[i][0] for i in range(j)), leaves[1].grad], 1)  # (b, window rows, H_kv, d)
         qo_err = max(float((a - b).abs().max()) for a, b in (
             (out.detach(), full.detach()[:, mine[sl]]), (leaves[0].grad, ref[0].grad[:, mine[sl]])))
         ring = _Ring(rank, c)
@@ -148,7 +154,7 @@ def _bytes_rank(rank: int, c: int, args: argparse.Namespace) -> list[dict]:
         ring_err = max(float((t(a) - b).abs().max()) for a, b in (
             (r_out, full.detach()[:, mine[sl]]), (r_dq, ref[0].grad[:, mine[sl]])))
         # Window dK/dV: this slice's contribution only; the same for both algorithms.
-        win_err = float((t(r_dk) - leaves[1].grad).abs().max())
+        win_err = float((t(r_dk) - win_dk).abs().max())
         rows.append(dict(j=j, qo_fwd=fwd_bytes, qo_total=comm.sent_bytes, ring_total=ring.sent,
                          err=max(qo_err, ring_err, win_err)))
     return rows
@@ -172,37 +178,33 @@ def bytes_table(args: argparse.Namespace) -> list[dict]:
 
 
 # ---- balance -----------------------------------------------------------------------------------------------
-def _time_ranks(qa, k, v, geos: list[SliceGeometry], dout, repeat: int) -> list[float]:
-    """Each rank's forward + backward block time, min over ``repeat`` rounds; ranks take turns inside a round
-    so machine noise hits them alike; one warm-up round first."""
-    best = [math.inf] * len(geos)
+def _time_ranks(qa, ks, vs, layouts: list[list[Block]], dout, repeat: int) -> list[float]:
+    """Each rank's forward + backward block time over the key segments ks/vs (the prefix blocks, then the
+    slice's own), min over ``repeat`` rounds; ranks take turns inside a round so machine noise hits them
+    alike; one warm-up round first."""
+    c = len(layouts)
+    best = [math.inf] * c
     for rnd in range(repeat + 1):
-        for i, geo in enumerate(geos):
-            comm = CPGroup(None, geo.size, geo.rank)
+        for r, blocks in enumerate(layouts):
+            comm = CPGroup(None, c, r)
             t0 = time.process_time()  # CPU time: what load from other processes does not inflate
-            out, lse = _local_forward(qa, k, v, geo, 0, comm)  # partials by owner: (c, b, H, 2P, …)
-            _local_backward(dout, qa, k, v, _rank_rows(out), _rank_rows(lse), geo, 0, comm)
+            out, lse = _local_forward(qa, ks, vs, blocks, comm)  # partials by owner: (c, b, H, 2P, …)
+            _local_backward(dout, qa, ks, vs, _rank_rows(out), _rank_rows(lse), blocks, comm)
             if rnd:
-                best[i] = min(best[i], time.process_time() - t0)
+                best[r] = min(best[r], time.process_time() - t0)
     return best
 
 
-def _contiguous_blocks(c: int, r: int, p: int, start: int) -> list[Block]:
+def _contiguous_blocks(c: int, r: int, p: int, prefix: int) -> list[Block]:
     """The same slice split into c contiguous runs (rank r holds pieces 2r, 2r+1, so rank order is position
-    order): the unbalanced layout, in the same fused blocks."""
+    order): the unbalanced layout, in the same fused blocks over ``prefix`` earlier blocks and the own one."""
     two, t = 2 * p, 2 * c * p
-    out = [Block(rows=((0, two * (r + 1)),), keys=(0, start), causal=False, fresh=True)] if start else []
-    out.append(Block(rows=((two * r, two * (r + 1)),), keys=(start, start + two), causal=True, fresh=not start))
+    pre, own = tuple((i, 0, None) for i in range(prefix)), (prefix, 0, None)
+    out = [Block(rows=((0, two * (r + 1)),), keys=pre, causal=False, fresh=True)] if prefix else []
+    out.append(Block(rows=((two * r, two * (r + 1)),), keys=(own,), causal=True, fresh=not prefix))
     if r < c - 1:
-        out.append(Block(rows=((two * (r + 1), t),), keys=(0, start + two), causal=False, fresh=True))
+        out.append(Block(rows=((two * (r + 1), t),), keys=(*pre, own), causal=False, fresh=True))
     return out
-
-
-class _Geo(SliceGeometry):
-    """SliceGeometry with the contiguous split's blocks (balance comparison only)."""
-
-    def blocks(self, skip: int = 0):  # type: ignore[override]
-        return _contiguous_blocks(self.size, self.rank, self.piece, self.start)
 
 
 def balance_table(args: argparse.Namespace) -> list[dict]:
@@ -213,13 +215,14 @@ def balance_table(args: argparse.Namespace) -> list[dict]:
     for c in args.c:
         p = t // (2 * c)
         for j in (0, args.slices - 1):
-            start = j * t // c  # local prefix rows
             qa = torch.randn(1, h, t, d)
-            k, v = torch.randn(1, hk, start + 2 * p, d), torch.randn(1, hk, start + 2 * p, d)
+            ks = [torch.randn(1, hk, 2 * p, d) for _ in range(j + 1)]  # the local blocks of slices 0 … j
+            vs = [torch.randn(1, hk, 2 * p, d) for _ in range(j + 1)]
             dout = torch.randn(1, h, t, d)
-            for name, cls in (("zig-zag", SliceGeometry), ("contiguous", _Geo)):
-                geos = [cls(start=start, piece=p, rank=r, size=c) for r in range(c)]
-                times = _time_ranks(qa, k, v, geos, dout, args.repeat)
+            zigzag = [SliceGeometry(piece=p, rank=r, size=c, prefix=j).blocks() for r in range(c)]
+            contiguous = [_contiguous_blocks(c, r, p, j) for r in range(c)]
+            for name, layouts in (("zig-zag", zigzag), ("contiguous", contiguous)):
+                times = _time_ranks(qa, ks, vs, layouts, dout, args.repeat)
                 rows.append(dict(c=c, j=j, layout=name, ms=[round(x * 1e3, 2) for x in times],
                                  max_over_min=round(max(times) / min(times), 3)))
     return rows

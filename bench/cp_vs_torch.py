@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from slimpipe.runtime.context_parallel import ZigZag
 from slimpipe.runtime.cp_attention import CPGroup, SliceGeometry, cp_attention
+from slimpipe.runtime.slice_attention import Window
 from slimpipe.runtime.forked import run_forked
 
 aten = torch.ops.aten
@@ -66,8 +67,9 @@ def _torch_ring(q, k, v, dout):
 def _slimpipe(q, k, v, dout, comm, rank, c):
     t = lambda x: x.transpose(1, 2)  # noqa: E731  (b, H, L, d) <-> (b, L, H, d)
     leaves = [t(x).detach().requires_grad_() for x in (q, k, v)]
-    geo = SliceGeometry(start=0, piece=q.size(2) // 2, rank=rank, size=c)
-    out = cp_attention(*leaves, geo, comm)
+    geo = SliceGeometry(piece=q.size(2) // 2, rank=rank, size=c)
+    window = Window(prefix_k=[], prefix_v=[], handed=lambda: (None, None), deposit=lambda *_: None)  # one slice
+    out = cp_attention(*leaves, window, geo, comm)
     out.backward(t(dout))
     return t(out.detach()), *(t(x.grad) for x in leaves)
 

@@ -37,7 +37,8 @@ import torch
 from slimpipe.config import ModelConfig
 from slimpipe.runtime import LocalPipelineRuntime
 from slimpipe.runtime.attention import MaskCache, window_attention
-from slimpipe.runtime.documents import RowDocs, document_window_attention
+from slimpipe.runtime.documents import RowDocs, document_attention
+from slimpipe.runtime.slice_attention import Window
 from slimpipe.schedule.builders import build
 from slimpipe.sim.documents import causal_slice_pairs, expected_slice_pairs, parse_doc_lengths, slice_spans
 from slimpipe.train.data import load_data
@@ -62,8 +63,12 @@ def _time(fn, repeat: int) -> float:
 
 def _slice_attention(way: str, q, k, v, start: int, row: RowDocs, doc: torch.Tensor):
     end = k.size(1)
-    if way == "segments":
-        return document_window_attention(q, k, v, row.spans(start, end))
+    if way == "segments":  # the runtime's path: the prefix as the K/V store's blocks of earlier slices
+        t = end - start
+        window = Window(prefix_k=[k[:, i:i + t].detach() for i in range(0, start, t)],
+                        prefix_v=[v[:, i:i + t].detach() for i in range(0, start, t)], handed=lambda: (None, None),
+                        deposit=lambda *_: None)
+        return document_attention(q, k[:, start:], v[:, start:], window, row.spans(start, end))
     if way == "causal":
         return window_attention(q, k, v, start, MaskCache(), end)
     qpos = torch.arange(start, end)[:, None]

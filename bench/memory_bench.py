@@ -42,10 +42,10 @@ def _rows(args: argparse.Namespace) -> list[tuple[str, str, int, int, str]]:
     return [r for r in rows if r[1] in args.schedules or r[1] == "1f1b"]
 
 
-def _measure(rt, toks: torch.Tensor) -> tuple[list[int], list[int], float, int]:
+def _measure(rt, toks: torch.Tensor) -> tuple[list[int], list[int], float, int, list[int]]:
     res = rt.forward_backward(toks)
     cuda = max(res.cuda_max_allocated) if res.cuda_max_allocated else 0
-    return res.peak_saved_bytes, res.peak_kv_bytes, res.step_time_s, cuda
+    return res.peak_saved_bytes, res.peak_kv_bytes, res.step_time_s, cuda, res.peak_activation_bytes
 
 
 def _tokens(args: argparse.Namespace, vocab: int) -> torch.Tensor:
@@ -107,20 +107,20 @@ def main(argv: list[str] | None = None) -> int:
         results = _run_local(args)
     else:
         results = run_forked(_worker, args.pp, args, timeout_s=600.0)[0]
-    base_saved = results["1f1b"][0][0]
+    base_saved, base_total = results["1f1b"][0][0], results["1f1b"][4][0]
     base_pred = _predicted(args, "1f1b", 1, 1, "auto")
     print(f"model {args.model}, p={args.pp}, m={args.microbatches}, s={args.seq}, {args.dtype}; MiB per "
           "stage (saved activations | K/V + dK/dV); stage-0 saved ÷ 1f1b: measured vs "
-          "slimpipe.sim.memory_model\n")
+          "slimpipe.sim.memory_model; total: stage-0 peak of saved + K/V + dK/dV ÷ 1f1b's\n")
     head = " | ".join(f"stage {r}" for r in range(args.pp))
-    print(f"| schedule | {head} | ratio measured | ratio sim | step s | cuda max GiB |")
-    print("|---" * (args.pp + 5) + "|")
+    print(f"| schedule | {head} | ratio measured | ratio sim | total ratio | step s | cuda max GiB |")
+    print("|---" * (args.pp + 6) + "|")
     for label, name, n, v, warmup in _rows(args):
-        saved, kv, step, cuda = results[label]
+        saved, kv, step, cuda, total = results[label]
         cells = " | ".join(f"{s / MIB:.2f} \\| {k / MIB:.2f}" for s, k in zip(saved, kv))
         pred = _predicted(args, name, n, v, warmup) / base_pred
-        print(f"| {label} | {cells} | {saved[0] / base_saved:.4f} | {pred:.4f} | {step:.2f} | "
-              f"{cuda / 2**30:.2f} |")
+        print(f"| {label} | {cells} | {saved[0] / base_saved:.4f} | {pred:.4f} | {total[0] / base_total:.4f} | "
+              f"{step:.2f} | {cuda / 2**30:.2f} |")
     return 0
 
 

@@ -120,25 +120,27 @@ def predict_activation(schedule: Schedule, model: ModelConfig, seq_len: int,
     layers = model.num_layers // (p * v)
     bounds = slice_bounds(seq_len, sched.slice_fractions())
     last = p * v - 1
-    kv_seq = layers * seq_len * fp.kv_per_layer  # K and V buffers of one (stage, micro-batch)
-    acc = layers * bounds[n - 1] * fp.kv_per_layer if n > 1 else 0.0  # dK/dV of rows before the last slice
+    # K/V blocks follow the slices: block j exists from F(j) to B(j); slice n−1's backward hands dK/dV down
+    # to every earlier block, whose accumulator lives until that block's own backward.
+    kv = [layers * (bounds[j + 1] - bounds[j]) * fp.kv_per_layer for j in range(n)]
     peaks = []
     for prog in sched.ranks:
         cur = best = 0.0
         for a in prog:
             if a.kind in (Kind.F, Kind.B):
-                t = bounds[a.seq_slice + 1] - bounds[a.seq_slice]
+                j = a.seq_slice
+                t = bounds[j + 1] - bounds[j]
                 extra = (fp.first_stage if a.stage == 0 else fp.last_stage if a.stage == last
                          else fp.middle_stage)
                 unit = t * (layers * fp.per_layer + extra)
                 if a.kind is Kind.F:
-                    cur += unit + (kv_seq if a.seq_slice == 0 else 0.0)
+                    cur += unit + kv[j]
                 else:
-                    cur -= unit
-                    if a.seq_slice == n - 1:
-                        cur += acc
-                    if a.seq_slice == 0:
-                        cur -= kv_seq + acc
+                    cur -= unit + kv[j]
+                    if j == n - 1:
+                        cur += sum(kv[:j])  # dK/dV for blocks 0 … n−2
+                    else:
+                        cur -= kv[j]  # block j's accumulator, consumed
             best = max(best, cur)
         peaks.append(best)
     return peaks

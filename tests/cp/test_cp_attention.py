@@ -1,4 +1,5 @@
-"""Query-out CP attention on its own: c forked gloo ranks against one causal SDPA over the whole sequence."""
+"""Query-out CP attention on its own over per-slice K/V blocks: c forked gloo ranks against one causal SDPA
+over the whole sequence."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from slimpipe.config import ConfigError
 from slimpipe.runtime.context_parallel import ZigZag
 from slimpipe.runtime.cp_attention import CPGroup, SliceGeometry, cp_attention
+from tests.support.blocks import run_slices
 from tests.support.dist import run_dist
 
 B, H, HK, D = 1, 4, 2, 8
@@ -33,23 +35,18 @@ def _reference(seq: int) -> list[torch.Tensor]:
 
 
 def _rank(rank: int, world: int, bounds: tuple[int, ...]) -> list[torch.Tensor]:
-    """Slices in order, each with its local window; one backward over the whole graph."""
+    """Slices in order over per-slice K/V blocks, backwards in reverse with the dK/dV hand-down."""
     zz = ZigZag(world, rank, bounds)
     pos = zz.positions()
     q, k, v, dout = (x[:, pos] for x in _inputs(bounds[-1]))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
     comm = CPGroup(dist.group.WORLD, world, rank)
-    lb = zz.local_bounds()
-    qs = [q[:, lb[j]:lb[j + 1]].clone().requires_grad_() for j in range(len(lb) - 1)]
-    ks = [k[:, lb[j]:lb[j + 1]].clone().requires_grad_() for j in range(len(lb) - 1)]
-    vs = [v[:, lb[j]:lb[j + 1]].clone().requires_grad_() for j in range(len(lb) - 1)]
-    outs = []
-    for j in range(len(lb) - 1):
-        geo = SliceGeometry(start=lb[j], piece=zz.piece(j), rank=rank, size=world)
-        outs.append(cp_attention(qs[j], torch.cat(ks[: j + 1], 1), torch.cat(vs[: j + 1], 1), geo, comm))
-    out = torch.cat(outs, 1)
-    out.backward(dout)
-    return [pos, out.detach(), torch.cat([x.grad for x in qs], 1), torch.cat([x.grad for x in ks], 1),
-            torch.cat([x.grad for x in vs], 1)]
+
+    def attend(j, qj, kj, vj, window):
+        return cp_attention(qj, kj, vj, window, SliceGeometry(piece=zz.piece(j), rank=rank, size=world), comm)
+
+    out, _ = run_slices(attend, q, k, v, zz.local_bounds(), dout)
+    return [pos, out, q.grad, k.grad, v.grad]
 
 
 @pytest.mark.timeout(120)

@@ -24,7 +24,7 @@ CUDA = torch.device("cuda")
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5),
                                         (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2), (8, 1)])
-@pytest.mark.parametrize("mode", ["bias", "table"])
+@pytest.mark.parametrize("mode", ["auto", "bias", "table"])  # auto: per-slice blocks, FA2 or explicit matmuls
 def test_slices_equal_causal_attention_cuda(dtype, tol, heads, kv_heads, mode) -> None:
     g = torch.Generator(device=CUDA).manual_seed(0)
     s, d = 512, 64

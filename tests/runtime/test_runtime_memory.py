@@ -71,3 +71,9 @@ def test_slimpipe_stage0_activation_ratio_matches_simulator() -> None:
     for name in saved:
         kv, total = results[0][name][1], results[0][name][2]
         assert all(k > 0 for k in kv) and all(t >= s for t, s in zip(total, saved[name]))
+    # K/V follow the in-flight slices: stage 0 of slimpipe peaks at 14 slices' K/V blocks plus dK/dV for
+    # the 7 blocks slice 7's backward handed down, against 1f1b's 4 whole micro-batches (32 blocks).
+    kv0 = {name: results[0][name][1][0] for name in saved}
+    assert kv0["slimpipe"] * 32 == kv0["1f1b"] * (14 + 7), kv0
+    total0 = results[0]["slimpipe"][2][0] / results[0]["1f1b"][2][0]
+    assert total0 < 0.4375 + 7 / 32 * kv0["1f1b"] / results[0]["1f1b"][2][0] + 1e-3, total0

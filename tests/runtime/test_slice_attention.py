@@ -14,8 +14,9 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 from slimpipe.runtime.attention import MaskCache
-from slimpipe.runtime.exchange_attention import block_backward, block_forward
-from slimpipe.runtime.slice_attention import Window, slice_attention
+from slimpipe.runtime.block_attention import block_backward, block_forward
+from slimpipe.runtime.slice_attention import slice_attention
+from tests.support.blocks import run_slices
 
 
 class _InPlacePeer:
@@ -39,32 +40,6 @@ class _Ready:
 
     def wait(self):
         return self.values
-
-
-def _sliced(q, k, v, bounds, masks, dout, fwd_vol=0, bwd_vol=0, peer=None):
-    """Slice by slice with a block store and hand-down; returns the concatenated output."""
-    n = len(bounds) - 1
-    store_k, store_v, acc, outs = [], [], {}, []
-
-    def deposit(i, dk, dv):
-        if i in acc:
-            acc[i] = (acc[i][0] + dk, acc[i][1] + dv)
-        else:
-            acc[i] = (dk.clone(), dv.clone())
-
-    for j in range(n):
-        a, b = bounds[j], bounds[j + 1]
-        kj, vj = k[:, a:b], v[:, a:b]
-        win = Window(prefix_k=list(store_k), prefix_v=list(store_v),
-                     handed=lambda j=j: acc.pop(j, (None, None)), deposit=deposit,
-                     fwd_peer=peer, fwd_volume=min(fwd_vol, j), bwd_peer=peer, bwd_volume=min(bwd_vol, j))
-        outs.append(slice_attention(q[:, a:b], kj, vj, win, masks))
-        store_k.append(kj.detach())
-        store_v.append(vj.detach())
-    for j in reversed(range(n)):
-        outs[j].backward(dout[:, bounds[j]:bounds[j + 1]])
-    assert not acc, "a hand-down was never consumed"
-    return torch.cat([o.detach() for o in outs], dim=1)
 
 
 CASES = [  # (bounds, heads, kv heads, force math, forward volume, backward volume)
@@ -92,7 +67,9 @@ def test_blocks_equal_unsliced_attention(bounds, heads, kv_heads, math, fwd_vol,
     masks = MaskCache()
     masks.force_math = math
     peer = _InPlacePeer() if fwd_vol or bwd_vol else None
-    out = _sliced(q, k, v, bounds, masks, dout, fwd_vol, bwd_vol, peer)
+    out, _ = run_slices(lambda j, *qkv: slice_attention(*qkv, masks), q, k, v, bounds, dout,
+                        lambda j: dict(fwd_peer=peer, fwd_volume=min(fwd_vol, j), bwd_peer=peer,
+                                       bwd_volume=min(bwd_vol, j)))
     torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
     for got, want, name in zip((q.grad, k.grad, v.grad), ref_grads, "qkv"):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"d{name}")

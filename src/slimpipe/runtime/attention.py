@@ -1,17 +1,10 @@
-"""Slice-aware causal attention over a K/V window, without copying the prefix and without a mask.
+"""Causal attention of a slice over a contiguous K/V window, and the per-rank kernel choice (MaskCache).
 
-Slice j of a sequence (tokens [start, end)) attends to the K/V of tokens [0, end): earlier slices unmasked,
-its own block causal and lower-right aligned (query i sees keys up to start + i). The K/V of one
-(stage, micro-batch, layer) live in one buffer ``(b, s, H_kv, d)``; slice j writes its own K/V into rows
-[start, end) and attends to the view ``buf[:, :end]``. Nothing is concatenated, so the tensors attention
-saves for backward are views of that buffer: K/V are stored once per sequence, not once per slice
-(``torch.cat`` of the prefix would save (j+1)/n of the sequence's K/V for every slice j).
-
-``KVWindow`` is the autograd node joining the slice's own K/V to the window. Its backward splits the
-window gradient: rows [0, start) go to the prefix leaf (a detached alias of the buffer with
-requires_grad, whose .grad the K/V store hands down to the earlier slices), rows [start, end) go to the
-slice's own K/V plus the dK/dV that later slices already handed down. That is exactly
-``autograd.backward([out_j, k_j, v_j], [dout_j, dK_j, dV_j])`` except that k_j need not be kept alive.
+The runtime's slices attend block by block (slice_attention.py: the K/V store keeps one block per slice);
+this module holds the kernels over one contiguous window ``k_win/v_win (b, end, H_kv, d)`` that the
+legacy kernel modes, the benchmarks and the tests use. Slice j (tokens [start, end)) attends to keys
+[0, end): earlier slices unmasked, its own block causal and lower-right aligned (query i sees keys up to
+start + i).
 
 Kernels (``MaskCache.mode``). ``auto``/``blocks``: slice 0 is plain square-causal SDPA; a later slice
 (``WindowBlocks``) runs two fused calls, the prefix block (keys [0, start), UNMASKED) and its own diagonal
@@ -35,35 +28,12 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from slimpipe.runtime.block_attention import block_backward, block_forward, merge
 
-__all__ = ["KVWindow", "MaskCache", "WindowBlocks", "window_attention", "recompute_backward",
+__all__ = ["MaskCache", "WindowBlocks", "window_attention", "recompute_backward",
            "MASK_MODES", "cuda_flash_fits"]
 
 MASK_MODES = ("auto", "blocks", "table", "bias")
 
 log = logging.getLogger(__name__)
-
-
-class KVWindow(torch.autograd.Function):
-    """own (b, t, H_kv, d) written into buf[:, start:end]; returns the view buf[:, :end] (b, end, H_kv, d)."""
-
-    @staticmethod
-    def forward(ctx, own: torch.Tensor, prefix: torch.Tensor | None, buf: torch.Tensor, start: int,
-                handed: Callable[[], torch.Tensor | None]) -> torch.Tensor:  # type: ignore[override]
-        end = start + own.size(1)
-        # Write through .data: it has its own version counter, so filling rows [start, end) does not bump
-        # the version of the views earlier slices saved (rows they read are never written again).
-        buf.data[:, start:end].copy_(own)
-        ctx.start, ctx.handed = start, handed
-        return buf[:, :end]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        start = ctx.start
-        own = grad[:, start:]
-        extra = ctx.handed()  # dK/dV of rows [start, end) from later slices, or None (last slice)
-        if extra is not None:
-            own = own + extra
-        return own, (grad[:, :start] if start else None), None, None, None
 
 
 class MaskCache:

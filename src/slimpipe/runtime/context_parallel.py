@@ -3,15 +3,15 @@
 Layout (SlimPipe reference §3, §11). Slice j = global tokens [S, E) of T = E − S tokens is cut into 2c
 pieces of P = T/(2c); CP rank r holds pieces r and 2c−1−r, in that order (:class:`ZigZag`), so every CP
 rank has the same causal work inside every slice. A rank then runs the c = 1 runtime over its s/c local
-tokens: local slice j is rows [S/c, E/c) of its K/V buffers (1/c of the K/V memory of c = 1), its pipeline
-messages carry its 2P tokens of the slice, its embedding and loss see its own ids and labels, RoPE its
+tokens: local slice j is rows [S/c, E/c) of them, its K/V block per layer has 2P rows (1/c of the K/V
+memory of c = 1), its pipeline messages carry its 2P tokens of the slice, its embedding and loss see its own ids and labels, RoPE its
 tokens' *global* positions (``LayerContext.positions``). The per-slice loss is divided by the global token
 count as for c = 1, so the sum over CP ranks (and DP replicas) is the c = 1 loss; gradients of the
 parameters, which every CP rank holds whole, are summed over the dp·cp group.
 
 Attention is the one place the CP ranks meet inside a layer: :class:`ContextParallel` runs query-out
-attention (runtime/cp_attention.py) for every slice, and the attention context exchange
-(runtime/exchange.py) asks it for the owner side of an exchanged unit.
+attention (runtime/cp_attention.py) for every slice over the rank's per-slice K/V blocks, with any partner
+the attention context exchange (runtime/exchange.py) named on the slice's window.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from slimpipe.config import ConfigError
 from slimpipe.runtime.cp_attention import CPGroup, SliceGeometry, cp_attention
-from slimpipe.runtime.exchange_attention import OwnerJob
+from slimpipe.runtime.slice_attention import Window
 
 __all__ = ["ZigZag", "ContextParallel"]
 
@@ -98,9 +98,8 @@ class ContextParallel:
         assert self.layout is not None
         return self.layout.bounds[j]
 
-    def attend(self, start: int, q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,
-               job: OwnerJob | None = None) -> torch.Tensor:
-        """Query-out attention of the slice whose local rows start at ``start``: q (b, 2P, H, d), the local
-        window k_win/v_win (b, start + 2P, H_kv, d) -> (b, 2P, H, d)."""
-        geo = SliceGeometry(start=start, piece=q.size(1) // 2, rank=self.rank, size=self.size)
-        return cp_attention(q, k_win, v_win, geo, self.comm, job)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window) -> torch.Tensor:
+        """Query-out attention of one slice: q (b, 2P, H, d), its K/V block k/v (b, 2P, H_kv, d) and the
+        window of this rank's earlier blocks (with any exchange partner named on it) -> (b, 2P, H, d)."""
+        geo = SliceGeometry(piece=q.size(1) // 2, rank=self.rank, size=self.size)
+        return cp_attention(q, k, v, window, geo, self.comm)

@@ -1,7 +1,8 @@
 """Query-out attention of one slice over the context-parallel group (zig-zag layout: context_parallel.py).
 
-With the window of CP rank r = its local K/V of slices 0 … j (prefix rows [0, S/c), then its two pieces of
-slice j: A = piece r, B = piece 2c−1−r, P tokens each) (:class:`CPAttention`):
+With the window of CP rank r = its local K/V blocks of slices 0 … j (the K/V store's per-slice blocks: the
+rank's 2P rows of every earlier slice, then its own two pieces of slice j: A = piece r, B = piece 2c−1−r,
+P tokens each) (:class:`CPAttention`):
 
 * forward: all-gather q over CP (the slice's T = 2cP queries, rank order: rank r' holds rows
   [2P·r', 2P·(r'+1))); attend against the local window in at most four fused calls that compute only
@@ -9,8 +10,8 @@ slice j: A = piece r, B = piece 2c−1−r, P tokens each) (:class:`CPAttention`
   queries; an all-to-all hands each rank the c partials of its own 2P queries, merged by log-sum-exp (a
   reduce-scatter whose reduction is the LSE merge);
 * backward: all-gather (q, dout, out, lse) — the merged out/lse, so each key block's flash backward is
-  exact (runtime/block_attention.py) —, compute the dq shares and the window's dK/dV locally,
-  reduce-scatter dq. dK/dV stay local; the K/V store hands them down slice by slice as for c = 1.
+  exact (runtime/block_attention.py) —, compute the dq shares and every local block's dK/dV, reduce-scatter
+  dq. dK/dV stay local; each earlier block's is handed down to the K/V store block by block as for c = 1.
 
 Every rank does the same causal work per slice: T × S/c prefix pairs plus 2c − 1 full and two half P×P
 blocks (its keys A are seen by the 2c − 1 − r later pieces, B by the r later ones). The bytes a rank
@@ -18,16 +19,16 @@ sends per layer and slice do not grow with the slice index (:func:`query_out_byt
 passes the window's K/V, which does (:func:`ring_bytes`). Nothing gathered is saved for the
 backward: it is gathered again (q, out, lse are slice-sized; the saved tensors are this rank's share).
 
-An :class:`~slimpipe.runtime.exchange_attention.OwnerJob` (attention context exchange) moves the first
-``fwd_tokens`` / ``bwd_tokens`` local prefix rows to a pipeline partner at the same CP rank: the partner
-computes the gathered queries against them (the exchange's Peer, grouped-query layout) and the result is
-merged in before the CP merge.
+A partner on the window (attention context exchange: ``Window.fwd_peer`` / ``bwd_peer``) takes this rank's
+blocks of the earliest ``volume`` slices to a pipeline partner at the same CP rank: the partner computes the
+gathered queries against them (the exchange's Peer, grouped-query layout) and the result is merged in before
+the CP merge.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,7 @@ import torch.distributed as dist
 from slimpipe.runtime.block_attention import (
     block_backward, block_forward, causal_mask, lse_dtype, math_block_backward, math_block_forward, merge,
 )
-from slimpipe.runtime.exchange_attention import OwnerJob
+from slimpipe.runtime.slice_attention import Window, cat_blocks
 
 __all__ = ["CPGroup", "CPAttention", "SliceGeometry", "cp_attention", "query_out_bytes", "ring_bytes"]
 
@@ -142,53 +143,58 @@ def _take(x: torch.Tensor, rows: tuple[tuple[int, int], ...]) -> torch.Tensor:
 
 
 # ---- the blocks of one rank ---------------------------------------------------------------------------
+Key = tuple[int, int, int | None]  # (segment, lo, hi): rows [lo, hi) of one local K/V segment (hi None: all)
+
+
 @dataclass(frozen=True, slots=True)
 class SliceGeometry:
-    """One slice on one CP rank: the local window's rows and the zig-zag pieces."""
+    """One slice on one CP rank: the zig-zag pieces and the local K/V segments it attends to here: segments
+    0 … prefix−1 are earlier slices' blocks (those no exchange partner computes), segment ``prefix`` is the
+    slice's own block (pieces A, B)."""
 
-    start: int
-    """Local window rows [0, start) are the prefix (earlier slices); [start, start + 2P) the own pieces."""
     piece: int
     """P."""
     rank: int
     """r."""
     size: int
     """c."""
+    prefix: int = 0
+    """Earlier slices' K/V blocks attended here."""
 
-    def blocks(self, skip: int = 0) -> list[Block]:
-        """This rank's attention work as fused blocks over the gathered queries (rows in rank order);
-        ``skip`` prefix rows are computed elsewhere (the exchange). With rank r' < r holding pieces r' < r
-        and 2c−1−r' > 2c−1−r, and r' > r pieces between r and 2c−1−r:
+    def blocks(self) -> list[Block]:
+        """This rank's attention work as fused blocks over the gathered queries (rows in rank order). With
+        rank r' < r holding pieces r' < r and 2c−1−r' > 2c−1−r, and r' > r pieces between r and 2c−1−r:
 
         * ranks ≤ r, all rows × the prefix, unmasked;
         * rank r's own rows × its own keys [A; B], causal: in local order (pieces r, 2c−1−r for queries
           and keys) the upper-left causal mask is exactly the positions' rule;
         * ranks < r, second pieces (2c−1−r' > 2c−1−r) × [A; B], unmasked (their first pieces see neither);
         * ranks > r, all rows × prefix and A, unmasked (both pieces lie between A and B)."""
-        p, r, c, s = self.piece, self.rank, self.size, self.start
-        two, prefix = 2 * p, s > skip
-        out = [Block(rows=((0, two * (r + 1)),), keys=(skip, s), causal=False, fresh=True)] if prefix else []
-        out.append(Block(rows=((two * r, two * (r + 1)),), keys=(s, s + two), causal=True, fresh=not prefix))
+        p, r, c, n = self.piece, self.rank, self.size, self.prefix
+        two, pre = 2 * p, tuple((i, 0, None) for i in range(n))
+        own: Key = (n, 0, None)
+        out = [Block(rows=((0, two * (r + 1)),), keys=pre, causal=False, fresh=True)] if n else []
+        out.append(Block(rows=((two * r, two * (r + 1)),), keys=(own,), causal=True, fresh=not n))
         if r:
             halves = tuple((two * q + p, two * (q + 1)) for q in range(r))
-            out.append(Block(rows=halves, keys=(s, s + two), causal=False, fresh=not prefix))
+            out.append(Block(rows=halves, keys=(own,), causal=False, fresh=not n))
         if r < c - 1:
-            out.append(Block(rows=((two * (r + 1), two * c),), keys=(skip, s + p), causal=False, fresh=True))
+            out.append(Block(rows=((two * (r + 1), two * c),), keys=(*pre, (n, 0, p)), causal=False, fresh=True))
         return out
 
 
 @dataclass(frozen=True, slots=True)
 class Block:
-    """One fused attention call of a rank."""
+    """One attention block of a rank: one fused call per key segment, merged by log-sum-exp."""
 
     rows: tuple[tuple[int, int], ...]
     """Query row ranges of the gathered slice, rank order."""
-    keys: tuple[int, int]
-    """Window rows [lo, hi) of the keys."""
+    keys: tuple[Key, ...]
+    """The key rows, segment by segment."""
     causal: bool
     """Square upper-left causal (rows and keys in the same local order), else unmasked."""
     fresh: bool
-    """No earlier block wrote these rows: store instead of merging."""
+    """No earlier block wrote these rows: the first call stores instead of merging."""
 
 
 def _kernel_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -223,19 +229,33 @@ def _grouped(x: torch.Tensor, hk: int) -> torch.Tensor:
     return x.reshape(b, hk, (h // hk) * t, *rest)
 
 
+def _segments(window: Window, k: torch.Tensor, v: torch.Tensor, vol: int) -> tuple[list, list]:
+    """The local key segments (b, H_kv, L, d): the window's blocks vol … j−1 (read in place), then own."""
+    ks = [x.transpose(1, 2) for x in (*window.prefix_k[vol:], k)]
+    vs = [x.transpose(1, 2) for x in (*window.prefix_v[vol:], v)]
+    return ks, vs
+
+
+def _volume(window: Window, backward: bool) -> int:
+    peer = window.bwd_peer if backward else window.fwd_peer
+    return 0 if peer is None else (window.bwd_volume if backward else window.fwd_volume)
+
+
 class CPAttention(torch.autograd.Function):
-    """q (b, 2P, H, d) of this rank's pieces over its window k_win/v_win (b, start + 2P, H_kv, d)
-    -> (b, 2P, H, d): query-out attention over the CP group (module docstring)."""
+    """q (b, 2P, H, d) of this rank's pieces, its own k/v (b, 2P, H_kv, d) and the Window of its earlier
+    blocks -> (b, 2P, H, d): query-out attention over the CP group (module docstring)."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,  # type: ignore[override]
-                geo: SliceGeometry, comm: CPGroup, job: OwnerJob | None) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # type: ignore[override]
+                window: Window, geo: SliceGeometry, comm: CPGroup) -> torch.Tensor:
         (qs,) = comm.all_gather([q.transpose(1, 2)])  # (c, b, H, 2P, d)
         qa = _rank_rows(qs)  # (b, H, T, d)
-        k, v = k_win.transpose(1, 2), v_win.transpose(1, 2)  # (b, H_kv, L, d)
-        n = job.fwd_tokens if job is not None else 0
-        pending = job.fwd_peer.forward(_grouped(qa, k.size(1)), k[:, :, :n], v[:, :, :n]) if n else None
-        out, lse = _local_forward(qa, k, v, geo, n, comm)  # (c, b, H, 2P, d), (c, b, H, 2P): by destination
+        hk, vol = k.size(2), _volume(window, False)
+        pending = window.fwd_peer.forward(  # type: ignore[union-attr]
+            _grouped(qa, hk), cat_blocks(window.prefix_k[:vol]), cat_blocks(window.prefix_v[:vol])) if vol else None
+        ks, vs = _segments(window, k, v, vol)
+        blocks = replace(geo, prefix=len(ks) - 1).blocks()
+        out, lse = _local_forward(qa, ks, vs, blocks, comm)  # (c, b, H, 2P, d), (c, b, H, 2P): by destination
         if pending is not None:
             out_r, lse_r = pending.wait()  # rank-order rows, grouped layout
             o5, l5 = out.permute(1, 2, 0, 3, 4), lse.permute(1, 2, 0, 3)
@@ -245,94 +265,117 @@ class CPAttention(torch.autograd.Function):
         w = torch.exp(lses - total)[..., None]  # (c, b, H, 2P, 1); 0 where a rank saw no key
         res = q.new_empty(q.shape)  # (b, 2P, H, d): the model's view(b, t, H·d) of it is free
         res.transpose(1, 2).copy_((outs.to(w.dtype) * w).sum(0))
-        ctx.save_for_backward(q, k_win, v_win, res, total)
-        ctx.geo, ctx.comm, ctx.job = geo, comm, job
+        ctx.save_for_backward(q, k, v, res, total)
+        ctx.window, ctx.geo, ctx.comm = window, geo, comm
         return res
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
-        q, k_win, v_win, res, lse = ctx.saved_tensors
-        geo, comm, job = ctx.geo, ctx.comm, ctx.job
+        q, k, v, res, lse = ctx.saved_tensors
+        window: Window = ctx.window
+        comm: CPGroup = ctx.comm
         gathered = comm.all_gather([q.transpose(1, 2), dout.transpose(1, 2), res.transpose(1, 2), lse])
         qa, da, oa, la = (_rank_rows(x) for x in gathered)  # (b, H, T, …), rank order
-        k, v = k_win.transpose(1, 2), v_win.transpose(1, 2)
-        n = job.bwd_tokens if job is not None else 0
-        hk = k.size(1)
-        pending = (job.bwd_peer.backward(_grouped(da, hk), _grouped(qa, hk), _grouped(oa, hk),
-                                         _grouped(la, hk), k[:, :, :n], v[:, :, :n]) if n else None)
-        dq, dk, dv = _local_backward(da, qa, k, v, oa, la, geo, n, comm)  # dq (c, b, H, 2P, d) by owner
+        hk, vol = k.size(2), _volume(window, True)
+        pending = (window.bwd_peer.backward(  # type: ignore[union-attr]
+            _grouped(da, hk), _grouped(qa, hk), _grouped(oa, hk), _grouped(la, hk),
+            cat_blocks(window.prefix_k[:vol]), cat_blocks(window.prefix_v[:vol])) if vol else None)
+        ks, vs = _segments(window, k, v, vol)
+        blocks = replace(ctx.geo, prefix=len(ks) - 1).blocks()
+        dq, dks, dvs = _local_backward(da, qa, ks, vs, oa, la, blocks, comm)  # dq (c, b, H, 2P, d) by owner
+        for i, (g_k, g_v) in enumerate(zip(dks[:-1], dvs[:-1]), start=vol):
+            window.deposit(i, g_k.transpose(1, 2), g_v.transpose(1, 2))
         if pending is not None:
-            dq_r, dk[:, :, :n], dv[:, :, :n] = pending.wait()
+            dq_r, dk_r, dv_r = pending.wait()  # dk/dv (b, H_kv, rows of blocks 0 … vol−1, d)
             dq5 = dq.permute(1, 2, 0, 3, 4)
             dq5 += dq_r.reshape(dq5.shape)
+            lo = 0
+            for i in range(vol):
+                hi = lo + window.prefix_k[i].size(1)
+                window.deposit(i, dk_r[:, :, lo:hi].transpose(1, 2), dv_r[:, :, lo:hi].transpose(1, 2))
+                lo = hi
         mine = comm.reduce_scatter(dq)  # (b, H, 2P, d)
-        return mine.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
+        dk, dv = dks[-1].transpose(1, 2), dvs[-1].transpose(1, 2)  # (b, 2P, H_kv, d)
+        hk_, hv_ = window.handed()  # what later slices handed down to this block
+        if hk_ is not None:
+            dk = dk + hk_
+        if hv_ is not None:
+            dv = dv + hv_
+        return mine.transpose(1, 2), dk, dv, None, None, None
 
 
-def _local_forward(qa: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geo: SliceGeometry, skip: int,
+def _keys(ks: list[torch.Tensor], vs: list[torch.Tensor], key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+    seg, lo, hi = key
+    return ks[seg][:, :, lo:hi], vs[seg][:, :, lo:hi]
+
+
+def _local_forward(qa: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], blocks: list[Block],
                    comm: CPGroup) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial (out, lse) of all T queries over this rank's window (rows ≥ skip), block by block, laid out
-    by the rank that owns the queries: (c, b, H, 2P, d), (c, b, H, 2P) — the all-to-all's input."""
+    """Partial (out, lse) of all T queries over this rank's key segments ks/vs (b, H_kv, L_i, d), block by
+    block, laid out by the rank that owns the queries: (c, b, H, 2P, d), (c, b, H, 2P) — the all-to-all's
+    input. Rows no block reaches (no local key) get out 0, lse −∞."""
     t0 = time.perf_counter()
     b, h, t, d = qa.shape
-    c = geo.size
-    blocks = geo.blocks(skip)
-    if geo.start > skip or geo.rank == 0:  # every row gets a block (module docstring of blocks())
+    c = comm.size
+    covered = sum(hi - lo for blk in blocks if blk.fresh for lo, hi in blk.rows)
+    if covered == t:
         out, lse = qa.new_empty(c, b, h, t // c, d), qa.new_empty(c, b, h, t // c, dtype=lse_dtype(qa.dtype))
-    else:  # no local prefix: first pieces of ranks < r see no local key (partial out 0, lse −∞)
+    else:
         out = qa.new_zeros(c, b, h, t // c, d)
         lse = qa.new_full((c, b, h, t // c), float("-inf"), dtype=lse_dtype(qa.dtype))
     o5, l5 = out.permute(1, 2, 0, 3, 4), lse.permute(1, 2, 0, 3)  # (b, H, c, 2P, …) views
     for blk in blocks:
-        klo, khi = blk.keys
-        o, s = _kernel_fwd(_take(qa, blk.rows), k[:, :, klo:khi], v[:, :, klo:khi], blk.causal)
-        at = 0
-        for lo, hi in blk.rows:
-            ro, rl = _region(o5, lo, hi), _region(l5, lo, hi)
-            po = o[:, :, at: at + hi - lo].reshape(ro.shape)
-            pl = s[:, :, at: at + hi - lo].reshape(rl.shape)
-            at += hi - lo
-            if blk.fresh:
-                ro.copy_(po)
-                rl.copy_(pl)
-            else:
-                merge(ro, rl, po, pl, into=ro, lse_into=rl)
+        qb = _take(qa, blk.rows)
+        for n, key in enumerate(blk.keys):
+            o, s = _kernel_fwd(qb, *_keys(ks, vs, key), blk.causal)
+            at = 0
+            for lo, hi in blk.rows:
+                ro, rl = _region(o5, lo, hi), _region(l5, lo, hi)
+                po = o[:, :, at: at + hi - lo].reshape(ro.shape)
+                pl = s[:, :, at: at + hi - lo].reshape(rl.shape)
+                at += hi - lo
+                if blk.fresh and n == 0:
+                    ro.copy_(po)
+                    rl.copy_(pl)
+                else:
+                    merge(ro, rl, po, pl, into=ro, lse_into=rl)
     comm.busy_s += time.perf_counter() - t0
     return out, lse
 
 
-def _local_backward(da: torch.Tensor, qa: torch.Tensor, k: torch.Tensor, v: torch.Tensor, oa: torch.Tensor,
-                    la: torch.Tensor, geo: SliceGeometry, skip: int,
-                    comm: CPGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq shares of all T queries laid out by owner (c, b, H, 2P, d) — the reduce-scatter's input —, dk,
-    dv of the window) of this rank's blocks."""
+def _local_backward(da: torch.Tensor, qa: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
+                    oa: torch.Tensor, la: torch.Tensor, blocks: list[Block],
+                    comm: CPGroup) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """(dq shares of all T queries laid out by owner (c, b, H, 2P, d) — the reduce-scatter's input —, dk and
+    dv of every key segment) of this rank's blocks."""
     t0 = time.perf_counter()
     b, h, t, d = qa.shape
-    dq = qa.new_zeros(geo.size, b, h, t // geo.size, d)
+    dq = qa.new_zeros(comm.size, b, h, t // comm.size, d)
     dq5 = dq.permute(1, 2, 0, 3, 4)
-    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    for blk in geo.blocks(skip):
-        klo, khi = blk.keys
-        g = _kernel_bwd(_take(da, blk.rows), _take(qa, blk.rows), k[:, :, klo:khi], v[:, :, klo:khi],
-                        _take(oa, blk.rows), _take(la, blk.rows).contiguous(), blk.causal)
-        at = 0
-        for lo, hi in blk.rows:
-            region = _region(dq5, lo, hi)
-            region += g[0][:, :, at: at + hi - lo].reshape(region.shape)
-            at += hi - lo
-        dk[:, :, klo:khi] += g[1]
-        dv[:, :, klo:khi] += g[2]
+    dks, dvs = [torch.zeros_like(x) for x in ks], [torch.zeros_like(x) for x in vs]
+    for blk in blocks:
+        db, qb, ob, lb = (_take(x, blk.rows) for x in (da, qa, oa, la))
+        lb = lb.contiguous()
+        for seg, lo, hi in blk.keys:
+            g = _kernel_bwd(db, qb, *_keys(ks, vs, (seg, lo, hi)), ob, lb, blk.causal)
+            at = 0
+            for r_lo, r_hi in blk.rows:
+                region = _region(dq5, r_lo, r_hi)
+                region += g[0][:, :, at: at + r_hi - r_lo].reshape(region.shape)
+                at += r_hi - r_lo
+            dks[seg][:, :, lo:hi] += g[1]
+            dvs[seg][:, :, lo:hi] += g[2]
     comm.busy_s += time.perf_counter() - t0
-    return dq, dk, dv
+    return dq, dks, dvs
 
 
-def cp_attention(q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, geo: SliceGeometry,
-                 comm: CPGroup, job: OwnerJob | None = None) -> torch.Tensor:
+def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window, geo: SliceGeometry,
+                 comm: CPGroup) -> torch.Tensor:
     """Query-out attention of one slice on one CP rank (see :class:`CPAttention`)."""
-    if q.size(1) != 2 * geo.piece or k_win.size(1) != geo.start + 2 * geo.piece:
-        raise ValueError(f"CP attention: q has {q.size(1)} tokens and the window {k_win.size(1)} rows, "
-                         f"expected 2P = {2 * geo.piece} and {geo.start + 2 * geo.piece}")
-    return CPAttention.apply(q, k_win, v_win, geo, comm, job)
+    if q.size(1) != 2 * geo.piece or k.size(1) != 2 * geo.piece:
+        raise ValueError(f"CP attention: q has {q.size(1)} tokens and its K/V block {k.size(1)} rows, "
+                         f"expected 2P = {2 * geo.piece}")
+    return CPAttention.apply(q, k, v, window, geo, comm)
 
 
 # ---- bytes per rank per layer and slice (BENCHMARKS.md) --------------------------------------------------

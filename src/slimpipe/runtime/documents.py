@@ -6,13 +6,16 @@ row per micro-batch). From it, per row: the document starts (``RowDocs``), each 
 in its document (RoPE restarts per document when asked), and the labels with −100 wherever the next token
 opens another document (no loss across a boundary; the cross-entropies ignore −100).
 
-Attention (``DocumentWindow``): slice j's queries run as per-document segments, never with a mask —
+Attention (``DocumentAttention``): slice j's queries run as per-document segments, never with a mask —
 the carry-in document's rows [0, c) over the prefix keys [D, start) (one unmasked rectangle) merged by
 log-sum-exp with their own keys (square causal), every other document [a, b) square causal over its own
 keys. Keys before D, and prefix keys for rows of later documents, are never touched: no attention work on a
-masked block. Backward: the same calls' exact per-block gradients given the merged out/lse
-(runtime/block_attention.py); dq shares add up, prefix dK/dV rows [D, start) go to the window (rows before
-D get zero). Why segments and not one masked call: docs/runtime.md "Packed documents" (measured).
+masked block. The prefix keys are the K/V store's per-slice blocks (runtime/kv.py), read in place: the carry
+rectangle is one call per block that reaches past D (the first from row D − its start). Backward: the same
+calls' exact per-block gradients given the merged out/lse (runtime/block_attention.py); dq shares add up,
+each carry block's dK/dV rows are handed down to the store (``Window.deposit``); a block wholly before D
+gets nothing, so its dK/dV accumulator is never created. Why segments and not one masked call:
+docs/runtime.md "Packed documents" (measured).
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import torch
 from slimpipe.runtime.block_attention import (
     block_backward, block_forward, causal_mask, lse_dtype, math_block_backward, math_block_forward, merge,
 )
+from slimpipe.runtime.slice_attention import Window
 from slimpipe.sim.documents import SliceSpans, slice_spans
 
-__all__ = ["RowDocs", "StepDocs", "DocumentWindow", "document_window_attention", "forward_blocks",
+__all__ = ["RowDocs", "StepDocs", "DocumentAttention", "document_attention", "forward_blocks",
            "backward_blocks", "IGNORE"]
 
 IGNORE = -100
@@ -164,46 +168,52 @@ def backward_blocks(dout: torch.Tensor, qt: torch.Tensor, own: Block, carry: lis
     return dq, dk, dv, carry_grads
 
 
-class DocumentWindow(torch.autograd.Function):
-    """q (b, t, H, d) of slice [start, end) over its K/V window k_win/v_win (b, end, H_kv, d) under
-    document-causal attention (spans: SliceSpans) -> (b, t, H, d). The window's rows [D, start) are the
-    carry block; rows before D are never read and get a zero gradient."""
+class DocumentAttention(torch.autograd.Function):
+    """q (b, t, H, d) of slice [start, end), its own k/v (b, t, H_kv, d) and the Window of the earlier
+    slices' blocks, under document-causal attention (spans: SliceSpans) -> (b, t, H, d). The carry block is
+    the window's rows [D, start), read block by block in place; blocks before D are never read."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,  # type: ignore[override]
-                spans: SliceSpans, native: bool) -> torch.Tensor:
-        own, carry = _window_blocks(k_win, v_win, spans)
-        out, lse = forward_blocks(q.transpose(1, 2), own, carry, spans, native)
-        ctx.save_for_backward(q, k_win, v_win, out, lse)
-        ctx.spans, ctx.native = spans, native
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # type: ignore[override]
+                window: Window, spans: SliceSpans, native: bool) -> torch.Tensor:
+        carry = _carry_blocks(window, spans)
+        own = (k.transpose(1, 2), v.transpose(1, 2))
+        out, lse = forward_blocks(q.transpose(1, 2), own, [c[2:] for c in carry], spans, native)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.window, ctx.spans, ctx.native = window, spans, native
         return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
-        q, k_win, v_win, out, lse = ctx.saved_tensors
-        spans: SliceSpans = ctx.spans
-        own, carry = _window_blocks(k_win, v_win, spans)
-        dq, dk_own, dv_own, carry_grads = backward_blocks(dout, q.transpose(1, 2), own, carry, out, lse, spans,
-                                                          ctx.native)
-        dk, dv = torch.zeros_like(k_win), torch.zeros_like(v_win)  # (b, end, H_kv, d); rows < D stay 0
-        dk[:, spans.start :].copy_(dk_own)
-        dv[:, spans.start :].copy_(dv_own)
-        for g_k, g_v in carry_grads:
-            dk[:, spans.carry : spans.start].copy_(g_k)
-            dv[:, spans.carry : spans.start].copy_(g_v)
-        return dq, dk, dv, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        window: Window = ctx.window
+        carry = _carry_blocks(window, ctx.spans)
+        own = (k.transpose(1, 2), v.transpose(1, 2))
+        dq, dk, dv, carry_grads = backward_blocks(dout, q.transpose(1, 2), own, [c[2:] for c in carry], out, lse,
+                                                  ctx.spans, ctx.native)
+        for (i, row, _, _), (g_k, g_v) in zip(carry, carry_grads):
+            window.deposit(i, g_k, g_v, row)  # (b, len, H_kv, d): rows [row, row + len) of block i
+        hk, hv = window.handed()  # what later slices handed down to this block
+        return dq, dk if hk is None else dk + hk, dv if hv is None else dv + hv, None, None, None
 
 
-def _window_blocks(k_win: torch.Tensor, v_win: torch.Tensor, spans: SliceSpans) -> tuple[Block, list[Block]]:
-    kt, vt = k_win.transpose(1, 2), v_win.transpose(1, 2)  # (b, H_kv, end, d)
-    start, lo = spans.start, spans.carry
-    carry = [(kt[:, :, lo:start], vt[:, :, lo:start])] if lo < start else []
-    return (kt[:, :, start:], vt[:, :, start:]), carry
+def _carry_blocks(window: Window, spans: SliceSpans) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """(block i, first row, k, v (b, H_kv, len, d)) of every window block reaching past D = spans.carry."""
+    out, lo = [], 0
+    for i, (kb, vb) in enumerate(zip(window.prefix_k, window.prefix_v)):
+        hi = lo + kb.size(1)
+        if hi > spans.carry:
+            row = max(spans.carry - lo, 0)
+            out.append((i, row, kb[:, row:].transpose(1, 2), vb[:, row:].transpose(1, 2)))
+        lo = hi
+    if lo != spans.start:
+        raise ValueError(f"the window holds {lo} keys, the slice starts at {spans.start}")
+    return out
 
 
-def document_window_attention(q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, spans: SliceSpans,
-                              *, native: bool | None = None) -> torch.Tensor:
-    """Document-causal attention of one slice (DocumentWindow). ``native`` (default: on CPU) runs ATen's
-    CPU flash kernel; otherwise the explicit-matmul blocks (any device)."""
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window, spans: SliceSpans,
+                       *, native: bool | None = None) -> torch.Tensor:
+    """Document-causal attention of one slice over its block and the window (DocumentAttention). ``native``
+    (default: on CPU) runs ATen's CPU flash kernel; otherwise the explicit-matmul blocks (any device)."""
     native = q.device.type == "cpu" if native is None else native
-    return DocumentWindow.apply(q, k_win, v_win, spans, native)  # type: ignore[no-any-return]
+    return DocumentAttention.apply(q, k, v, window, spans, native)  # type: ignore[no-any-return]

@@ -6,10 +6,11 @@ For each exchanged unit a rank is the **owner** (the longer K/V prefix) or the *
 a unit with a role installs an AttentionHook (runtime/ports.py) on its K/V slice context, so every layer's
 attention of that unit goes through :meth:`_UnitHooks.attend`:
 
-* owner (forward or backward): :class:`ExchangedAttention` — forward: isend q and the K/V of the earliest
-  ``volume`` slices to the partner, compute the rest locally, merge the returned (out, lse); backward:
-  isend dout, q, out, lse and those K/V, compute the local block's gradients, add the returned dq share
-  and place the returned dk, dv in the prefix rows.
+* owner (forward or backward): the slice attention (slice_attention.SliceAttention) with a partner on
+  its Window — forward: isend q and the K/V blocks of the earliest ``volume`` slices to the partner,
+  compute the other blocks locally, merge the returned (out, lse); backward: isend dout, q, out, lse and
+  those blocks, compute the local blocks' gradients, add the returned dq share and hand the returned
+  dk, dv down block by block like any prefix gradient.
 * forward helper: after its own layer-i attention, receive the owner's layer-i request, compute the block
   without a mask, send (out, lse) back — inside its own F, so the work overlaps instead of serialising.
 * backward helper: an identity node on its attention output whose backward serves the owner's layer-i
@@ -38,9 +39,10 @@ import torch.distributed as dist
 
 from slimpipe.config import ConfigError
 from slimpipe.runtime.block_attention import block_backward, block_forward, lse_dtype
-from slimpipe.runtime.exchange_attention import ExchangedAttention, OwnerJob, ServeBackward
+from slimpipe.runtime.exchange_attention import ServeBackward
 from slimpipe.runtime.kv import SliceKV
 from slimpipe.runtime.ports import AttentionHook
+from slimpipe.runtime.slice_attention import Window
 from slimpipe.schedule.actions import EXCHANGE_KINDS, Action, Kind, Schedule
 from slimpipe.schedule.exchange import add_exchange, exchanges, has_exchange
 
@@ -276,51 +278,37 @@ class RankExchange:
         self.serve_backward(role, qs, ks, dtype)
 
 
-def _table_rows(slice_kv: SliceKV, like: torch.Tensor) -> torch.Tensor | None:
-    """Rows [start, end) x keys [0, end) of the rank's causal table (CPU "table" mode), else None."""
-    masks, seq = slice_kv.store.masks, slice_kv.store.bounds[-1]
-    if not masks.uses_table(like.device):
-        return None
-    return masks.mask(slice_kv.start, slice_kv.end, device=like.device, dtype=like.dtype, seq_len=seq)
-
-
 class _UnitHooks:
     """The AttentionHook of one exchanged unit: every layer's attention goes through attend()."""
 
     def __init__(self, rx: RankExchange, slice_kv: SliceKV, f_role: Role | None, b_role: Role | None) -> None:
         self.rx, self.slice_kv, self.f_role, self.b_role = rx, slice_kv, f_role, b_role
 
-    def attend(self, layer_id: int, q: torch.Tensor, k_win: torch.Tensor,
-               v_win: torch.Tensor) -> torch.Tensor:
-        """Every layer's attention of the unit; during a recompute replay (``slice_kv.replaying``, inside
-        the unit's backward) the forward partner is not involved: the attention is traded with the
-        backward partner at the backward's volume, and no request is served."""
+    def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: Window) -> torch.Tensor:
+        """Every layer's attention of the unit: an owner names its partner and volume on the window (the
+        earliest blocks go to the partner); during a recompute replay (``slice_kv.replaying``, inside the
+        unit's backward) the forward partner is not involved: the replay trades with the backward partner
+        at the backward's volume, and no request is served."""
         rx, sk, fr, br = self.rx, self.slice_kv, self.f_role, self.b_role
         replay = sk.replaying
         fo = fr if fr is not None and fr.owner else None
         bo = br if br is not None and br.owner else None
-        owner = fo is not None or bo is not None
-        if replay:  # same autograd node as the forward (same saved tensors), the backward's trade
+        if replay:
             fo = bo
-        if owner:
-            job = OwnerJob(start=sk.start, end=sk.end, fwd_tokens=rx.bounds[fo.volume] if fo else 0,
-                           bwd_tokens=rx.bounds[bo.volume] if bo else 0,
-                           fwd_peer=_Peer(rx, fo.partner) if fo else None,
-                           bwd_peer=_Peer(rx, bo.partner) if bo else None,
-                           table=functools.partial(_table_rows, sk, q))
-            cp = sk.store.cp  # context parallelism: the moved rows are this CP rank's, the queries gathered
-            out = ExchangedAttention.apply(q, k_win, v_win, job) if cp is None else cp.attend(
-                sk.start, q, k_win, v_win, job)
-        else:
-            out = sk.local_attention(q, k_win, v_win)
+        if fo is not None:
+            window.fwd_peer, window.fwd_volume = _Peer(rx, fo.partner), fo.volume
+        if bo is not None:
+            window.bwd_peer, window.bwd_volume = _Peer(rx, bo.partner), bo.volume
+        out = sk.local_attention(q, k, v, window)  # under CP: the CP group's attention with these partners
         if replay or rx.channel is None:
             return out
         c = 1 if sk.store.cp is None else sk.store.cp.size  # query-out sends the slice's gathered queries
         if fr is not None and not fr.owner:
-            rx.serve_forward(fr, *rx._request_shapes(fr, q, k_win, c), q.dtype)
+            rx.serve_forward(fr, *rx._request_shapes(fr, q, k, c), q.dtype)
         if br is not None and not br.owner:
             serve = rx.serve_replay_and_backward if rx.replays_attention else rx.serve_backward
-            qs, ks = rx._request_shapes(br, q, k_win, c)
+            qs, ks = rx._request_shapes(br, q, k, c)
             out = ServeBackward.apply(out, functools.partial(serve, br, qs, ks, q.dtype))
         return out
 

@@ -1,33 +1,42 @@
-"""The K/V store of one rank: per (stage, micro-batch) K/V buffers, prefix leaves and dK/dV hand-down.
+"""The K/V store of one rank: per (stage, micro-batch, layer) one K/V block per slice, and dK/dV hand-down.
 
-Life of one (stage, micro-batch) entry (SlimPipe reference §5):
+Life of one (stage, micro-batch) entry (SlimPipe reference §5), per layer:
 
-* forward of slice j (in order 0, 1, …, n−1): every layer writes its K/V into its buffer (allocated at
-  slice 0 for the whole sequence) and attends to the window [0, end_j); the rows of earlier slices enter
-  slice j's graph through a detached prefix leaf with requires_grad;
-* backward of slice j (in order n−1, …, 0, and only after all n forwards): the window node adds the dK/dV
-  that later slices handed down for rows [start_j, end_j); afterwards the prefix leaves' grads (rows
-  [0, start_j)) are added into the entry's dK/dV accumulator for the earlier slices;
-* after slice 0's backward the entry (buffers and accumulators) is dropped.
+* forward of slice j (in order 0, 1, …, n−1): the slice's post-RoPE K/V become block j — the very tensors
+  the layer computed (``detach()``: no copy) unless they are views into something larger — and its queries
+  attend to blocks 0 … j−1 in place plus their own block (slice_attention.SliceAttention);
+* backward of slice j (in order n−1, …, 0, only after all n forwards): the attention node hands its dK/dV
+  for each earlier block i down into block i's accumulator (``deposit``) and adds what later slices
+  handed to block j (``handed``) to its own K/V gradient; then block j and its accumulator are freed:
+  no later backward reads them.
 
-Any other order raises :class:`KVOrderError` before a gradient can go wrong, and so does state left over at
-the end of a step.
+So K/V follow the in-flight slices (a partially forwarded micro-batch holds only its forwarded blocks) and
+dK/dV exist only for blocks still awaiting their backward. A recompute replay (``SliceKV.replaying``) reads
+blocks 0 … j from the store and writes nothing (``KVStore.writes`` counts the writes). Any other order
+raises :class:`KVOrderError` before a gradient can go wrong, and so does state left over at the end of a
+step. ``MaskCache`` modes ``table``/``bias`` (legacy single-call kernels, for comparison) concatenate the
+window for each call (a copy per slice and layer, saved for backward).
+
+The slice's attention over its blocks (``SliceKV.local_attention``): slice_attention.SliceAttention; under
+context parallelism the CP group's query-out attention over this rank's blocks (its zig-zag pieces of every
+slice: runtime/cp_attention.py); with packed documents the document-causal segments, which read only the
+blocks the carry-in document reaches (runtime/documents.py: blocks before it get no dK/dV accumulator).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from slimpipe.runtime.attention import KVWindow, MaskCache, window_attention
+from slimpipe.runtime.attention import MaskCache, window_attention
 from slimpipe.runtime.context_parallel import ContextParallel
-from slimpipe.runtime.documents import StepDocs, document_window_attention
+from slimpipe.runtime.documents import StepDocs, document_attention
 from slimpipe.runtime.ports import AttentionHook
 from slimpipe.runtime.recompute import replayed
+from slimpipe.runtime.slice_attention import Window, slice_attention
 
 __all__ = ["KVStore", "KVOrderError", "SliceKV"]
 
@@ -38,11 +47,9 @@ class KVOrderError(RuntimeError):
 
 @dataclass(slots=True)
 class _LayerKV:
-    k: torch.Tensor | None = None  # (b, s, H_kv, d): the sequence's keys, filled slice by slice
-    v: torch.Tensor | None = None
-    acc_k: torch.Tensor | None = None  # (b, start_{n-1}, H_kv, d): dK handed down to earlier slices
-    acc_v: torch.Tensor | None = None
-    prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # slice -> leaves
+    k: list[torch.Tensor | None] = field(default_factory=list)  # block j: (b, t_j, H_kv, d), None once freed
+    v: list[torch.Tensor | None] = field(default_factory=list)
+    acc: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # block i -> [dK, dV] handed down
 
 
 @dataclass(slots=True)
@@ -63,15 +70,15 @@ class KVStore:
         # attention is the CP group's query-out attention.
         self.bounds = bounds
         self.docs = docs  # packed documents: document-causal attention, per-document positions
-        self.training = training  # False: forward-only (evaluate); an entry ends after its last forward
         self.cp = cp
+        self.training = training  # False: forward-only (evaluate); an entry ends after its last forward
         self.n = len(bounds) - 1
         self.masks = masks
         self.recompute = recompute  # activation recompute mode (runtime/recompute.py)
         self.writes = 0  # slice-layer K/V writes this step: one per (F unit, layer), never by a replay
         self._entries: dict[tuple[int, int], _Entry] = {}
-        self.buffer_ptrs: set[int] = set()  # storages of live K/V buffers (memory accounting)
-        self.kv_bytes = 0  # bytes of live K/V buffers
+        self.buffer_ptrs: set[int] = set()  # storages of live K/V blocks (memory accounting)
+        self.kv_bytes = 0  # bytes of live K/V blocks
         self.dkv_bytes = 0  # bytes of live dK/dV accumulators
 
     def begin_forward(self, stage: int, mb: int, j: int) -> SliceKV:
@@ -92,8 +99,9 @@ class KVStore:
             raise KVOrderError("end_forward is for forward-only steps; a training step ends entries in backward")
         if j == self.n - 1:
             for lk in self._entries[(stage, mb)].layers.values():
-                self.buffer_ptrs.difference_update(_ptr(t) for t in (lk.k, lk.v))
-                self.kv_bytes -= _storage_bytes(lk.k) + _storage_bytes(lk.v)
+                for i in range(len(lk.k)):
+                    self._drop(lk.k, i)
+                    self._drop(lk.v, i)
             del self._entries[(stage, mb)]
 
     def begin_backward(self, stage: int, mb: int, j: int) -> None:
@@ -112,21 +120,62 @@ class KVStore:
             )
 
     def end_backward(self, stage: int, mb: int, j: int) -> None:
+        """Slice j's backward ran: its K/V blocks are read by no later backward, free them."""
         entry = self._entries[(stage, mb)]
-        for lk in entry.layers.values():
-            leaves = lk.prefix.pop(j, None)
-            if leaves is not None:
-                before = _storage_bytes(lk.acc_k) + _storage_bytes(lk.acc_v)
-                lk.acc_k = _accumulate(lk.acc_k, leaves[0])
-                lk.acc_v = _accumulate(lk.acc_v, leaves[1])
-                self.dkv_bytes += _storage_bytes(lk.acc_k) + _storage_bytes(lk.acc_v) - before
+        for layer, lk in entry.layers.items():
+            if j in lk.acc:
+                raise KVOrderError(f"dK/dV handed down to slice {j} of stage {stage} micro-batch {mb} layer "
+                                   f"{layer} was never consumed: its attention did not run backward")
+            self._drop(lk.k, j)
+            self._drop(lk.v, j)
         entry.next_bwd -= 1
-        if j == 0:  # nothing of this micro-batch's K/V is needed any more
-            for lk in entry.layers.values():
-                self.buffer_ptrs.difference_update(_ptr(t) for t in (lk.k, lk.v))
-                self.kv_bytes -= _storage_bytes(lk.k) + _storage_bytes(lk.v)
-                self.dkv_bytes -= _storage_bytes(lk.acc_k) + _storage_bytes(lk.acc_v)
+        if j == 0:
             del self._entries[(stage, mb)]
+
+    def _drop(self, blocks: list[torch.Tensor | None], j: int) -> None:
+        t = blocks[j]
+        if t is not None:
+            self.buffer_ptrs.discard(_ptr(t))
+            self.kv_bytes -= _storage_bytes(t)
+            blocks[j] = None
+
+    def _append(self, blocks: list[torch.Tensor | None], t: torch.Tensor) -> torch.Tensor:
+        """Keep the slice's own K or V (b, t, H_kv, d) as its block; a view into a larger storage (a fused
+        QKV projection) is copied, so the block holds its own bytes only."""
+        t = t.detach()
+        if not t.is_contiguous() or _storage_bytes(t) != t.numel() * t.element_size():
+            t = t.clone(memory_format=torch.contiguous_format)
+        blocks.append(t)
+        self.buffer_ptrs.add(_ptr(t))
+        self.kv_bytes += _storage_bytes(t)
+        return t
+
+    def deposit(self, lk: _LayerKV, i: int, dk: torch.Tensor, dv: torch.Tensor, row: int = 0) -> None:
+        """Add one later slice's dK/dV for rows [row, row + len) of block i (b, len, H_kv, d) into block i's
+        accumulator (created on the first deposit: a block nobody reads never gets one)."""
+        acc = lk.acc.get(i)
+        block = lk.k[i]
+        assert block is not None, f"dK/dV for freed block {i}"
+        whole = row == 0 and dk.size(1) == block.size(1)
+        if acc is None and whole:
+            held = [g if _storage_bytes(g) == g.numel() * g.element_size() else g.clone() for g in (dk, dv)]
+            lk.acc[i] = held
+            self.dkv_bytes += sum(_storage_bytes(g) for g in held)
+            return
+        if acc is None:  # part of the block (packed documents: the carry-in document starts inside it)
+            acc = lk.acc[i] = [dk.new_zeros(block.shape), dv.new_zeros(block.shape)]
+            self.dkv_bytes += sum(_storage_bytes(g) for g in acc)
+        rows = slice(row, row + dk.size(1))
+        acc[0][:, rows] += dk
+        acc[1][:, rows] += dv
+
+    def handed(self, lk: _LayerKV, j: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What later slices handed down to block j (consumed: the accumulator is freed after use)."""
+        acc = lk.acc.pop(j, None)
+        if acc is None:
+            return None, None
+        self.dkv_bytes -= sum(_storage_bytes(g) for g in acc)
+        return acc[0], acc[1]
 
     def check_drained(self) -> None:
         if self._entries:
@@ -144,29 +193,16 @@ class KVStore:
         self.kv_bytes = self.dkv_bytes = 0
 
     def nbytes(self) -> tuple[int, int]:
-        """(K/V buffer bytes, dK/dV accumulator bytes) currently held."""
+        """(K/V block bytes, dK/dV accumulator bytes) currently held."""
         return self.kv_bytes, self.dkv_bytes
 
 
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.untyped_storage().data_ptr()
-
-
-def _storage_bytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.untyped_storage().nbytes()
+def _ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
-def _accumulate(acc: torch.Tensor | None, leaf: torch.Tensor) -> torch.Tensor | None:
-    grad = leaf.grad
-    if grad is None:  # the prefix did not influence the output (cannot happen for causal attention)
-        return acc
-    if acc is None:  # the first backward (slice n−1) covers every earlier row: it becomes the accumulator
-        if grad.untyped_storage().nbytes() > grad.numel() * grad.element_size():
-            grad = grad.clone()  # a view into the whole window's dK: keep only the prefix rows
-        return grad
-    acc[:, : grad.size(1)] += grad
-    return acc
+def _storage_bytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
 
 
 class SliceKV:
@@ -183,8 +219,8 @@ class SliceKV:
         docs = store.docs
         row = None if docs is None else docs.rows[mb]
         self.spans = None if row is None else row.spans(self.start, self.end)  # packed documents
-        if row is not None and docs.restart_positions:
-            self.positions = row.positions(self.start, self.end, docs.labels.device)
+        if row is not None and docs.restart_positions:  # type: ignore[union-attr]
+            self.positions = row.positions(self.start, self.end, docs.labels.device)  # type: ignore[union-attr]
         # Set by the executor when a feature takes over this unit's attention (the exchange: ports.py).
         self.attention_hook: AttentionHook | None = None
         self.replaying = False  # inside a recompute region's replay (during this unit's backward)
@@ -208,56 +244,61 @@ class SliceKV:
         """q (b, t, H, d), k/v (b, t, H_kv, d) of this slice -> (b, t, H, d)."""
         if k.size(1) != self.end - self.start:
             raise ValueError(f"slice {self.j} has {self.end - self.start} tokens, attention got {k.size(1)}")
-        if self.replaying:
-            return self._replay_attend(layer_id, q)
-        self.store.writes += 1
-        lk = self.entry.layers.setdefault(layer_id, _LayerKV())
-        if lk.k is None:
-            seq = self.store.bounds[-1]  # s, or s/c rows under context parallelism
-            lk.k = k.new_empty((k.size(0), seq, *k.shape[2:]))  # (b, s, H_kv, d)
-            lk.v = v.new_empty((v.size(0), seq, *v.shape[2:]))
-            self.store.buffer_ptrs.update((_ptr(lk.k), _ptr(lk.v)))
-            self.store.kv_bytes += _storage_bytes(lk.k) + _storage_bytes(lk.v)
-        assert lk.v is not None
-        start = self.start
-        kp = vp = None
-        if start and self.store.training:
-            kp = lk.k[:, :start].detach().requires_grad_()  # (b, start, H_kv, d): the prefix leaves
-            vp = lk.v[:, :start].detach().requires_grad_()
-            lk.prefix[self.j] = (kp, vp)
-        k_win = KVWindow.apply(k, kp, lk.k, start, functools.partial(_handed, lk, "acc_k", start, self.end))
-        v_win = KVWindow.apply(v, vp, lk.v, start, functools.partial(_handed, lk, "acc_v", start, self.end))
-        return self._attend_window(layer_id, q, k_win, v_win)
-
-    def _attend_window(self, layer_id: int, q: torch.Tensor, k_win: torch.Tensor,
-                       v_win: torch.Tensor) -> torch.Tensor:
+        store = self.store
+        if self.replaying:  # inside this unit's backward: read the blocks the forward stored, write nothing
+            lk = self.entry.layers.get(layer_id)
+            if lk is None or len(lk.k) <= self.j or lk.k[self.j] is None:
+                raise KVOrderError(f"replay of slice {self.j} layer {layer_id}: its K/V are not in the store")
+            k, v = lk.k[self.j], lk.v[self.j]  # type: ignore[assignment]
+        else:
+            lk = self.entry.layers.setdefault(layer_id, _LayerKV())
+            if len(lk.k) != self.j:
+                raise KVOrderError(f"slice {self.j} layer {layer_id}: the store holds {len(lk.k)} blocks")
+            store.writes += 1
+            store._append(lk.k, k)
+            store._append(lk.v, v)
+        window = Window(prefix_k=lk.k[: self.j], prefix_v=lk.v[: self.j],  # type: ignore[arg-type]
+                        handed=lambda: store.handed(lk, self.j),
+                        deposit=lambda i, dk, dv, row=0: store.deposit(lk, i, dk, dv, row))
         if self.attention_hook is not None:
-            return self.attention_hook.attend(layer_id, q, k_win, v_win)
-        return self.local_attention(q, k_win, v_win)
+            return self.attention_hook.attend(layer_id, q, k, v, window)
+        return self.local_attention(q, k, v, window)
 
-    def local_attention(self, q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor) -> torch.Tensor:
-        """This slice's attention over the window computed without the exchange: the rank's own window
-        attention, the CP group's query-out attention, or packed documents' document-causal attention."""
-        if self.store.cp is not None:
-            return self.store.cp.attend(self.start, q, k_win, v_win)
+    def local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window) -> torch.Tensor:
+        """This slice's attention over its block and the window (with the partners an exchange named on it):
+        the rank's slice attention, the CP group's query-out attention, or packed documents' document-causal
+        attention."""
+        store = self.store
+        if store.cp is not None:
+            return store.cp.attend(q, k, v, window)
         if self.spans is not None:
-            return document_window_attention(q, k_win, v_win, self.spans)
-        return window_attention(q, k_win, v_win, self.start, self.store.masks, self.store.bounds[-1])
+            return document_attention(q, k, v, window, self.spans)
+        if store.masks.mode in ("table", "bias"):  # legacy single-call kernels over a concatenated window
+            k_win, v_win = _WindowCat.apply(k, v, window)
+            return window_attention(q, k_win, v_win, self.start, store.masks, store.bounds[-1])
+        return slice_attention(q, k, v, window, store.masks)
 
 
-    def _replay_attend(self, layer_id: int, q: torch.Tensor) -> torch.Tensor:
-        """A replayed forward: the window as the forward wrote it, read from the store, nothing written;
-        the recomputed k, v equal the stored rows and are not needed."""
-        lk = self.entry.layers.get(layer_id)
-        if lk is None or lk.k is None or lk.v is None:
-            raise KVOrderError(f"replay of slice {self.j} layer {layer_id}: its K/V are not in the store")
-        k_win, v_win = lk.k[:, : self.end], lk.v[:, : self.end]  # views: (b, end, H_kv, d)
-        return self._attend_window(layer_id, q, k_win, v_win)
+class _WindowCat(torch.autograd.Function):
+    """Legacy modes: own k/v (b, t, H_kv, d) after the window's blocks -> contiguous k/v windows
+    (b, end, H_kv, d); backward hands the prefix rows down block by block."""
 
+    @staticmethod
+    def forward(ctx, k: torch.Tensor, v: torch.Tensor, window: Window):  # type: ignore[override]
+        ctx.window = window
+        return (torch.cat([*window.prefix_k, k.detach()], 1), torch.cat([*window.prefix_v, v.detach()], 1))
 
-def _handed(lk: _LayerKV, which: str, start: int, end: int) -> torch.Tensor | None:
-    acc = getattr(lk, which)
-    return None if acc is None else acc[:, start:end]
+    @staticmethod
+    def backward(ctx, dk_win: torch.Tensor, dv_win: torch.Tensor):  # type: ignore[override]
+        window: Window = ctx.window
+        lo = 0
+        for i, blk in enumerate(window.prefix_k):
+            hi = lo + blk.size(1)
+            window.deposit(i, dk_win[:, lo:hi], dv_win[:, lo:hi])
+            lo = hi
+        dk, dv = dk_win[:, lo:], dv_win[:, lo:]
+        hk, hv = window.handed()
+        return (dk if hk is None else dk + hk), (dv if hv is None else dv + hv), None
 
 
 class _LayerCtx:

@@ -1,10 +1,11 @@
 """The small typed ports through which features plug into the executor (instead of writing its fields).
 
-* :class:`AttentionHook` — replaces one slice's window attention, layer by layer. The attention context
+* :class:`AttentionHook` — replaces one slice's attention, layer by layer. The attention context
   exchange (runtime/exchange.py) returns one from ``on_forward`` for an exchanged unit; the executor
   installs it on the unit's :class:`~slimpipe.runtime.kv.SliceKV`. Without a hook a slice attends through
-  ``SliceKV.local_attention``: the rank's window attention, or under context parallelism the CP group's
-  query-out attention (``KVStore.cp``, runtime/context_parallel.py), which a hook composes with.
+  ``SliceKV.local_attention``: the rank's slice attention over its K/V blocks, or under context
+  parallelism the CP group's query-out attention (``KVStore.cp``, runtime/context_parallel.py), which a
+  hook composes with by naming its partners on the slice's window.
 * :class:`EndsPort` — what the vocabulary-parallel ends (runtime/vocab.py: VE/VH/VB) read from and hand to
   the executor of their rank: the embedding output that becomes F(stage 0)'s input, the gradient B(stage 0)
   produced for it, the last stage's output that VH consumes and the output gradient VH returns for
@@ -19,15 +20,18 @@ from typing import Protocol
 
 import torch
 
+from slimpipe.runtime.slice_attention import Window
+
 __all__ = ["AttentionHook", "EndsPort"]
 
 
 class AttentionHook(Protocol):
-    """One unit's attention, layer by layer, in place of the local window attention."""
+    """One unit's attention, layer by layer, in place of the local slice attention."""
 
-    def attend(self, layer_id: int, q: torch.Tensor, k_win: torch.Tensor,
-               v_win: torch.Tensor) -> torch.Tensor:
-        """q (b, t, H, d) over the slice's K/V window k_win/v_win (b, end, H_kv, d) -> (b, t, H, d)."""
+    def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: Window) -> torch.Tensor:
+        """q (b, t, H, d) and the slice's own k/v (b, t, H_kv, d) over the earlier slices' K/V blocks in
+        ``window`` (slice_attention.Window: the store's blocks and the dK/dV hand-down) -> (b, t, H, d)."""
         ...
 
 

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import torch
 
 from slimpipe.runtime.attention import MaskCache, cuda_flash_fits
-from slimpipe.runtime.exchange_attention import (
-    Peer, block_backward, block_forward, causal_mask, group_queries, lse_dtype, math_block_backward,
-    math_block_forward,
+from slimpipe.runtime.block_attention import (
+    block_backward, block_forward, causal_mask, group_queries, lse_dtype, math_block_backward, math_block_forward,
 )
+from slimpipe.runtime.exchange_attention import Peer
 
-__all__ = ["Window", "SliceAttention", "slice_attention"]
+__all__ = ["Window", "SliceAttention", "slice_attention", "cat_blocks"]
 
 
 @dataclass(slots=True)
@@ -44,8 +44,9 @@ class Window:
     """Values of slices 0 … j−1."""
     handed: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]]
     """dK, dV of this slice's own block handed down by later slices (read in the backward)."""
-    deposit: Callable[[int, torch.Tensor, torch.Tensor], None]
-    """deposit(i, dK_i, dV_i): this slice's gradient for prefix block i (added into the store)."""
+    deposit: Callable[..., None]
+    """deposit(i, dK, dV, row=0): this slice's gradient for rows [row, row + len) of prefix block i, each
+    (b, len, H_kv, d) (added into the store's accumulator for block i)."""
     fwd_peer: Peer | None = None
     """Partner computing the forward attention over the earliest ``fwd_volume`` blocks (exchange)."""
     fwd_volume: int = 0
@@ -118,7 +119,7 @@ def _merge_into(acc: list[torch.Tensor] | None, out: torch.Tensor, lse: torch.Te
     return acc
 
 
-def _cat(blocks: list[torch.Tensor]) -> torch.Tensor:
+def cat_blocks(blocks: list[torch.Tensor]) -> torch.Tensor:
     """Blocks (b, t_i, H_kv, d) -> (b, H_kv, Σt_i, d) contiguous: the message for a partner."""
     return torch.cat(blocks, dim=1).transpose(1, 2).contiguous()
 
@@ -135,8 +136,8 @@ class SliceAttention(torch.autograd.Function):
         pending = None
         if vol:  # post the partner's share first: it overlaps the local blocks
             hk = k.size(2)
-            pending = window.fwd_peer.forward(group_queries(q, hk), _cat(window.prefix_k[:vol]),  # type: ignore[union-attr]
-                                              _cat(window.prefix_v[:vol]))
+            pending = window.fwd_peer.forward(  # type: ignore[union-attr]
+                group_queries(q, hk), cat_blocks(window.prefix_k[:vol]), cat_blocks(window.prefix_v[:vol]))
         blocks = [(kb, vb, False) for kb, vb in zip(window.prefix_k[vol:], window.prefix_v[vol:])]
         blocks.append((k, v, True))
         acc, states = None, {}
@@ -172,7 +173,8 @@ class SliceAttention(torch.autograd.Function):
             hk = k.size(2)
             pending = window.bwd_peer.backward(  # type: ignore[union-attr]
                 group_queries(dout, hk), group_queries(q, hk), group_queries(out, hk),
-                lse.reshape(lse.size(0), hk, -1), _cat(window.prefix_k[:vol]), _cat(window.prefix_v[:vol]))
+                lse.reshape(lse.size(0), hk, -1), cat_blocks(window.prefix_k[:vol]),
+                cat_blocks(window.prefix_v[:vol]))
         dq = torch.zeros(qt.shape, dtype=_md(q.dtype), device=q.device)
         dk = dv = None
         for i in range(vol, j + 1):

@@ -171,7 +171,7 @@ class ActivationFootprint:
     last_stage: float
     """Extra saved bytes per token of a unit of the stage holding norm, head and loss (logits…)."""
     kv_per_layer: float
-    """K + V buffer bytes per token per layer (2·d_kv·dtype bytes, whole sequence per micro-batch)."""
+    """K + V block bytes per token per layer (2·d_kv·dtype bytes; one block per in-flight slice)."""
 
 
 def elementwise_width(hidden: int, q_dim: int, kv_dim: int, ffn: int) -> int:
