@@ -14,10 +14,10 @@ Mechanics, per unit (one F/B pair of the rank's program):
   most of the last stage stay resident);
 * **copy out**: on CUDA on a side stream into pinned host memory (``record_stream`` lets the allocator
   reuse the device block only after the copy), on CPU a synchronous copy into a separate host tensor;
-* **prefetch**: when a compute action starts, the data of the unit of the program's *next* B is copied
-  into one of two reusable device buffers (ping-pong), so it has that action's time to arrive; B(u)
-  waits only for its own copy (an event on CUDA). A unit whose data was not prefetched is loaded on
-  demand (exposed).
+* **prefetch**: when the compute action right before B(u) starts (an F in the steady state, the previous B
+  in the cool-down), u's data is copied into one of two reusable device buffers (ping-pong), so it has
+  that action's time to arrive; B(u) waits only for its own copy (an event on CUDA). A unit whose data
+  was not prefetched is loaded on demand (exposed).
 
 The CUDA path (streams, pinned memory, events) has not run on a GPU yet: on CPU the host is the device, so
 the logic (selection, accounting, prefetch order, buffer reuse, bitwise-equal gradients) is what the tests
@@ -223,13 +223,10 @@ class Offloader:
         self.config, self.device = config, device
         self.gaps = offload_gaps(program)
         self.backward_order = [a.unit for a in program if a.kind is Kind.B]
-        self._next_b: dict[tuple[Kind, Unit], Unit] = {}  # compute action -> the next B's unit after it
-        upcoming: Unit | None = None
-        for a in reversed([a for a in program if a.kind in (Kind.F, Kind.B)]):
-            if upcoming is not None:
-                self._next_b[(a.kind, a.unit)] = upcoming
-            if a.kind is Kind.B:
-                upcoming = a.unit
+        # compute action -> the unit of the B right after it: its activations come back during this action
+        compute = [a for a in program if a.kind in (Kind.F, Kind.B)]
+        self._next_b: dict[tuple[Kind, Unit], Unit] = {
+            (a.kind, a.unit): b.unit for a, b in zip(compute, compute[1:]) if b.kind is Kind.B}
         self._moved = moved
         self.mover = _CudaMover(device) if device.type == "cuda" else _HostMover()
         self.buffers: list[torch.Tensor | None] = [None, None]  # reusable restore buffers (ping-pong)
@@ -314,7 +311,7 @@ class Offloader:
         self._prefetch((Kind.B, unit))
 
     def _prefetch(self, action: tuple[Kind, Unit]) -> None:
-        """Start restoring the unit of the next B of the program (while this action computes)."""
+        """Start restoring the unit of the B right after this action (while this action computes)."""
         nxt = self._next_b.get(action)
         state = self._units.get(nxt) if nxt is not None else None
         if state is not None and state.offloaded and state.slot < 0:
