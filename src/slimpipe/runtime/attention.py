@@ -127,7 +127,7 @@ class WindowBlocks(torch.autograd.Function):
         out_p, lse_p, st_p = _kernel_forward(qt, kt[:, :, :start], vt[:, :, :start], False)
         out_d, lse_d, st_d = _kernel_forward(qt, kt[:, :, start:], vt[:, :, start:], True)
         out, lse = _merge(out_p, lse_p, out_d, lse_d)  # (b, t, H, d), (b, H, t)
-        # kt/vt: views of the rank's K/V buffer (excluded from activation accounting, never copied).
+        # kt/vt: views of the caller's K/V window (saved as they are, never copied here).
         ctx.save_for_backward(qt, kt, vt, out, lse)
         ctx.start, ctx.states = start, (st_p, st_d)
         return out

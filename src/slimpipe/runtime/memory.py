@@ -1,4 +1,4 @@
-"""Per-rank memory accounting of one step: saved activations, K/V buffers, dK/dV accumulators.
+"""Per-rank memory accounting of one step: saved activations, K/V blocks, dK/dV accumulators.
 
 Saved activations are the tensors autograd saves for backward during a unit's forward, captured with
 ``saved_tensors_hooks``: each distinct storage (``untyped_storage().data_ptr()``) counts once with its full
@@ -28,9 +28,9 @@ class MemoryPeaks:
     """Peaks of one rank over one step, in bytes."""
 
     saved: int
-    """Peak saved-for-backward bytes (K/V buffers, parameters and constants excluded)."""
+    """Peak saved-for-backward bytes (K/V blocks, parameters and constants excluded)."""
     kv: int
-    """Peak K/V buffer + dK/dV accumulator bytes."""
+    """Peak K/V block + dK/dV accumulator bytes."""
     total: int
     """Peak of saved + K/V + dK/dV + offload restore buffers (sampled together, so ≤ the sum of peaks)."""
     offloaded: int = 0

@@ -42,10 +42,10 @@ class StepResult:
     trace: list[TraceEvent]
     """Executed actions in order: this rank's (distributed) or every rank's (local runtime)."""
     peak_activation_bytes: list[int]
-    """Per pipeline rank: peak of resident saved activations + K/V buffers + dK/dV accumulators (+ offload
+    """Per pipeline rank: peak of resident saved activations + K/V blocks + dK/dV accumulators (+ offload
     restore buffers): the device memory activations hold."""
     peak_kv_bytes: list[int]
-    """Per pipeline rank: peak of K/V buffers + dK/dV accumulators."""
+    """Per pipeline rank: peak of K/V blocks + dK/dV accumulators."""
     peak_saved_bytes: list[int]
     """Per pipeline rank: peak saved-for-backward bytes alone (storage-deduplicated, parameters excluded)."""
     busy_s: list[float]
