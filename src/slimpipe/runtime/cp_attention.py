@@ -236,11 +236,6 @@ def _segments(window: Window, k: torch.Tensor, v: torch.Tensor, vol: int) -> tup
     return ks, vs
 
 
-def _volume(window: Window, backward: bool) -> int:
-    peer = window.bwd_peer if backward else window.fwd_peer
-    return 0 if peer is None else (window.bwd_volume if backward else window.fwd_volume)
-
-
 class CPAttention(torch.autograd.Function):
     """q (b, 2P, H, d) of this rank's pieces, its own k/v (b, 2P, H_kv, d) and the Window of its earlier
     blocks -> (b, 2P, H, d): query-out attention over the CP group (module docstring)."""
@@ -250,7 +245,7 @@ class CPAttention(torch.autograd.Function):
                 window: Window, geo: SliceGeometry, comm: CPGroup) -> torch.Tensor:
         (qs,) = comm.all_gather([q.transpose(1, 2)])  # (c, b, H, 2P, d)
         qa = _rank_rows(qs)  # (b, H, T, d)
-        hk, vol = k.size(2), _volume(window, False)
+        hk, vol = k.size(2), window.volume(backward=False)
         pending = window.fwd_peer.forward(  # type: ignore[union-attr]
             _grouped(qa, hk), cat_blocks(window.prefix_k[:vol]), cat_blocks(window.prefix_v[:vol])) if vol else None
         ks, vs = _segments(window, k, v, vol)
@@ -276,7 +271,7 @@ class CPAttention(torch.autograd.Function):
         comm: CPGroup = ctx.comm
         gathered = comm.all_gather([q.transpose(1, 2), dout.transpose(1, 2), res.transpose(1, 2), lse])
         qa, da, oa, la = (_rank_rows(x) for x in gathered)  # (b, H, T, …), rank order
-        hk, vol = k.size(2), _volume(window, True)
+        hk, vol = k.size(2), window.volume(backward=True)
         pending = (window.bwd_peer.backward(  # type: ignore[union-attr]
             _grouped(da, hk), _grouped(qa, hk), _grouped(oa, hk), _grouped(la, hk),
             cat_blocks(window.prefix_k[:vol]), cat_blocks(window.prefix_v[:vol])) if vol else None)
@@ -289,18 +284,9 @@ class CPAttention(torch.autograd.Function):
             dq_r, dk_r, dv_r = pending.wait()  # dk/dv (b, H_kv, rows of blocks 0 … vol−1, d)
             dq5 = dq.permute(1, 2, 0, 3, 4)
             dq5 += dq_r.reshape(dq5.shape)
-            lo = 0
-            for i in range(vol):
-                hi = lo + window.prefix_k[i].size(1)
-                window.deposit(i, dk_r[:, :, lo:hi].transpose(1, 2), dv_r[:, :, lo:hi].transpose(1, 2))
-                lo = hi
+            window.deposit_joined(dk_r, dv_r)
         mine = comm.reduce_scatter(dq)  # (b, H, 2P, d)
-        dk, dv = dks[-1].transpose(1, 2), dvs[-1].transpose(1, 2)  # (b, 2P, H_kv, d)
-        hk_, hv_ = window.handed()  # what later slices handed down to this block
-        if hk_ is not None:
-            dk = dk + hk_
-        if hv_ is not None:
-            dv = dv + hv_
+        dk, dv = window.with_handed(dks[-1].transpose(1, 2), dvs[-1].transpose(1, 2))  # (b, 2P, H_kv, d)
         return mine.transpose(1, 2), dk, dv, None, None, None
 
 

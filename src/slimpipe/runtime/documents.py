@@ -193,8 +193,7 @@ class DocumentAttention(torch.autograd.Function):
                                                   ctx.spans, ctx.native)
         for (i, row, _, _), (g_k, g_v) in zip(carry, carry_grads):
             window.deposit(i, g_k, g_v, row)  # (b, len, H_kv, d): rows [row, row + len) of block i
-        hk, hv = window.handed()  # what later slices handed down to this block
-        return dq, dk if hk is None else dk + hk, dv if hv is None else dv + hv, None, None, None
+        return dq, *window.with_handed(dk, dv), None, None, None
 
 
 def _carry_blocks(window: Window, spans: SliceSpans) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:

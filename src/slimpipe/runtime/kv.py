@@ -296,9 +296,7 @@ class _WindowCat(torch.autograd.Function):
             hi = lo + blk.size(1)
             window.deposit(i, dk_win[:, lo:hi], dv_win[:, lo:hi])
             lo = hi
-        dk, dv = dk_win[:, lo:], dv_win[:, lo:]
-        hk, hv = window.handed()
-        return (dk if hk is None else dk + hk), (dv if hv is None else dv + hv), None
+        return *window.with_handed(dk_win[:, lo:], dv_win[:, lo:]), None
 
 
 class _LayerCtx:

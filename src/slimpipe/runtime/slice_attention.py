@@ -54,6 +54,27 @@ class Window:
     """Partner computing the backward over the earliest ``bwd_volume`` blocks (exchange)."""
     bwd_volume: int = 0
 
+    def volume(self, backward: bool) -> int:
+        """How many of the earliest blocks a partner computes in this direction (0 without a partner)."""
+        if backward:
+            return self.bwd_volume if self.bwd_peer is not None else 0
+        return self.fwd_volume if self.fwd_peer is not None else 0
+
+    def deposit_joined(self, dk: torch.Tensor, dv: torch.Tensor) -> None:
+        """A partner's dK/dV (b, H_kv, rows of blocks 0 … vol−1, d), handed down block by block."""
+        lo = 0
+        for i in range(len(self.prefix_k)):
+            if lo == dk.size(2):
+                break
+            hi = lo + self.prefix_k[i].size(1)
+            self.deposit(i, dk[:, :, lo:hi].transpose(1, 2), dv[:, :, lo:hi].transpose(1, 2))
+            lo = hi
+
+    def with_handed(self, dk: torch.Tensor, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The own block's dK/dV (b, t, H_kv, d) plus what later slices handed down to it (consumed)."""
+        hk, hv = self.handed()
+        return (dk if hk is None else dk + hk), (dv if hv is None else dv + hv)
+
 
 def _md(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -132,7 +153,7 @@ class SliceAttention(torch.autograd.Function):
                 masks: MaskCache | None) -> torch.Tensor:
         kern = _Kernels(q, k, masks)
         qt = q.transpose(1, 2)  # (b, H, t, d)
-        vol = window.fwd_volume if window.fwd_peer is not None else 0
+        vol = window.volume(backward=False)
         pending = None
         if vol:  # post the partner's share first: it overlaps the local blocks
             hk = k.size(2)
@@ -167,7 +188,7 @@ class SliceAttention(torch.autograd.Function):
         kern = _Kernels(q, k, ctx.masks)
         qt, dot, ot = q.transpose(1, 2), dout.transpose(1, 2), out.transpose(1, 2)
         j = len(window.prefix_k)
-        vol = window.bwd_volume if window.bwd_peer is not None else 0
+        vol = window.volume(backward=True)
         pending = None
         if vol:
             hk = k.size(2)
@@ -189,18 +210,9 @@ class SliceAttention(torch.autograd.Function):
         if pending is not None:
             dq_r, dk_r, dv_r = pending.wait()  # grouped dq share; dk/dv (b, H_kv, keys of [0, vol), d)
             dq += dq_r.reshape(qt.shape)
-            lo = 0
-            for i in range(vol):
-                hi = lo + window.prefix_k[i].size(1)
-                window.deposit(i, dk_r[:, :, lo:hi].transpose(1, 2), dv_r[:, :, lo:hi].transpose(1, 2))
-                lo = hi
-        hk_, hv_ = window.handed()
+            window.deposit_joined(dk_r, dv_r)
         assert dk is not None and dv is not None
-        if hk_ is not None:
-            dk = dk + hk_
-        if hv_ is not None:
-            dv = dv + hv_
-        return dq.to(q.dtype).transpose(1, 2), dk, dv, None, None
+        return dq.to(q.dtype).transpose(1, 2), *window.with_handed(dk, dv), None, None
 
 
 def slice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window,
