@@ -6,9 +6,10 @@ of the packed corpus (the trainer's sampler); the simulator's `--doc-lengths std
 from the same files' lengths.
 
 ``kernels``: one slice's attention forward + backward on CPU, three ways, on slices cut from real rows:
-``segments`` (runtime/documents.py: per-document calls, the carry-in document's rectangle over the prefix),
-``mask`` (one SDPA call over the whole K/V window with the dense document-causal boolean mask: the other
-option for CPU) and ``causal`` (no document masking: the two-block causal slice attention). Also the same
+``segments`` (runtime/documents.py: per-document calls, the carry-in document's rectangle over the prefix
+blocks), ``mask`` (one SDPA call over the whole K/V window with the dense document-causal boolean mask: the
+other option for CPU) and ``causal`` (no document masking: the runtime's causal slice attention over the
+per-slice K/V blocks, runtime/slice_attention.py). Also the same
 with fixed-length documents (1024, 256 and 32 tokens): many segments per slice.
 
 ``pairs``: the attention work per slice (document-causal pairs ÷ causal pairs) over 512 windows of the
@@ -36,9 +37,8 @@ import torch
 
 from slimpipe.config import ModelConfig
 from slimpipe.runtime import LocalPipelineRuntime
-from slimpipe.runtime.attention import MaskCache, window_attention
 from slimpipe.runtime.documents import RowDocs, document_attention
-from slimpipe.runtime.slice_attention import Window
+from slimpipe.runtime.slice_attention import Window, slice_attention
 from slimpipe.schedule.builders import build
 from slimpipe.sim.documents import causal_slice_pairs, expected_slice_pairs, parse_doc_lengths, slice_spans
 from slimpipe.train.data import load_data
@@ -63,14 +63,14 @@ def _time(fn, repeat: int) -> float:
 
 def _slice_attention(way: str, q, k, v, start: int, row: RowDocs, doc: torch.Tensor):
     end = k.size(1)
-    if way == "segments":  # the runtime's path: the prefix as the K/V store's blocks of earlier slices
+    if way in ("segments", "causal"):  # the runtime's paths: the prefix as the K/V store's earlier blocks
         t = end - start
         window = Window(prefix_k=[k[:, i:i + t].detach() for i in range(0, start, t)],
                         prefix_v=[v[:, i:i + t].detach() for i in range(0, start, t)], handed=lambda: (None, None),
                         deposit=lambda *_: None)
+        if way == "causal":
+            return slice_attention(q, k[:, start:], v[:, start:], window)
         return document_attention(q, k[:, start:], v[:, start:], window, row.spans(start, end))
-    if way == "causal":
-        return window_attention(q, k, v, start, MaskCache(), end)
     qpos = torch.arange(start, end)[:, None]
     mask = (doc[start:end, None] == doc[None, :end]) & (torch.arange(end)[None, :] <= qpos)  # (t, end)
     out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
