@@ -121,7 +121,7 @@ def test_legacy_modes_agree_with_blocks() -> None:
 def test_saved_tensors_are_window_views() -> None:
     """WindowBlocks saves q, out, lse and views of the K/V window buffer: no prefix copy, no mask."""
     buf = torch.randn(1, 32, 2, 8, dtype=torch.float64)  # (b, end, H_kv, d), the K/V store's buffer
-    k_win = buf.detach().requires_grad_()  # shares buf's storage, like KVWindow's output
+    k_win = buf.detach().requires_grad_()  # shares buf's storage (a contiguous window)
     q = torch.randn(1, 8, 4, 8, dtype=torch.float64, requires_grad=True)
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
