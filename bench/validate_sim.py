@@ -220,9 +220,12 @@ def _measure(cases: list[Case], idx: list[int], model: ModelConfig, schedules: l
 def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int = 3) -> list[dict]:
     """One row per case: measured, predicted and their ratios."""
     preds = [predict(c, model, hw) for c in cases]
-    plain = hw  # the same profile without the p2p message costs: what the cost model charged before them
+    # the same profile without the p2p message costs and the executor's gaps between actions: its F/B
+    # busy time is what the trace's F/B actions measure
+    plain = hw
     if hw.profile is not None:
-        plain = dataclasses.replace(hw, profile=dataclasses.replace(hw.profile, p2p_send_s=0.0, p2p_recv_s=0.0))
+        plain = dataclasses.replace(hw, profile=dataclasses.replace(hw.profile, p2p_send_s=0.0, p2p_recv_s=0.0,
+                                                                    action_gap_s=0.0))
     before = [predict(c, model, plain) for c in cases]
     meas = measure(cases, model, [p["schedule"] for p in preds], steps)
     ref = {(c.seq_len, c.pp, c.cp): i for i, c in reversed(list(enumerate(cases))) if c.schedule == "1f1b"}
@@ -240,8 +243,8 @@ def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int 
             "predicted_noncompute_s_without_messages": before[i]["step_s"] - max(before[i]["busy_s"]),
             "measured_bubble": m["bubble"], "predicted_bubble": p["bubble"], "measured_busy_s": m["busy_s"],
             "measured_cpu_busy_s": m["cpu_busy_s"], "predicted_busy_s": p["busy_s"],
-            "cpu_busy_ratio": [pb / mb for pb, mb in zip(p["busy_s"], m["cpu_busy_s"])],
-            "busy_ratio": [pb / mb for pb, mb in zip(p["busy_s"], m["busy_s"])],
+            "cpu_busy_ratio": [pb / mb for pb, mb in zip(before[i]["busy_s"], m["cpu_busy_s"])],
+            "busy_ratio": [pb / mb for pb, mb in zip(before[i]["busy_s"], m["busy_s"])],
             # > 1: the rank was descheduled inside its F/B (other processes' load); the profile's units are
             # thread CPU time of the 2-rank executor run, so this is what the load added to the wall clock.
             "wall_per_cpu": [mb / mc for mb, mc in zip(m["busy_s"], m["cpu_busy_s"])],
@@ -261,8 +264,8 @@ def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int 
 # ---- reporting -----------------------------------------------------------------------------------------
 def markdown(rows: list[dict]) -> str:
     head = ("| s | m | schedule | step meas s | step pred s | pred/meas | pred/meas CPU clock "
-            "| pred/meas w/o msg | bubble meas "
-            "| bubble pred | non-compute ms meas, pred, w/o msg | busy pred/meas r0, r1 | wall ÷ CPU busy r0, r1 "
+            "| pred/meas w/o msg, gaps | bubble meas "
+            "| bubble pred | non-compute ms meas, pred, w/o msg, gaps | busy pred/meas r0, r1 | wall ÷ CPU busy r0, r1 "
             "| SEND, late RECV ms (n/step) | r0 act meas MiB "
             "| act pred/meas r0, r1 | r0 act ÷ 1f1b meas | published ÷ 1f1b |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

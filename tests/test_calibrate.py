@@ -75,6 +75,9 @@ def test_quick_profile_is_valid_and_fast(quick_profile) -> None:
     assert all(u["fwd_s"] <= u["fwd_wall_s"] * 1.001 and u["bwd_s"] <= u["bwd_wall_s"] * 1.001
                for r in runs for u in r["units"])
     assert prof.p2p_send_s == statistics.median([x for r in runs for x in r["send_s"]])
+    # the executor's own time between actions: a fraction of a millisecond per action
+    assert 0 < prof.action_gap_s < 0.01
+    assert prof.action_gap_s == statistics.median([x for r in runs for x in r["gap_s"]])
     # The whole fitted model against the executor's own steps (simulator incl. message costs).
     steps = doc["consistency"]["steps"]
     assert [r["what"] for r in steps] == ["slimpipe s=32 n=2 m=2", "slimpipe s=256 n=2 m=2"]
@@ -224,19 +227,20 @@ def test_profiled_cost_composes_the_fitted_terms() -> None:
 @pytest.mark.parametrize(("p", "v"), [(2, 1), (2, 2), (4, 1), (1, 2)])
 def test_message_costs_are_charged_to_the_adjacent_units(p, v) -> None:
     """A SEND's cost lands on the unit that produced the message, a RECV's on the unit that uses it; the
-    transfer keeps the rest of the one-way latency (here none: 0.5 ms < 1 + 2 ms)."""
-    send, recv = 1e-3, 2e-3
+    transfer keeps the rest of the one-way latency (here none: 0.5 ms < 1 + 2 ms). The executor's gap
+    between actions lands on every action: the unit and each message beside it."""
+    send, recv, gap = 1e-3, 2e-3, 3e-4
     hw = Hardware(name="toy", peak_flops=1e10, hbm_bytes=1e9, intra_node_bw=2e9, inter_node_bw=1e9,
                   p2p_latency_s=5e-4)
     wl = Workload(model=TINY, parallel=ParallelConfig(pp=p, vpp=v, slices=2), seq_len=256, global_batch=4)
     base = AnalyticCost(wl, dataclasses.replace(hw, profile=_toy_profile()), [0.5, 0.5])
-    cost = AnalyticCost(wl, dataclasses.replace(hw, profile=_toy_profile(p2p_send_s=send, p2p_recv_s=recv)),
-                        [0.5, 0.5])
+    prof = _toy_profile(p2p_send_s=send, p2p_recv_s=recv, action_gap_s=gap)
+    cost = AnalyticCost(wl, dataclasses.replace(hw, profile=prof), [0.5, 0.5])
     last = p * v - 1
     for stage in range(p * v):
         inbound, outbound = (stage > 0 and p > 1), (stage < last and p > 1)
-        extra_f = inbound * recv + outbound * send  # RECV_F before F, SEND_F after it
-        extra_b = outbound * recv + inbound * send  # RECV_B before B, SEND_B after it
+        extra_f = inbound * (recv + gap) + outbound * (send + gap) + gap  # RECV_F before F, SEND_F after it
+        extra_b = outbound * (recv + gap) + inbound * (send + gap) + gap  # RECV_B before B, SEND_B after it
         for j in range(2):
             assert cost.compute_time(Kind.F, stage, j) == pytest.approx(base.compute_time(Kind.F, stage, j)
                                                                         + extra_f)

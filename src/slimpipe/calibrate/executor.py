@@ -99,6 +99,12 @@ def _units(traces: Sequence[Trace], n: int, stages: int) -> list[dict]:
             for st in range(stages) for j in range(n)]
 
 
+def _gap(trace: Trace) -> float:
+    """Wall time of one rank's step outside its actions, per action (the executor's own loop)."""
+    span = max(e for _, _, e, _ in trace) - min(s for _, s, _, _ in trace)
+    return (span - sum(e - s for _, s, e, _ in trace)) / len(trace)
+
+
 def measure_executor(cfg: ModelConfig, runs: Sequence[tuple[str, int, int, int]], reps: int) -> list[dict]:
     """One record per run (schedule, s, n, m) of two gloo ranks: F/B unit medians, step times and message
     costs, in the layout ``fit`` reads (``per_action``: unit times come from the trace)."""
@@ -113,11 +119,12 @@ def measure_executor(cfg: ModelConfig, runs: Sequence[tuple[str, int, int, int]]
         for t0_, t1_ in zip(r0["traces"], r1["traces"]):
             s_, l_ = message_costs([t0_, t1_])
             sends, late = sends + s_, late + l_
+        gaps = [_gap(t) for t in r0["traces"] + r1["traces"]]
         out.append({"schedule": name, "seq_len": s, "slices": n, "pp": 2, "microbatches": m,
                     "layers": cfg.num_layers, "step_s": statistics.median(r0["steps"]), "steps_s": r0["steps"],
                     "per_action": True, "clock": "thread CPU, 2-rank executor",
                     "units": _units(r0["traces"] + r1["traces"], n, 2),
-                    "send_s": sends, "late_recv_s": late})
+                    "send_s": sends, "late_recv_s": late, "gap_s": gaps})
     out[0]["elapsed_s"] = time.perf_counter() - t0
     return out
 
@@ -132,6 +139,7 @@ def fastest_pass(passes: Sequence[list[dict]]) -> list[dict]:
         best = min(runs, key=lambda r: sum(u["fwd_s"] + u["bwd_s"] for u in r["units"]))
         out.append({**best, "send_s": [x for r in runs for x in r["send_s"]],
                     "late_recv_s": [x for r in runs for x in r["late_recv_s"]],
+                    "gap_s": [x for r in runs for x in r.get("gap_s", ())],
                     "passes_units_s": [sum(u["fwd_s"] + u["bwd_s"] for u in r["units"]) for r in runs]})
     out[0]["elapsed_s"] = sum(p[0].get("elapsed_s", 0.0) for p in passes)
     return out

@@ -98,19 +98,23 @@ def _diagonal_curve(q: int, points: Sequence[dict], d: str, fixed_s: float) -> t
 
 def _fit_messages(runs: Sequence[dict]) -> dict[str, float]:
     """p2p_send_s, p2p_recv_s: median SEND and late-RECV wall times over the 2-rank executor runs' traces
-    (executor.py; the bytes themselves move at the link bandwidth, charged in the transfer); 0 where
-    nothing was measured (CUDA)."""
+    (executor.py; the bytes themselves move at the link bandwidth, charged in the transfer);
+    action_gap_s: the median executor time between actions per action over every step of both ranks;
+    0 where nothing was measured (CUDA)."""
     sends = [x for r in runs for x in r.get("send_s", ())]
     late = [x for r in runs for x in r.get("late_recv_s", ())]
+    gaps = [x for r in runs for x in r.get("gap_s", ())]
     return {"p2p_send_s": statistics.median(sends) if sends else 0.0,
-            "p2p_recv_s": statistics.median(late) if late else 0.0}
+            "p2p_recv_s": statistics.median(late) if late else 0.0,
+            "action_gap_s": statistics.median(gaps) if gaps else 0.0}
 
 
 def _unit_cost(cfg: ModelConfig, run: dict, hw: Hardware) -> AnalyticCost:
     """The cost model of one runtime run's F/B units alone: its messages are separate actions in the trace
     (CPU) or absent (CUDA's local runtime), so the message costs are left out of the profile here."""
     if hw.profile is not None:
-        hw = dataclasses.replace(hw, profile=dataclasses.replace(hw.profile, p2p_send_s=0.0, p2p_recv_s=0.0))
+        hw = dataclasses.replace(hw, profile=dataclasses.replace(hw.profile, p2p_send_s=0.0, p2p_recv_s=0.0,
+                                                                 action_gap_s=0.0))
     cfg = cfg.replace(num_layers=run.get("layers", cfg.num_layers))
     wl = Workload(model=cfg, parallel=ParallelConfig(pp=run["pp"], slices=run["slices"]),
                   seq_len=run["seq_len"], global_batch=run["microbatches"])

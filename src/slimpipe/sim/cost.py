@@ -349,7 +349,8 @@ class AnalyticCost:
             if prof is not None:
                 ef, eb = self._profiled_ends(prof, j, head=has_head, embed=has_embed)
                 mf, mb = self._message_times(prof, stage)
-                fwd, bwd = fwd + ef + prof.action_fwd_s + mf, bwd + eb + prof.action_bwd_s + mb
+                gap = prof.action_gap_s
+                fwd, bwd = fwd + ef + prof.action_fwd_s + gap + mf, bwd + eb + prof.action_bwd_s + gap + mb
             if has_head:
                 vf, vb = self._vocab_times(j)
                 fwd, bwd = fwd + vf, bwd + vb
@@ -366,8 +367,8 @@ class AnalyticCost:
         first, last = stage == 0, stage == par.pp * par.vpp - 1
         inbound = 0.0 if first else 1.0  # RECV_F before F, SEND_B after B
         outbound = 0.0 if last else 1.0  # SEND_F after F, RECV_B before B
-        return (inbound * prof.p2p_recv_s + outbound * prof.p2p_send_s,
-                outbound * prof.p2p_recv_s + inbound * prof.p2p_send_s)
+        recv, send = prof.p2p_recv_s + prof.action_gap_s, prof.p2p_send_s + prof.action_gap_s
+        return inbound * recv + outbound * send, outbound * recv + inbound * send
 
     def compute_time(self, kind: Kind, stage: int, seq_slice: int) -> float:
         fwd, bwd = self._unit(stage, seq_slice)

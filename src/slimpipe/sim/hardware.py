@@ -248,6 +248,10 @@ class CostProfile:
     over T = 2 and 4); 0 where not measured: the simulator then rings over the p2p link."""
     tp_bandwidth: float = 0.0
     """Bytes/s of the same ring (bytes·(T−1)/T per collective); 0 where not measured."""
+    action_gap_s: float = 0.0
+    """Executor time between two actions (its loop, the trace, the activation sampling after every
+    action): a step's span minus its actions' wall times, per action, in the 2-rank executor run; charged
+    to every F, B, SEND and RECV. 0 where not measured (CUDA, profiles written before it was)."""
 
     def gemm(self, in_features: int, out_features: int) -> GemmProfile | None:
         """The measured shape, if calibrated."""
