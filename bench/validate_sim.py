@@ -162,7 +162,7 @@ def predict(case: Case, model: ModelConfig, hw: Hardware) -> dict:
 
 # ---- measurement (2 forked gloo ranks) -------------------------------------------------------------------
 def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedule], cases: list[Case],
-               steps: int) -> list[dict]:
+               steps: int, warm: int) -> list[dict]:
     from slimpipe.runtime import OptimConfig, ParallelState, PipelineRuntime
 
     state = ParallelState.create(pp=cases[0].pp, cp=cases[0].cp, timeout_s=600.0)
@@ -174,6 +174,9 @@ def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedu
         order = list(range(len(cases)))
         order = order[rep % len(order):] + order[: rep % len(order)]
         for i in order:
+            for _ in range(warm if rep else 0):  # steady state: the step before runs the same configuration
+                dist.barrier()
+                rts[i].train_step(data[i])
             dist.barrier()  # both ranks start the step together, as the simulator's clocks do
             res = rts[i].train_step(data[i])
             if rep:
@@ -187,20 +190,24 @@ def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedu
              "traces": [[(e.action, e.start_s, e.end_s, e.cpu_s) for e in r.trace] for r in rs]} for rs in rec]
 
 
-def measure(cases: list[Case], model: ModelConfig, schedules: list[Schedule], steps: int) -> list[dict]:
-    """Median figures per case from two single-threaded gloo ranks (one group per (p, c) layout)."""
+def measure(cases: list[Case], model: ModelConfig, schedules: list[Schedule], steps: int,
+            warm: int = 1) -> list[dict]:
+    """Median figures per case from two single-threaded gloo ranks, one pair of processes per (p, c, s):
+    a training job's processes hold one sequence length's buffers, and mixing s = 4096 runtimes into the
+    processes of s = 512 ones made the small units 7–15 % slower in CPU time (BENCHMARKS.md "Simulator
+    validation", E), a cost no single job pays."""
     out: list[dict | None] = [None] * len(cases)
-    for layout in dict.fromkeys((c.pp, c.cp) for c in cases):
-        idx = [i for i, c in enumerate(cases) if (c.pp, c.cp) == layout]
-        assert layout[0] * layout[1] == 2, f"{layout}: the validation runs on two ranks"
-        for i, row in zip(idx, _measure(cases, idx, model, schedules, steps)):
+    for group in dict.fromkeys((c.pp, c.cp, c.seq_len) for c in cases):
+        idx = [i for i, c in enumerate(cases) if (c.pp, c.cp, c.seq_len) == group]
+        assert group[0] * group[1] == 2, f"{group[:2]}: the validation runs on two ranks"
+        for i, row in zip(idx, _measure(cases, idx, model, schedules, steps, warm)):
             out[i] = row
     return out  # type: ignore[return-value]
 
 
 def _measure(cases: list[Case], idx: list[int], model: ModelConfig, schedules: list[Schedule],
-             steps: int) -> list[dict]:
-    ranks = fork_gloo(_rank_body, 2, model, [schedules[i] for i in idx], [cases[i] for i in idx], steps,
+             steps: int, warm: int) -> list[dict]:
+    ranks = fork_gloo(_rank_body, 2, model, [schedules[i] for i in idx], [cases[i] for i in idx], steps, warm,
                       timeout_s=1800.0)
     med = statistics.median
     out = []
@@ -217,7 +224,7 @@ def _measure(cases: list[Case], idx: list[int], model: ModelConfig, schedules: l
     return out
 
 
-def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int = 3) -> list[dict]:
+def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int = 3, warm: int = 1) -> list[dict]:
     """One row per case: measured, predicted and their ratios."""
     preds = [predict(c, model, hw) for c in cases]
     # the same profile without the p2p message costs and the executor's gaps between actions: its F/B
@@ -227,7 +234,7 @@ def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int 
         plain = dataclasses.replace(hw, profile=dataclasses.replace(hw.profile, p2p_send_s=0.0, p2p_recv_s=0.0,
                                                                     action_gap_s=0.0))
     before = [predict(c, model, plain) for c in cases]
-    meas = measure(cases, model, [p["schedule"] for p in preds], steps)
+    meas = measure(cases, model, [p["schedule"] for p in preds], steps, warm)
     ref = {(c.seq_len, c.pp, c.cp): i for i, c in reversed(list(enumerate(cases))) if c.schedule == "1f1b"}
     rows = []
     for i, (c, p, m) in enumerate(zip(cases, preds, meas)):
@@ -295,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="tiny", help="model preset or JSON (default tiny)")
     ap.add_argument("--cases", default="default", choices=tuple(CASE_LISTS), help="case list")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per case (median; default 3)")
+    ap.add_argument("--warm", type=int, default=1,
+                    help="untimed steps of the same configuration right before each timed one (default 1: "
+                         "the steady state the simulator predicts; 0: the timed step follows another "
+                         "configuration's, as before 2026-12-05)")
     ap.add_argument("--json", default="", help="write rows and run metadata here")
     ap.add_argument("--markdown", default="", help="write the markdown table here")
     a = ap.parse_args(argv)
@@ -309,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             doc = calibrate(CalibrateOptions(model=model, threads=1, concurrency=2))
             hw = profile_from_dict(doc, default_name="calibrated", source="calibrate")
         load0, t0 = os.getloadavg(), time.time()
-        rows = validate(CASE_LISTS[a.cases], model, hw, steps=a.steps)
+        rows = validate(CASE_LISTS[a.cases], model, hw, steps=a.steps, warm=a.warm)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -317,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{torch.__version__}", "load_before": load0, "load_after": os.getloadavg(),
             "wall_s": time.time() - t0,
             "profile": a.profile or "calibrated in-process", "model": model.name, "steps": a.steps,
+            "warm": a.warm,
             "profile_p2p_send_s": hw.profile.p2p_send_s if hw.profile else 0.0,
             "profile_p2p_recv_s": hw.profile.p2p_recv_s if hw.profile else 0.0}
     table = markdown(rows)

@@ -161,6 +161,31 @@ def test_diagonal_curve_interpolates_in_log_tokens() -> None:
     assert attn(8, 200, 10) == pytest.approx(4 * 8 * 200 * 10 + 5.0 * flops)  # P > 0: the fitted terms
 
 
+def test_compose_curve_knots_and_interpolation(quick_profile) -> None:
+    """κ per unit size: knots are medians of equal-count groups of units; the profile reads κ in log x,
+    flat beyond the ends; without a curve (older profiles, presets) the single factor."""
+    from slimpipe.calibrate.fit import _compose_curve
+    from slimpipe.sim.hardware import profile_from_dict
+
+    pts = [(x * 1e-3, 2.0 - x / 10) for x in range(1, 10)]  # κ falls with size
+    assert _compose_curve(pts, knots=3) == ((2e-3, 1.8), (5e-3, 1.5), (8e-3, 1.2))
+    assert _compose_curve(pts[:2]) == ((1.5e-3, 1.85),)  # fewer than 3 points a knot: one knot
+    prof = _toy_profile(compose_fwd=9.0, compose_curve_fwd=((1e-3, 2.0), (4e-3, 1.0)))
+    assert prof.compose(True, 2e-3) == pytest.approx(1.5)  # halfway in log x
+    assert (prof.compose(True, 1e-4), prof.compose(True, 1.0)) == (2.0, 1.0)
+    assert prof.compose(False, 2e-3) == prof.compose_bwd  # no backward curve: the factor
+    cost = _cost(_toy_profile(gemm_fwd=LinearTime(fixed_s=1e-3, per_item_s=0.0),
+                              compose_curve_fwd=((1e-3, 2.0), (1.0, 2.0))), n=1)
+    assert cost.compute_time(Kind.F, 0, 0) == pytest.approx(4 * 2.0 * 7e-3)  # 4 layers × κ × 7 GEMMs
+    # the quick profile fits one (its two runs give one knot per direction at least); older ones load
+    doc = json.loads(quick_profile[0].read_text())
+    hw = load_profile(str(quick_profile[0]))
+    assert hw.profile.compose_curve_fwd and hw.profile.compose_curve_bwd
+    del doc["profile"]["compose_curve_fwd"], doc["profile"]["compose_curve_bwd"]
+    old = profile_from_dict(doc, default_name="old", source="old.json").profile
+    assert old.compose_curve_fwd == () and old.compose(True, 1e-3) == old.compose_fwd
+
+
 def test_fastest_pass_keeps_the_quicker_run_and_pools_messages() -> None:
     from slimpipe.calibrate.executor import fastest_pass
 

@@ -63,19 +63,20 @@ def message_costs(traces: Sequence[Trace]) -> tuple[list[float], list[float]]:
 def _rank_body(rank: int, world: int, cfg: ModelConfig, runs: Sequence[tuple[str, int, int, int]],
                reps: int) -> list[dict]:
     """Steps of each run on this rank: step times and traces (the first step warms up and is dropped)."""
-    from slimpipe.runtime import ParallelState, PipelineRuntime
+    from slimpipe.runtime import OptimConfig, ParallelState, PipelineRuntime
     from slimpipe.schedule.builders import build
 
     state = ParallelState.create(pp=world, timeout_s=300.0)
     out = []
     for name, s, n, m in runs:
-        rt = PipelineRuntime(cfg, build(name, p=world, m=m, n=n), state, seed=0)
+        rt = PipelineRuntime(cfg, build(name, p=world, m=m, n=n), state, seed=0, optim=OptimConfig(lr=1e-4))
         tokens = torch.randint(0, cfg.vocab_size, (m, s + 1), generator=torch.Generator().manual_seed(0))
         steps, traces = [], []
         for rep in range(reps + 1):
             dist.barrier()  # both ranks start together, as the simulator's clocks do
-            res = rt.forward_backward(tokens)
-            rt.zero_grad()
+            # whole training steps: each schedule runs after the previous step's optimizer update, as in
+            # training (the update's sweep over parameters and moments leaves the caches colder)
+            res = rt.train_step(tokens)
             if rep:
                 steps.append(res.step_time_s)
                 traces.append([(e.action, e.start_s, e.end_s, e.cpu_s) for e in res.trace])

@@ -121,38 +121,63 @@ def _unit_cost(cfg: ModelConfig, run: dict, hw: Hardware) -> AnalyticCost:
     return AnalyticCost(wl, hw, [1 / run["slices"]] * run["slices"])
 
 
-def _fit_composition(cfg: ModelConfig, runs: list[dict], hw: Hardware) -> tuple[float, float, float, float]:
-    """(κ_fwd, κ_bwd, action_fwd_s, action_bwd_s): measured runtime unit = action + κ · Σ kernels.
+def _compose_curve(points: Sequence[tuple[float, float]], knots: int = 6) -> tuple[tuple[float, float], ...]:
+    """(x, κ) knots from per-unit points (kernel seconds per layer, κ of that unit): the points sorted by x
+    in ``knots`` groups of equal count, each knot the medians of its group (a unit's κ is noisy, its
+    neighbours' median is not); ascending and distinct in x."""
+    pts = sorted(points)
+    k = max(1, min(knots, len(pts) // 3))
+    groups = [pts[len(pts) * i // k: len(pts) * (i + 1) // k] for i in range(k)]
+    out: list[tuple[float, float]] = []
+    for g in groups:
+        x, y = statistics.median(p[0] for p in g), statistics.median(p[1] for p in g)
+        if not out or x > out[-1][0]:
+            out.append((x, y))
+    return tuple(out)
+
+
+def _unit_points(cfg: ModelConfig, runs: list[dict], hw: Hardware) -> list[tuple[bool, float, float, float, float, int]]:
+    """Per runtime unit: (tiny run, kernel sum F, measured F, kernel sum B, measured B, layers per stage)."""
+    pts = []
+    for i, run in enumerate(runs):
+        cost = _unit_cost(cfg, run, hw)
+        layers = cost.workload.layers_per_stage
+        for u in run["units"]:
+            pts.append((i == 0, cost.compute_time(Kind.F, u["stage"], u["slice"]), u["fwd_s"],
+                        cost.compute_time(Kind.B, u["stage"], u["slice"]), u["bwd_s"], layers))
+    return pts
+
+
+def _fit_composition(cfg: ModelConfig, runs: list[dict], hw: Hardware) -> dict[str, object]:
+    """κ, the per-action overhead and the κ curve per direction: measured unit = action + κ · Σ kernels.
 
     Not one joint least-squares fit, which trades κ against the overhead on a noisy machine: the overhead
     is the median of (unit − κ·kernels) over the tiny units (the first run, a few tokens per slice), κ
     the median of (unit − overhead) / kernels over the other runs; the two are alternated a few times.
     Where the overhead clamps at zero (the micro-benchmarks' fixed costs already exceed the tiny units),
-    κ is refitted over all units so the profile still reproduces its own runs.
+    κ is refitted over all units so the profile still reproduces its own runs. The curve: each other
+    unit's (unit − overhead) / kernels against its kernel seconds per layer (the ends spread over the
+    layers), grouped into knots (``_compose_curve``): κ falls with the unit's size on a CPU.
     """
-    pts: list[tuple[bool, float, float, float, float]] = []  # (tiny run, pred F, meas F, pred B, meas B)
-    step_meas = step_pred = 0.0
-    for i, run in enumerate(runs):
-        cost = _unit_cost(cfg, run, hw)
-        for u in run["units"]:
-            pf = cost.compute_time(Kind.F, u["stage"], u["slice"])
-            pb = cost.compute_time(Kind.B, u["stage"], u["slice"])
-            pts.append((i == 0, pf, u["fwd_s"], pb, u["bwd_s"]))
-            step_pred += run["microbatches"] * (pf + pb)
-        step_meas += run["step_s"]
+    pts = _unit_points(cfg, runs, hw)
     if not all(r["per_action"] for r in runs):  # CUDA: one factor from whole steps, no per-action term
-        k = step_meas / step_pred
-        return k, k, 0.0, 0.0
-    out = []
-    for pi, mi in ((1, 2), (3, 4)):
+        cost = [_unit_cost(cfg, run, hw) for run in runs]
+        pred = sum(run["microbatches"] * (c.compute_time(Kind.F, u["stage"], u["slice"])
+                                          + c.compute_time(Kind.B, u["stage"], u["slice"]))
+                   for run, c in zip(runs, cost) for u in run["units"])
+        k = sum(run["step_s"] for run in runs) / pred
+        return dict(compose_fwd=k, compose_bwd=k, action_fwd_s=0.0, action_bwd_s=0.0)
+    out: dict[str, object] = {}
+    for d, pi, mi in (("fwd", 1, 2), ("bwd", 3, 4)):
         k, over = 1.0, 0.0
         for _ in range(5):  # alternate: o from the tiny units given κ, κ from the others given o
             over = max(0.0, statistics.median(p[mi] - k * p[pi] for p in pts if p[0]))
             k = statistics.median((p[mi] - over) / p[pi] for p in pts if not p[0])
         if over == 0.0:  # kernel fixed costs already exceed the tiny units: κ alone must fit every unit
             k = statistics.median(p[mi] / p[pi] for p in pts)
-        out.append((k, over))
-    return out[0][0], out[1][0], out[0][1], out[1][1]
+        curve = _compose_curve([(p[pi] / p[5], (p[mi] - over) / p[pi]) for p in pts if not p[0]])
+        out.update({f"compose_{d}": k, f"action_{d}_s": over, f"compose_curve_{d}": curve})
+    return out
 
 
 def unit_consistency(hw: Hardware, doc: dict) -> list[dict]:

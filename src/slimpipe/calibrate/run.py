@@ -59,7 +59,8 @@ GRIDS: dict[str, dict[str, object]] = {
                 attn=((64, 0), (64, 960), (256, 0), (256, 768), (256, 1792), (512, 0), (512, 1536), (512, 3584),
                       (1024, 0), (1024, 1024), (1024, 3072), (2048, 0), (4096, 0)),
                 units=(("slimpipe", 32, 4, 2), ("1f1b", 512, 1, 4), ("slimpipe", 512, 4, 4),
-                       ("slimpipe", 1024, 4, 2), ("slimpipe", 2048, 4, 2)), executor_reps=4, executor_passes=2,
+                       ("slimpipe", 1024, 4, 2), ("slimpipe", 2048, 4, 2), ("slimpipe", 512, 8, 2),
+                       ("1f1b", 2048, 1, 2)), executor_reps=4, executor_passes=2,
                 foot_tokens=128),
     "cpu-quick": dict(gemm=(64, 256), elem=(64, 256), ends=(64, 256), reps=2, unit_layers=0,
                       p2p=(1 << 10, 1 << 20), tp=(1 << 15, 1 << 20),
@@ -163,8 +164,7 @@ def _fit_hardware(opts: CalibrateOptions, m: dict, footprint: ActivationFootprin
                 **_fit_messages(m["units"] if dev.type == "cpu" else []), **_fit_tp(m.get("tp", [])))
     fields = _hardware_fields(cfg, m, dev, opts.links)
     kernels_only = Hardware(**fields, profile=CostProfile(**prof))
-    kf, kb, af, ab = _fit_composition(cfg, m["units"], kernels_only)
-    prof.update(compose_fwd=kf, compose_bwd=kb, action_fwd_s=af, action_bwd_s=ab)
+    prof.update(_fit_composition(cfg, m["units"], kernels_only))
     return Hardware(**fields, profile=CostProfile(**prof))
 
 

@@ -206,7 +206,7 @@ class AnalyticCost:
         # backward (Megatron's SP), overlapping nothing: one more all-gather per TP region than the 4
         # exposed collectives per direction the presets charge (Megatron overlaps the re-gather).
         attn_tp, mlp_tp, _, _ = self._layer_comm(j)
-        return prof.compose_fwd * fwd + cf, prof.compose_bwd * bwd + cb + attn_tp + mlp_tp
+        return prof.compose(True, fwd) * fwd + cf, prof.compose(False, bwd) * bwd + cb + attn_tp + mlp_tp
 
     def _profiled_ends(self, prof: CostProfile, j: int, *, head: bool, embed: bool) -> tuple[float, float]:
         """(forward, backward) of the embedding and/or head + loss on slice j from fitted times."""

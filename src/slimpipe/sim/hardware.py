@@ -252,6 +252,21 @@ class CostProfile:
     """Executor time between two actions (its loop, the trace, the activation sampling after every
     action): a step's span minus its actions' wall times, per action, in the 2-rank executor run; charged
     to every F, B, SEND and RECV. 0 where not measured (CUDA, profiles written before it was)."""
+    compose_curve_fwd: tuple[tuple[float, float], ...] = ()
+    """(kernel seconds of one layer's forward, κ) at the unit sizes of the 2-rank executor run, ascending;
+    interpolated linearly in log seconds, flat beyond its ends. It replaces ``compose_fwd`` for the
+    layers' kernels: on a CPU a unit of 64 tokens takes more per kernel second than one of 1024 (caches,
+    the allocator, autograd's fixed work per op), which one factor cannot follow. Empty: ``compose_fwd``
+    (presets, CUDA, older profiles)."""
+    compose_curve_bwd: tuple[tuple[float, float], ...] = ()
+    """The same for the backward."""
+
+    def compose(self, forward: bool, layer_kernel_s: float) -> float:
+        """κ for one layer whose kernels take ``layer_kernel_s`` (the curve where measured, else the factor)."""
+        curve = self.compose_curve_fwd if forward else self.compose_curve_bwd
+        if curve:
+            return _log_interp(curve, layer_kernel_s)
+        return self.compose_fwd if forward else self.compose_bwd
 
     def gemm(self, in_features: int, out_features: int) -> GemmProfile | None:
         """The measured shape, if calibrated."""
@@ -329,6 +344,8 @@ def profile_from_dict(doc: dict, *, default_name: str, source: str) -> Hardware:
         prof["gemms"] = tuple(
             GemmProfile(in_features=g["in_features"], out_features=g["out_features"], fwd=_linear(g["fwd"]),
                         bwd=_linear(g["bwd"])) for g in prof["gemms"])
+        for key in ("compose_curve_fwd", "compose_curve_bwd"):
+            prof[key] = tuple((float(x), float(y)) for x, y in prof.get(key, ()))
         if prof.get("footprint") is not None:
             prof["footprint"] = ActivationFootprint(**prof["footprint"])
         profile = CostProfile(**prof)

@@ -123,7 +123,7 @@ class TrainConfig:
     """Parameter and activation dtype: float32, bfloat16 or float64."""
     # --- processes --------------------------------------------------------------------------------
     nproc: int = 0
-    """Local processes to start (0: pp·dp, or 1 with local_pipeline). Ignored under torchrun."""
+    """Local processes to start (0: tp·cp·pp·dp, or 1 with local_pipeline). Ignored under torchrun."""
     local_pipeline: bool = False
     """Run every pipeline stage in one process (dp must be 1)."""
     device: str = "auto"
