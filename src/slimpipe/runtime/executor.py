@@ -133,6 +133,9 @@ class RankExecutor:
             self.offload.begin_step()
         self.trace, self.busy_s, self.executed = [], 0.0, 0
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        firsts, self._next_recv = _receive_chains(self._program)
+        for a in firsts:  # each channel's first receive, posted before any compute (transport docstring)
+            self._post(a)
         if self.vocab is not None:
             self.vocab.begin_step()
 
@@ -318,9 +321,31 @@ class RankExecutor:
     def _recv_f(self, a: Action) -> None:
         buf = self.transport.recv("fwd", self._shape(a), self.dtype, self._peer(a))
         self._inputs[a.unit] = buf.requires_grad_()
+        self._post(self._next_recv.get(a))
 
     def _recv_b(self, a: Action) -> None:
         self._douts[a.unit] = self.transport.recv("bwd", self._shape(a), self.dtype, self._peer(a))
+        self._post(self._next_recv.get(a))
+
+    def _post(self, a: Action | None) -> None:
+        """Start receive ``a`` early: one receive ahead per channel."""
+        if a is not None:
+            self.transport.post(_channel(a), self._shape(a), self.dtype, self._peer(a))
+
+
+def _receive_chains(program: tuple[Action, ...]) -> tuple[list[Action], dict[Action, Action]]:
+    """Each channel's first RECV in program order, and every RECV's successor on its channel."""
+    last: dict[str, Action] = {}
+    firsts, nxt = [], {}
+    for a in program:
+        if a.kind in (Kind.RECV_F, Kind.RECV_B):
+            ch = _channel(a)
+            if ch in last:
+                nxt[last[ch]] = a
+            else:
+                firsts.append(a)
+            last[ch] = a
+    return firsts, nxt
 
 
 def _channel(a: Action) -> str:

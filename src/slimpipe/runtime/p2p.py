@@ -8,6 +8,14 @@ and channel, so messages match by order alone: tags are never used (NCCL ignores
 The executor asks ``ready`` before a RECV: the distributed transport always says yes (its receive blocks,
 bounded by the group timeout); the in-memory one says no while the queue is empty, so the local runtime
 can run another rank instead (cooperative round-robin).
+
+The executor also ``post``s each channel's next receive as soon as the previous one completed (one
+ahead, one buffer per channel). On gloo a receive posted only when its RECV runs pays a rendezvous after
+the sender's notice (the busy sender's progress thread must answer): 1–7 ms per late receive on a shared
+2-core machine, 44–48 of them per step in slimpipe n8 at s = 512, about a sixth of that step
+(BENCHMARKS.md "Simulator validation", E). NCCL runs the p2p operations of a communicator in issue order
+on one stream, so an early receive would hold the rank's later sends behind it (a wrap-around program can
+then deadlock): there ``post`` does nothing and the receive is posted at its RECV, as before.
 """
 
 from __future__ import annotations
@@ -38,6 +46,11 @@ class Transport(Protocol):
         """The next message from pipeline rank ``src`` on ``channel``."""
         ...
 
+    def post(self, channel: str, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> None:
+        """Start the next receive from ``src`` on ``channel`` early (its ``recv`` then completes it); a
+        transport may ignore it. Posts follow the program's receive order per channel."""
+        ...
+
     def finish(self) -> None:
         """Wait for every outstanding send (end of step)."""
         ...
@@ -50,6 +63,8 @@ class DistTransport:
         self.state = state
         self._groups = {"fwd": state.fwd_group, "bwd": state.bwd_group}
         self._pending: list[tuple[object, torch.Tensor]] = []  # (work, tensor kept alive until sent)
+        self._posted: dict[tuple[str, int], deque[tuple[object, torch.Tensor]]] = {}  # early receives
+        self._early = dist.get_backend(state.fwd_group) == "gloo"  # see the module docstring
 
     def send(self, channel: str, tensor: torch.Tensor, dst: int) -> None:
         if not tensor.is_contiguous():  # gloo raises on non-contiguous tensors and the peer then hangs
@@ -63,14 +78,32 @@ class DistTransport:
         return True
 
     def recv(self, channel: str, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
-        buf = torch.empty(shape, dtype=dtype, device=self.state.device)
-        dist.irecv(buf, src=self.state.global_rank(src), group=self._groups[channel]).wait()
+        posted = self._posted.get((channel, src))
+        if posted:
+            work, buf = posted.popleft()
+            if tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
+                raise RuntimeError(f"{channel} receive from rank {src} was posted as {tuple(buf.shape)} "
+                                   f"{buf.dtype}, its RECV expects {tuple(shape)} {dtype}: posts out of order")
+        else:
+            buf = torch.empty(shape, dtype=dtype, device=self.state.device)
+            work = dist.irecv(buf, src=self.state.global_rank(src), group=self._groups[channel])
+        work.wait()  # type: ignore[attr-defined]
         return buf
+
+    def post(self, channel: str, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> None:
+        if not self._early:
+            return
+        buf = torch.empty(shape, dtype=dtype, device=self.state.device)
+        work = dist.irecv(buf, src=self.state.global_rank(src), group=self._groups[channel])
+        self._posted.setdefault((channel, src), deque()).append((work, buf))
 
     def finish(self) -> None:
         for work, _ in self._pending:
             work.wait()  # type: ignore[attr-defined]
         self._pending.clear()
+        left = {key: len(q) for key, q in self._posted.items() if q}
+        if left:
+            raise RuntimeError(f"receives posted but never taken at the end of the step: {left}")
 
 
 class LocalHub:
@@ -112,6 +145,9 @@ class LocalTransport:
                 f"expected {tuple(shape)} {dtype}: sends and receives are out of order"
             )
         return t.detach()
+
+    def post(self, channel: str, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> None:
+        return None  # in memory a message waits in its queue: nothing to start early
 
     def finish(self) -> None:
         return None
