@@ -6,6 +6,7 @@ import dataclasses
 import os
 import statistics
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -136,15 +137,31 @@ def _compose_curve(points: Sequence[tuple[float, float]], knots: int = 6) -> tup
     return tuple(out)
 
 
-def _unit_points(cfg: ModelConfig, runs: list[dict], hw: Hardware) -> list[tuple[bool, float, float, float, float, int]]:
-    """Per runtime unit: (tiny run, kernel sum F, measured F, kernel sum B, measured B, layers per stage)."""
+class _UnitPoint(NamedTuple):
+    """One runtime unit of the executor run against its kernel sum (the kernels-only cost model)."""
+
+    tiny: bool
+    """From the first, tiny run (the per-action overhead)."""
+    kernels: tuple[float, float]
+    """Kernel seconds (F, B) of the unit."""
+    measured: tuple[float, float]
+    """Measured seconds (F, B)."""
+    layers: int
+    """Layers per stage of its run."""
+    microbatches: int
+    """Micro-batches of its run (how many times a step runs the unit)."""
+
+
+def _unit_points(cfg: ModelConfig, runs: list[dict], hw: Hardware) -> list[_UnitPoint]:
+    """Every unit of every executor run, against the cost model of ``hw``."""
     pts = []
     for i, run in enumerate(runs):
         cost = _unit_cost(cfg, run, hw)
-        layers = cost.workload.layers_per_stage
         for u in run["units"]:
-            pts.append((i == 0, cost.compute_time(Kind.F, u["stage"], u["slice"]), u["fwd_s"],
-                        cost.compute_time(Kind.B, u["stage"], u["slice"]), u["bwd_s"], layers))
+            kernels = (cost.compute_time(Kind.F, u["stage"], u["slice"]),
+                       cost.compute_time(Kind.B, u["stage"], u["slice"]))
+            pts.append(_UnitPoint(i == 0, kernels, (u["fwd_s"], u["bwd_s"]), cost.workload.layers_per_stage,
+                                  run["microbatches"]))
     return pts
 
 
@@ -161,21 +178,19 @@ def _fit_composition(cfg: ModelConfig, runs: list[dict], hw: Hardware) -> dict[s
     """
     pts = _unit_points(cfg, runs, hw)
     if not all(r["per_action"] for r in runs):  # CUDA: one factor from whole steps, no per-action term
-        cost = [_unit_cost(cfg, run, hw) for run in runs]
-        pred = sum(run["microbatches"] * (c.compute_time(Kind.F, u["stage"], u["slice"])
-                                          + c.compute_time(Kind.B, u["stage"], u["slice"]))
-                   for run, c in zip(runs, cost) for u in run["units"])
-        k = sum(run["step_s"] for run in runs) / pred
+        k = sum(run["step_s"] for run in runs) / sum(p.microbatches * sum(p.kernels) for p in pts)
         return dict(compose_fwd=k, compose_bwd=k, action_fwd_s=0.0, action_bwd_s=0.0)
     out: dict[str, object] = {}
-    for d, pi, mi in (("fwd", 1, 2), ("bwd", 3, 4)):
+    for i, d in enumerate(("fwd", "bwd")):
+        big = [(p.kernels[i], p.measured[i], p.layers) for p in pts if not p.tiny]
+        tiny = [(p.kernels[i], p.measured[i]) for p in pts if p.tiny]
         k, over = 1.0, 0.0
         for _ in range(5):  # alternate: o from the tiny units given κ, κ from the others given o
-            over = max(0.0, statistics.median(p[mi] - k * p[pi] for p in pts if p[0]))
-            k = statistics.median((p[mi] - over) / p[pi] for p in pts if not p[0])
+            over = max(0.0, statistics.median(m - k * x for x, m in tiny))
+            k = statistics.median((m - over) / x for x, m, _ in big)
         if over == 0.0:  # kernel fixed costs already exceed the tiny units: κ alone must fit every unit
-            k = statistics.median(p[mi] / p[pi] for p in pts)
-        curve = _compose_curve([(p[pi] / p[5], (p[mi] - over) / p[pi]) for p in pts if not p[0]])
+            k = statistics.median(p.measured[i] / p.kernels[i] for p in pts)
+        curve = _compose_curve([(x / layers, (m - over) / x) for x, m, layers in big])
         out.update({f"compose_{d}": k, f"action_{d}_s": over, f"compose_curve_{d}": curve})
     return out
 
