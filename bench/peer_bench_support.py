@@ -56,7 +56,7 @@ class BenchOptions:
     """Write each configuration's last timed step as a Chrome trace here (empty: none)."""
     equal_flop: bool = False
     """Also run every slimpipe n > 1 configuration with equal-FLOP slices (``…-eqflop`` rows: Seq1F1B's
-    computation-balanced lengths, sim.cost.seq1f1b_partition, instead of equal lengths)."""
+    computation-balanced lengths, sim.flops.seq1f1b_partition, instead of equal lengths)."""
     timeout_s: float = 900.0
     """Process-group timeout."""
 

@@ -27,7 +27,8 @@ import time
 from slimpipe.config import ParallelConfig, load_model
 from slimpipe.schedule.actions import Kind
 from slimpipe.sim import Workload, evaluate, layer_flops, load_hardware
-from slimpipe.sim.cost import ATTN_BWD_FACTOR, AnalyticCost
+from slimpipe.sim.cost import AnalyticCost
+from slimpipe.sim.flops import ATTN_BWD_FACTOR
 
 H800 = load_hardware("h800")
 L70 = load_model("llama-70b")

@@ -52,7 +52,7 @@ from slimpipe.runtime.memory import MemoryTracker
 from slimpipe.runtime.optim import build_optimizer, clip_coefficient, scale_grads, squared_norm
 from slimpipe.schedule.actions import Kind, parse_action
 from slimpipe.schedule.builders import build
-from slimpipe.sim.cost import seq1f1b_partition
+from slimpipe.sim.flops import seq1f1b_partition
 
 __all__ = ["compare", "main", "TorchRunner", "SlimpipeRunner"]
 

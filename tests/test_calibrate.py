@@ -278,7 +278,7 @@ def test_message_costs_are_charged_to_the_adjacent_units(p, v) -> None:
 
 def test_presets_ignore_profile_machinery() -> None:
     """Without a profile AnalyticCost is the FLOP/efficiency model of the presets, bf16 p2p."""
-    from slimpipe.sim.cost import ATTN_BWD_FACTOR, layer_flops
+    from slimpipe.sim.flops import ATTN_BWD_FACTOR, layer_flops
 
     hw = load_hardware("h800")
     assert hw.profile is None

@@ -20,7 +20,7 @@ from slimpipe.planner.search import _bounded
 from slimpipe.schedule.builders import build
 from slimpipe.schedule.exchange import exchanges
 from slimpipe.sim import Workload, evaluate, load_hardware, peak_inflight
-from slimpipe.sim.cost import seq1f1b_partition
+from slimpipe.sim.flops import seq1f1b_partition
 from slimpipe.sim.evaluate import closed_form_inflight, precheck_memory, weighted_inflight
 from slimpipe.sim.exchange import exchange_buffer_bound
 

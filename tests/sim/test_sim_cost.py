@@ -169,7 +169,7 @@ def test_moe_communication_follows_megatrons_dispatchers(t, d, e, etp) -> None:
 
 @pytest.mark.parametrize("t, etp", [(1, None), (4, None), (4, 1)])
 def test_per_gpu_linear_shapes_add_up_to_the_layer_flops(t, etp) -> None:
-    from slimpipe.sim.cost import _linear_shapes
+    from slimpipe.sim.flops import linear_shapes as _linear_shapes
 
     # Per all-gathered token, Σ 2·share·in·out over one GPU's GEMMs is the layer's linear FLOPs / t.
     for model in (L70, MIX):

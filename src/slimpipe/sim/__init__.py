@@ -18,10 +18,9 @@ See docs/simulate.md for the formulas and their assumptions.
 
 from __future__ import annotations
 
-from slimpipe.sim.cost import (
-    AnalyticCost, CostModel, UniformCost, layer_flops, seq1f1b_partition,
-)
+from slimpipe.sim.cost import AnalyticCost, CostModel, UniformCost
 from slimpipe.sim.evaluate import Evaluation, evaluate
+from slimpipe.sim.flops import layer_flops, seq1f1b_partition
 from slimpipe.sim.hardware import HARDWARE_PRESETS, Hardware, load_hardware
 from slimpipe.sim.memory import MemoryBreakdown, memory_model, peak_inflight
 from slimpipe.sim.metrics import MFU_CONVENTION, Report, memory_curve, summarize

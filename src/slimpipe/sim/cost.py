@@ -1,14 +1,6 @@
 """Per-slice cost models: how long each F/B of a (stage, slice) takes and how long its p2p transfer takes.
 
-Readable like nanoGPT's ``estimate_mfu``: FLOPs are counted per layer for one slice of T tokens that sees
-a K/V prefix of P tokens (full-sequence token counts, before any sharding):
-
-* attention projections (GQA): ``2·T·h·(q + 2·d_kv)`` (Q, K, V) + ``2·T·q·h`` (output);
-* causal attention with a prefix: QKᵀ and AV each ``2·q`` FLOPs per (query, key) pair, and the queries of
-  the slice see ``T·P + T²/2`` keys in all: ``4·q·(T·P + T²/2)``. Slice j of n equal slices (block
-  b = s/n, P = j·b) costs ``4·q·b²·(j + ½)``; summed over j that is the unsliced causal ``4·q·s²/2``;
-* SwiGLU MLP ``6·T·h·f``; MoE: top-k of E experts, ``k·6·T·h·f`` plus the router ``2·T·h·E``;
-* output layer ``2·T·h·V`` (+ loss, not counted); embedding lookup: no FLOPs.
+FLOPs per layer and slice are counted in ``slimpipe.sim.flops`` (``layer_flops``).
 
 Backward = 2× forward for GEMMs and 2.5× for attention (flash attention recomputes QKᵀ: 5 matmuls against
 2); recomputation adds the recomputed forward work to B (partial+fc1: fc1; full: the whole layer).
@@ -40,7 +32,6 @@ of the one-way latency.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -48,16 +39,11 @@ from typing import Protocol
 from slimpipe.config import ModelConfig
 from slimpipe.schedule.actions import Kind
 from slimpipe.sim.documents import slice_pairs
+from slimpipe.sim.flops import ATTN_BWD_FACTOR, layer_flops, linear_shapes
 from slimpipe.sim.hardware import CostProfile, Hardware, elementwise_width
 from slimpipe.sim.workload import Workload
 
-__all__ = [
-    "CostModel", "UniformCost", "AnalyticCost", "LayerFlops", "layer_flops", "seq1f1b_partition",
-    "ATTN_BWD_FACTOR",
-]
-
-ATTN_BWD_FACTOR = 2.5
-"""Backward/forward FLOP ratio of fused attention (5 matmuls against 2; flash attention recomputes QKᵀ)."""
+__all__ = ["CostModel", "UniformCost", "AnalyticCost"]
 
 
 class CostModel(Protocol):
@@ -92,33 +78,6 @@ class UniformCost:
 
     def step_overhead(self) -> float:
         return 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class LayerFlops:
-    """Forward FLOPs of one layer for one slice, split by the kernel efficiency they run at."""
-
-    linear: float
-    """GEMM FLOPs (projections, MLP/experts, router)."""
-    attention: float
-    """Core attention FLOPs (QKᵀ and AV over the causal prefix)."""
-    fc1: float
-    """The fc1 (gate + up) part of ``linear``: what partial+fc1 recomputation replays."""
-
-
-def layer_flops(model: ModelConfig, tokens: float, prefix: float, *,
-                pairs: tuple[float, float] | None = None) -> LayerFlops:
-    """Forward FLOPs of one transformer layer for ``tokens`` queries after a K/V prefix of ``prefix``;
-    ``pairs`` = (prefix, diagonal) query-key pairs instead of (T·P, T²/2) (packed documents)."""
-    h, q, kv, f = model.hidden, model.q_dim, model.kv_dim, model.ffn
-    k = model.top_k if model.num_experts > 1 else 1
-    proj = 2 * tokens * h * (q + 2 * kv) + 2 * tokens * q * h
-    fc1 = k * 2 * tokens * h * 2 * f
-    mlp = k * 2 * tokens * h * 3 * f
-    router = 2 * tokens * h * model.num_experts if model.num_experts > 1 else 0
-    prefix_pairs, diagonal_pairs = pairs if pairs is not None else (tokens * prefix, tokens * tokens / 2)
-    attention = 4 * q * (prefix_pairs + diagonal_pairs)
-    return LayerFlops(linear=proj + mlp + router, attention=attention, fc1=fc1)
 
 
 def _ring_time(bytes_per_gpu: float, group: int, bw: float, latency: float) -> float:
@@ -179,7 +138,7 @@ class AnalyticCost:
         m, t, c = wl.model, par.tp, par.cp
         tok = self.b * self.tokens[j] / c  # tokens per GPU (CP shards the sequence)
         fwd = bwd = 0.0
-        for fin, fout, share in _linear_shapes(m, t, par.expert_tp):
+        for fin, fout, share in linear_shapes(m, t, par.expert_tp):
             shape = (fin, fout)
             g = prof.gemm(*shape)
             flops = 2 * tok * share * fin * fout
@@ -399,51 +358,3 @@ class AnalyticCost:
         bw = hw.link_bw(par.tp * group)
         # Expert weights sync over their own expert-data-parallel replicas (Megatron's expert-DP group).
         return _ring_time(dense * 6, group, bw, lat) + _ring_time(expert * 6, round(expert_dp(par)), bw, lat)
-
-
-def _linear_shapes(model: ModelConfig, t: int, etp: int) -> list[tuple[int, int, float]]:
-    """(in, out, token share) of every linear layer of one block on one GPU, per all-gathered SP token.
-
-    Under TP column-parallel layers split out and row-parallel ones split in, over all s/c tokens; the
-    router is whole on the SP-sharded tokens (share 1/t); MoE lists the top-k expert MLPs, sharded over
-    expert-TP (expert-TP = 1: whole experts on 1/t of the tokens, balanced routing).
-    """
-    h, q, kv, f = model.hidden, model.q_dim, model.kv_dim, model.ffn
-    shapes = [(h, q // t, 1.0), (h, kv // t, 1.0), (h, kv // t, 1.0), (q // t, h, 1.0)]
-    if model.num_experts == 1:
-        return shapes + [(h, f // t, 1.0), (h, f // t, 1.0), (f // t, h, 1.0)]
-    share = 1.0 if etp == t else 1.0 / t
-    shapes += model.top_k * [(h, f // etp, share), (h, f // etp, share), (f // etp, h, share)]
-    return shapes + [(h, model.num_experts, 1.0 / t)]
-
-
-def seq1f1b_partition(model: ModelConfig, seq_len: int, k: int, *, multiple: int = 1) -> tuple[float, ...]:
-    """Seq1F1B's computation-balanced segments: lengths whose prefix-aware forward FLOPs are total/k each.
-
-    Solved from the end of the sequence (the last segment sees the longest prefix, so it is the shortest);
-    boundaries are rounded to ``multiple`` tokens (e.g. t·2c); the first segment takes the rest. Returns
-    slice_weights (fractions of ``seq_len``, summing to 1), for ``build(..., slice_weights=...)``.
-    """
-    if k == 1:
-        return (1.0,)
-    whole = layer_flops(model, seq_len, 0)
-    target = (whole.linear + whole.attention) / k
-    lin = layer_flops(model, 1, 0).linear  # linear FLOPs per token
-    q4 = 4 * model.q_dim
-    lengths: list[int] = []
-    end = float(seq_len)
-    for _ in range(k - 1):
-        # lin·x + 4q·(x·(end − x) + x²/2) = target  →  2q·x² − (lin + 4q·end)·x + target = 0
-        a, b = q4 / 2, lin + q4 * end
-        x = (b - math.sqrt(max(b * b - 4 * a * target, 0.0))) / (2 * a)
-        x = max(multiple, round(x / multiple) * multiple)
-        lengths.append(int(x))
-        end -= x
-    first = seq_len - sum(lengths)
-    if first < multiple:
-        raise ValueError(
-            f"seq1f1b_partition: seq_len={seq_len} too short for k={k} segments of ≥ {multiple} tokens"
-        )
-    lengths.append(first)
-    lengths.reverse()  # (first, …, last)
-    return tuple(x / seq_len for x in lengths)

@@ -9,7 +9,8 @@ import functools
 from dataclasses import dataclass
 
 from slimpipe.schedule.actions import Schedule, ScheduleMeta
-from slimpipe.sim.cost import AnalyticCost, CostModel, UniformCost, seq1f1b_partition
+from slimpipe.sim.cost import AnalyticCost, CostModel, UniformCost
+from slimpipe.sim.flops import seq1f1b_partition
 from slimpipe.sim.hardware import Hardware
 from slimpipe.sim.memory import MemoryBreakdown, memory_model
 from slimpipe.sim.metrics import Report, summarize

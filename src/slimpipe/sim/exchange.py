@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 from slimpipe.schedule.actions import Kind, Schedule
 from slimpipe.schedule.exchange import Exchange, exchanges
-from slimpipe.sim.cost import ATTN_BWD_FACTOR, AnalyticCost, CostModel
+from slimpipe.sim.cost import AnalyticCost, CostModel
+from slimpipe.sim.flops import ATTN_BWD_FACTOR
 from slimpipe.sim.workload import Workload
 
 __all__ = [

@@ -116,7 +116,7 @@ def preflight(cfg: TrainConfig, *, env: TorchrunEnv | None = None, check_outputs
 
 def _slice_weights(cfg: TrainConfig, model) -> tuple[float, ...] | None:
     """None (equal slices) or the equal-FLOP slice fractions of --slice-split (the simulator's rule)."""
-    from slimpipe.sim.cost import seq1f1b_partition
+    from slimpipe.sim.flops import seq1f1b_partition
     from slimpipe.sim.evaluate import resolve_slice_split
 
     if resolve_slice_split(cfg.schedule, cfg.slice_split) == "equal" or cfg.slices == 1:
