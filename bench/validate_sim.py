@@ -22,6 +22,14 @@ machine noise hits all of them alike):
   slice) from the first slice backward on. The published formula (bf16, flash attention, Megatron
   tensors) describes another storage format; its schedule ratios are reported beside it.
 
+Calibrate's 2-rank executor run (its seven configurations, F/B units of 8 … 2048 tokens) is repeated
+before the first sequence length's rows and after each one's; every row is predicted with the profile's
+executor terms (κ curve, per-action overhead, message costs, gap between actions) refitted from the mean
+of the two passes around it, the kernel terms staying the profile's (``--no-rerun-executor``: the
+profile alone, also reported per row). The development VM's speed per CPU second drifts 1.3–1.6× within
+an hour for identical work, so a profile measured minutes earlier predicts a different machine
+(BENCHMARKS.md "Simulator validation", E and F).
+
     python bench/validate_sim.py --profile cpu1.json --json out.json --markdown out.md
 
 Without ``--profile`` it first runs ``slimpipe calibrate --threads 1`` (the ranks are single-threaded).
@@ -41,8 +49,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from slimpipe.calibrate import fork_gloo
-from slimpipe.calibrate.executor import message_costs
+from slimpipe.calibrate import GRIDS, fork_gloo
+from slimpipe.calibrate.executor import mean_pass, measure_executor, message_costs
+from slimpipe.calibrate.fit import refit_executor
 from slimpipe.config import ConfigError, ModelConfig, ParallelConfig, load_model
 from slimpipe.schedule.actions import Kind, Schedule, parse_action
 from slimpipe.schedule.passes import lower
@@ -105,6 +114,12 @@ SPLIT_CASES = [Case(schedule="slimpipe", seq_len=4096, microbatches=2, slices=n,
 CP_CASES = [Case(schedule=name, seq_len=s, microbatches=2, slices=n, pp=1, cp=2)
             for s in (2048, 4096) for name, n in (("1f1b", 1), ("slimpipe", 4), ("slimpipe", 8))]
 
+
+# calibrate's own executor run (its configurations and timed steps), repeated around each group's rows,
+# and the profile terms refitted from it (reported per row)
+RERUN = (GRIDS["cpu"]["units"], int(GRIDS["cpu"]["executor_reps"]))
+EXECUTOR_TERMS = ("compose_curve_fwd", "compose_curve_bwd", "action_fwd_s", "action_bwd_s", "p2p_send_s",
+                  "p2p_recv_s", "action_gap_s")
 
 CASE_LISTS = {"default": DEFAULT_CASES, "quick": QUICK_CASES, "split": SPLIT_CASES, "cp": CP_CASES}
 
@@ -191,18 +206,26 @@ def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedu
 
 
 def measure(cases: list[Case], model: ModelConfig, schedules: list[Schedule], steps: int,
-            warm: int = 1) -> list[dict]:
+            warm: int = 1, executor: tuple | None = None) -> tuple[list[dict], list[list[dict]]]:
     """Median figures per case from two single-threaded gloo ranks, one pair of processes per (p, c, s):
     a training job's processes hold one sequence length's buffers, and mixing s = 4096 runtimes into the
     processes of s = 512 ones made the small units 7–15 % slower in CPU time (BENCHMARKS.md "Simulator
-    validation", E), a cost no single job pays."""
+    validation", E), a cost no single job pays. With ``executor`` (calibrate's executor runs and reps),
+    calibrate's 2-rank executor run is repeated before the first group and after every group: the passes
+    around each group, per group (the second list)."""
     out: list[dict | None] = [None] * len(cases)
-    for group in dict.fromkeys((c.pp, c.cp, c.seq_len) for c in cases):
+    groups = list(dict.fromkeys((c.pp, c.cp, c.seq_len) for c in cases))
+    passes = [measure_executor(model, *executor)] if executor else []
+    around = []
+    for group in groups:
         idx = [i for i, c in enumerate(cases) if (c.pp, c.cp, c.seq_len) == group]
         assert group[0] * group[1] == 2, f"{group[:2]}: the validation runs on two ranks"
         for i, row in zip(idx, _measure(cases, idx, model, schedules, steps, warm)):
             out[i] = row
-    return out  # type: ignore[return-value]
+        if executor:
+            passes.append(measure_executor(model, *executor))
+            around.append(passes[-2:])
+    return out, around  # type: ignore[return-value]
 
 
 def _measure(cases: list[Case], idx: list[int], model: ModelConfig, schedules: list[Schedule],
@@ -224,17 +247,30 @@ def _measure(cases: list[Case], idx: list[int], model: ModelConfig, schedules: l
     return out
 
 
-def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int = 3, warm: int = 1) -> list[dict]:
-    """One row per case: measured, predicted and their ratios."""
-    preds = [predict(c, model, hw) for c in cases]
-    # the same profile without the p2p message costs and the executor's gaps between actions: its F/B
-    # busy time is what the trace's F/B actions measure
-    plain = hw
-    if hw.profile is not None:
-        plain = dataclasses.replace(hw, profile=dataclasses.replace(hw.profile, p2p_send_s=0.0, p2p_recv_s=0.0,
-                                                                    action_gap_s=0.0))
-    before = [predict(c, model, plain) for c in cases]
-    meas = measure(cases, model, [p["schedule"] for p in preds], steps, warm)
+def _without_messages(hw: Hardware) -> Hardware:
+    """The same profile without the p2p message costs and the executor's gaps between actions: its F/B busy
+    time is what the trace's F/B actions measure."""
+    if hw.profile is None:
+        return hw
+    return dataclasses.replace(hw, profile=dataclasses.replace(hw.profile, p2p_send_s=0.0, p2p_recv_s=0.0,
+                                                               action_gap_s=0.0))
+
+
+def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int = 3, warm: int = 1,
+             executor: tuple | None = None) -> list[dict]:
+    """One row per case: measured, predicted and their ratios. ``executor`` = (runs, reps) of calibrate's
+    2-rank executor run (``RERUN``): each (p, c, s) group is predicted with the profile's executor terms
+    refitted from that run repeated right before and after the group's rows (``refit_executor``; the
+    kernel terms stay the profile's). None: every row from the profile alone."""
+    schedules = [predict(c, model, hw)["schedule"] for c in cases]
+    meas, around = measure(cases, model, schedules, steps, warm, executor)
+    group_hw = {}
+    for g, passes in zip(dict.fromkeys((c.pp, c.cp, c.seq_len) for c in cases), around):
+        group_hw[g] = refit_executor(hw, model, mean_pass(passes))
+    hws = [group_hw.get((c.pp, c.cp, c.seq_len), hw) for c in cases]
+    preds = [predict(c, model, h) for c, h in zip(cases, hws)]
+    before = [predict(c, model, _without_messages(h)) for c, h in zip(cases, hws)]
+    alone = [predict(c, model, hw)["step_s"] for c in cases] if executor else [p["step_s"] for p in preds]
     ref = {(c.seq_len, c.pp, c.cp): i for i, c in reversed(list(enumerate(cases))) if c.schedule == "1f1b"}
     rows = []
     for i, (c, p, m) in enumerate(zip(cases, preds, meas)):
@@ -244,6 +280,8 @@ def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int 
             "v": c.vpp, "measured_step_s": m["step_s"], "step_s_all": m["step_s_all"],
             "predicted_step_s": p["step_s"], "step_ratio": p["step_s"] / m["step_s"],
             "step_ratio_without_messages": before[i]["step_s"] / m["step_s"],
+            "step_ratio_profile_alone": alone[i] / m["step_s"],  # without the executor rerun
+            "executor_refit": {k: getattr(hws[i].profile, k, None) for k in EXECUTOR_TERMS},
             # step − the busiest rank's F/B time: bubbles and messages, free of the compute prediction's error
             "measured_noncompute_s": m["step_s"] - max(m["busy_s"]),
             "predicted_noncompute_s": p["step_s"] - max(before[i]["busy_s"]),
@@ -271,20 +309,24 @@ def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int 
 # ---- reporting -----------------------------------------------------------------------------------------
 def markdown(rows: list[dict]) -> str:
     head = ("| s | m | schedule | step meas s | step pred s | pred/meas | pred/meas CPU clock "
+            "| pred/meas profile alone "
             "| pred/meas w/o msg, gaps | bubble meas "
             "| bubble pred | non-compute ms meas, pred, w/o msg, gaps | busy pred/meas r0, r1 | wall ÷ CPU busy r0, r1 "
             "| SEND, late RECV ms (n/step) | r0 act meas MiB "
             "| act pred/meas r0, r1 | r0 act ÷ 1f1b meas | published ÷ 1f1b |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         ok = "" if 0.9 <= r["step_ratio"] <= 1.1 else " ✗"
-        cok = "" if 0.9 <= r["step_ratio_cpu"] <= 1.1 else " ✗"
+        cook = "" if 0.9 <= r["step_ratio_cpu"] <= 1.1 else " ✗"
+        pok = "" if 0.9 <= r["step_ratio_profile_alone"] <= 1.1 else " ✗"
         aok = "" if all(abs(x - 1) <= 0.05 for x in r["act_ratio"]) else " ✗"
         lines.append(
             f"| {r['seq_len']} | {r['m']} | {r['case']} | {r['measured_step_s']:.3f} | "
             f"{r['predicted_step_s']:.3f} | "
-            f"{r['step_ratio']:.3f}{ok} | {r['step_ratio_cpu']:.3f}{cok} | {r['step_ratio_without_messages']:.3f} | "
+            f"{r['step_ratio']:.3f}{ok} | {r['step_ratio_cpu']:.3f}{cook} | "
+            f"{r['step_ratio_profile_alone']:.3f}{pok} | "
+            f"{r['step_ratio_without_messages']:.3f} | "
             f"{r['measured_bubble']:.1%} | {r['predicted_bubble']:.1%} | "
             f"{r['measured_noncompute_s'] * 1e3:.0f}, {r['predicted_noncompute_s'] * 1e3:.0f}, "
             f"{r['predicted_noncompute_s_without_messages'] * 1e3:.0f} | "
@@ -306,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="untimed steps of the same configuration right before each timed one (default 1: "
                          "the steady state the simulator predicts; 0: the timed step follows another "
                          "configuration's, as before 2026-12-05)")
+    ap.add_argument("--rerun-executor", action=argparse.BooleanOptionalAction, default=True,
+                    help="repeat calibrate's 2-rank executor run before and after each sequence length's "
+                         "rows and refit the profile's executor terms from those passes for the rows between "
+                         "them (default on: the VM's speed per CPU second drifts 1.3–1.6× within an hour; "
+                         "--no-rerun-executor predicts every row from the profile alone)")
     ap.add_argument("--json", default="", help="write rows and run metadata here")
     ap.add_argument("--markdown", default="", help="write the markdown table here")
     a = ap.parse_args(argv)
@@ -320,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             doc = calibrate(CalibrateOptions(model=model, threads=1, concurrency=2))
             hw = profile_from_dict(doc, default_name="calibrated", source="calibrate")
         load0, t0 = os.getloadavg(), time.time()
-        rows = validate(CASE_LISTS[a.cases], model, hw, steps=a.steps, warm=a.warm)
+        rows = validate(CASE_LISTS[a.cases], model, hw, steps=a.steps, warm=a.warm,
+                        executor=RERUN if a.rerun_executor else None)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -328,15 +376,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{torch.__version__}", "load_before": load0, "load_after": os.getloadavg(),
             "wall_s": time.time() - t0,
             "profile": a.profile or "calibrated in-process", "model": model.name, "steps": a.steps,
-            "warm": a.warm,
+            "warm": a.warm, "rerun_executor": a.rerun_executor,
             "profile_p2p_send_s": hw.profile.p2p_send_s if hw.profile else 0.0,
             "profile_p2p_recv_s": hw.profile.p2p_recv_s if hw.profile else 0.0}
     table = markdown(rows)
     meta["in_band"] = sum(0.9 <= r["step_ratio"] <= 1.1 for r in rows)
     meta["in_band_cpu_clock"] = sum(0.9 <= r["step_ratio_cpu"] <= 1.1 for r in rows)
+    meta["in_band_profile_alone"] = sum(0.9 <= r["step_ratio_profile_alone"] <= 1.1 for r in rows)
     print(f"{meta['date']}  {meta['machine']}  load {load0[0]:.2f} → {meta['load_after'][0]:.2f}  "
           f"{meta['wall_s']:.0f} s  step time within 0.9–1.1: {meta['in_band']}/{len(rows)} wall, "
-          f"{meta['in_band_cpu_clock']}/{len(rows)} on a CPU clock\n{table}")
+          f"{meta['in_band_cpu_clock']}/{len(rows)} on a CPU clock, "
+          f"{meta['in_band_profile_alone']}/{len(rows)} with the profile alone\n{table}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)

@@ -161,6 +161,50 @@ def test_diagonal_curve_interpolates_in_log_tokens() -> None:
     assert attn(8, 200, 10) == pytest.approx(4 * 8 * 200 * 10 + 5.0 * flops)  # P > 0: the fitted terms
 
 
+def test_prefix_curve_prices_a_slice_as_the_runtime_runs_it() -> None:
+    """After a prefix: own causal block on the P = 0 curve, plus merge and prefix rate read at T (log T,
+    flat beyond the ends); the first slice and curve-less profiles keep the old terms."""
+    attn = AttentionTime(fixed_s=1.0, prefix_s=7.0, diagonal_s=9.0, masked_diagonal_s=5.0,
+                         diagonal_curve=((100.0, 4.0), (400.0, 2.0)),
+                         prefix_curve=((100.0, 10.0, 3.0), (400.0, 30.0, 1.0)))
+    q, t, p = 8, 200, 600
+    assert attn(q, t, p) == pytest.approx(1.0 + 20.0 + 2.0 * 4 * q * t * p + 3.0 * 2 * q * t * t)
+    assert attn(q, 800, p) == pytest.approx(1.0 + 30.0 + 1.0 * 4 * q * 800 * p + 2.0 * 2 * q * 800 * 800)
+    assert attn(q, t, 0) == pytest.approx(1.0 + 3.0 * 2 * q * t * t)
+    old = dataclasses.replace(attn, prefix_curve=())
+    assert old(q, t, p) == pytest.approx(1.0 + 7.0 * 4 * q * t * p + 5.0 * 2 * q * t * t)
+
+
+def test_prefix_curve_fit_recovers_merge_and_rate() -> None:
+    """Per measured T: the P > 0 points less the intercept and the own block, fitted as merge + rate·F."""
+    from slimpipe.calibrate.fit import _prefix_curve
+
+    q, fixed, diag = 16, 1e-5, ((64.0, 2e-11), (256.0, 1e-11))
+    truth = {64: (0.0, 3e-11), 256: (2e-4, 1.5e-11)}
+    pts = [{"tokens": t, "prefix": 0, "fwd_s": fixed + dict(diag)[float(t)] * 2 * q * t * t} for t in truth]
+    for t, grid in ((64, (640,)), (256, (768, 1792))):
+        for p in grid:
+            merge, rate = truth[t]
+            own = fixed + dict(diag)[float(t)] * 2 * q * t * t
+            pts.append({"tokens": t, "prefix": p, "fwd_s": own + merge + rate * 4 * q * t * p})
+    got = _prefix_curve(q, pts, "fwd", fixed, diag)
+    assert [k[0] for k in got] == [64.0, 256.0]
+    for (t, merge, rate), want in zip(got, truth.values()):
+        assert merge == pytest.approx(want[0], abs=1e-9) and rate == pytest.approx(want[1], rel=1e-6)
+    assert _prefix_curve(q, pts, "fwd", fixed, ()) == ()  # no P = 0 curve: the old terms
+
+
+def test_quick_profile_reproduces_its_prefix_points(quick_profile) -> None:
+    """The quick grid has one prefix per T: the curve goes through every measured (T, P > 0) point."""
+    doc = json.loads(quick_profile[0].read_text())
+    prof = load_profile(str(quick_profile[0])).profile
+    for d, attn in (("fwd", prof.attn_fwd), ("bwd", prof.attn_bwd)):
+        assert [k[0] for k in attn.prefix_curve] == [64.0, 128.0]
+        for a in (a for a in doc["measurements"]["attention"] if a["prefix"] > 0):
+            assert attn(TINY.q_dim, a["tokens"], a["prefix"]) == pytest.approx(
+                max(a[f"{d}_s"], attn(TINY.q_dim, a["tokens"], 0)))
+
+
 def test_compose_curve_knots_and_interpolation(quick_profile) -> None:
     """κ per unit size: knots are medians of equal-count groups of units; the profile reads κ in log x,
     flat beyond the ends; without a curve (older profiles, presets) the single factor."""
@@ -196,6 +240,34 @@ def test_fastest_pass_keeps_the_quicker_run_and_pools_messages() -> None:
     assert [r["step_s"] for r in got] == [3.0, 3.0]
     assert [r["send_s"] for r in got] == [[0.1, 0.3], [0.2, 0.4]]
     assert got[0]["passes_units_s"] == [3.0, 4.5]
+
+
+def test_mean_pass_averages_units_and_pools_messages() -> None:
+    from slimpipe.calibrate.executor import mean_pass
+
+    def run(f: float, sends: list[float]) -> dict:
+        unit = {"stage": 0, "slice": 0, "fwd_s": f, "bwd_s": 2 * f, "fwd_wall_s": f, "bwd_wall_s": 2 * f}
+        return {"units": [unit], "send_s": sends, "late_recv_s": [f], "gap_s": [], "step_s": 3 * f}
+    got = mean_pass([[run(1.0, [0.1])], [run(2.0, [0.3])]])
+    assert got[0]["units"][0]["fwd_s"] == 1.5 and got[0]["units"][0]["bwd_wall_s"] == 3.0
+    assert got[0]["step_s"] == 4.5 and got[0]["send_s"] == [0.1, 0.3] and got[0]["late_recv_s"] == [1.0, 2.0]
+
+
+def test_refit_executor_on_the_profiles_own_runs_is_the_profile(quick_profile) -> None:
+    """Refitting the executor terms from the very runs calibrate fitted them from changes nothing; other
+    runs move only the executor terms, never the kernels."""
+    from slimpipe.calibrate.fit import refit_executor
+
+    doc = json.loads(quick_profile[0].read_text())
+    hw = load_profile(str(quick_profile[0]))
+    runs = doc["measurements"]["units"]
+    assert refit_executor(hw, TINY, runs) == hw
+    slow = [{**r, "units": [{**u, "fwd_s": 2 * u["fwd_s"]} for u in r["units"]]} for r in runs]
+    got = refit_executor(hw, TINY, slow).profile
+    assert got.attn_fwd == hw.profile.attn_fwd and got.gemms == hw.profile.gemms
+    was = hw.profile
+    assert got.compose(True, 1e-3) > was.compose(True, 1e-3) or got.action_fwd_s > was.action_fwd_s
+    assert got.compose_curve_bwd == hw.profile.compose_curve_bwd
 
 
 def test_unit_consistency_ignores_message_costs(quick_profile) -> None:
@@ -337,8 +409,13 @@ def test_activation_walk_matches_the_runtime(quick_profile, one_thread, name, n,
 def test_validate_core_runs_on_two_ranks(quick_profile) -> None:
     hw = load_profile(str(quick_profile[0]))
     t0 = _cpu_seconds()
-    rows = validate_sim.validate(validate_sim.QUICK_CASES, TINY.replace(num_layers=4), hw, steps=1)
-    assert _cpu_seconds() - t0 < 30
+    from slimpipe.calibrate import GRIDS
+
+    # calibrate's quick executor run repeated around the rows: the rows' executor terms refitted from it
+    rerun = (GRIDS["cpu-quick"]["units"], 1)
+    rows = validate_sim.validate(validate_sim.QUICK_CASES, TINY.replace(num_layers=4), hw, steps=1,
+                                 executor=rerun)
+    assert _cpu_seconds() - t0 < 40
     assert [r["case"] for r in rows] == ["1f1b", "slimpipe n=4"]
     for r in rows:
         assert r["measured_step_s"] > 0 and math.isfinite(r["step_ratio"]) and 0 <= r["measured_bubble"] < 1
@@ -346,5 +423,6 @@ def test_validate_core_runs_on_two_ranks(quick_profile) -> None:
         # every row has p2p messages: the traces show their SEND times; the plain-profile prediction too
         assert r["measured_send_s"] > 0 and math.isfinite(r["step_ratio_without_messages"])
         assert r["measured_noncompute_s"] > 0 and r["predicted_noncompute_s"] > 0
+        assert math.isfinite(r["step_ratio_profile_alone"]) and r["executor_refit"]["compose_curve_fwd"]
     assert rows[1]["measured_act_vs_1f1b"] < 1  # slicing cuts rank 0's activation peak
     assert "| 128 | 2 | slimpipe n=4 |" in validate_sim.markdown(rows)

@@ -3,8 +3,10 @@
 Measured, each as a function of the shapes the model uses (docs/calibrate.md):
 
 * every linear layer of the model (forward; backward = dX + dW) at a few token counts;
-* sliced causal attention through the runtime's own kernel path (``window_attention``) over a grid of
-  slice length T and prefix length P, fitted per direction as ``a + b·F_prefix + c·F_diagonal``;
+* sliced causal attention through the runtime's own kernel path (``slice_attention``: the own block
+  square causal, one call per earlier slice's K/V block, merged by log-sum-exp) over a grid of slice
+  length T and prefix length P, fitted per direction as ``a + c(T)·F_diagonal`` at P = 0 and
+  ``+ m(T) + b(T)·F_prefix`` after a prefix, curves over T;
 * the elementwise ops of a block (norms, RoPE, SwiGLU gate, residuals), the embedding and the loss per token;
 * point-to-point latency and bandwidth between two processes, and the rank time each message costs its
   sender and its receiver (gloo over fork on CPU; on CUDA one GPU cannot host a 2-rank NCCL pipeline, so a

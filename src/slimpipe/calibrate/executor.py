@@ -33,7 +33,7 @@ import torch.distributed as dist
 from slimpipe.config import ModelConfig
 from slimpipe.schedule.actions import Kind, parse_action
 
-__all__ = ["fastest_pass", "message_costs", "measure_executor"]
+__all__ = ["fastest_pass", "mean_pass", "message_costs", "measure_executor"]
 
 Trace = list[tuple[str, float, float, float]]  # (action, start, end, CPU seconds); wall clock seconds
 
@@ -143,4 +143,20 @@ def fastest_pass(passes: Sequence[list[dict]]) -> list[dict]:
                     "gap_s": [x for r in runs for x in r.get("gap_s", ())],
                     "passes_units_s": [sum(u["fwd_s"] + u["bwd_s"] for u in r["units"]) for r in runs]})
     out[0]["elapsed_s"] = sum(p[0].get("elapsed_s", 0.0) for p in passes)
+    return out
+
+
+def mean_pass(passes: Sequence[list[dict]]) -> list[dict]:
+    """Passes of ``measure_executor`` over the same runs merged: per run and unit the mean of the passes'
+    CPU medians (passes taken before and after other work: the speed in between is their mean, to first
+    order), every pass's message times pooled."""
+    out = []
+    for runs in zip(*passes):
+        units = [{**us[0], **{k: statistics.fmean(u[k] for u in us)
+                              for k in ("fwd_s", "bwd_s", "fwd_wall_s", "bwd_wall_s")}}
+                 for us in zip(*(r["units"] for r in runs))]
+        out.append({**runs[0], "units": units, "step_s": statistics.fmean(r["step_s"] for r in runs),
+                    "send_s": [x for r in runs for x in r["send_s"]],
+                    "late_recv_s": [x for r in runs for x in r["late_recv_s"]],
+                    "gap_s": [x for r in runs for x in r.get("gap_s", ())]})
     return out

@@ -15,11 +15,11 @@ from slimpipe.config import ConfigError, ModelConfig, ParallelConfig
 from slimpipe.schedule.actions import Kind
 from slimpipe.sim.cost import AnalyticCost
 from slimpipe.sim.hardware import (
-    HARDWARE_PRESETS, AttentionTime, GemmProfile, Hardware, LinearTime, elementwise_width,
+    HARDWARE_PRESETS, AttentionTime, GemmProfile, Hardware, LinearTime, elementwise_width, log_interp,
 )
 from slimpipe.sim.workload import Workload
 
-__all__ = ["unit_consistency", "step_consistency"]
+__all__ = ["unit_consistency", "step_consistency", "refit_executor"]
 
 
 def _nnls(rows: Sequence[Sequence[float]], ts: Sequence[float]) -> list[float]:
@@ -72,8 +72,10 @@ def _fit_kernels(cfg: ModelConfig, m: dict) -> dict[str, object]:
     attn = {}
     for d in ("fwd", "bwd"):
         c = _nnls(rows, [a[f"{d}_s"] for a in m["attention"]])
+        diag = _diagonal_curve(q, m["attention"], d, c[0])
+        prefix = _prefix_curve(q, m["attention"], d, c[0], diag)
         attn[d] = AttentionTime(fixed_s=c[0], prefix_s=c[1], diagonal_s=c[2], masked_diagonal_s=c[3],
-                                diagonal_curve=_diagonal_curve(q, m["attention"], d, c[0]))
+                                diagonal_curve=diag, prefix_curve=prefix)
     width = elementwise_width(cfg.hidden, cfg.q_dim, cfg.kv_dim, cfg.ffn)
 
     def per_token(points, scale, d):
@@ -95,6 +97,27 @@ def _diagonal_curve(q: int, points: Sequence[dict], d: str, fixed_s: float) -> t
     the first slice and unsliced units, whose kernel speed changes with T (AttentionTime)."""
     pts = sorted((a["tokens"], a[f"{d}_s"]) for a in points if a["prefix"] == 0)
     return tuple((float(t), max(0.0, s - fixed_s) / (2 * q * t * t)) for t, s in pts)
+
+
+def _prefix_curve(q: int, points: Sequence[dict], d: str, fixed_s: float,
+                  diag: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float, float], ...]:
+    """(T, merge seconds, seconds per prefix FLOP) at each measured T with P > 0: what a slice after a
+    prefix costs beyond the intercept and its own causal block (the P = 0 kernel at T, read on ``diag``),
+    fitted over that T's prefixes as ``merge + rate·4q·T·P`` (one prefix: the rate alone). The kernel's
+    speed per prefix FLOP changes with the query length T (AttentionTime)."""
+    if not diag:
+        return ()
+    out = []
+    for t in sorted({a["tokens"] for a in points if a["prefix"] > 0}):
+        own = fixed_s + log_interp(diag, t) * 2 * q * t * t
+        pts = [(4 * q * t * a["prefix"], a[f"{d}_s"] - own)
+               for a in points if a["tokens"] == t and a["prefix"] > 0]
+        if len(pts) > 1:
+            merge, rate = _nnls([(1.0, x) for x, _ in pts], [max(y, 1e-12) for _, y in pts])
+        else:
+            merge, rate = 0.0, max(0.0, pts[0][1]) / pts[0][0]
+        out.append((float(t), merge, rate))
+    return tuple(out)
 
 
 def _fit_messages(runs: Sequence[dict]) -> dict[str, float]:
@@ -193,6 +216,20 @@ def _fit_composition(cfg: ModelConfig, runs: list[dict], hw: Hardware) -> dict[s
         curve = _compose_curve([(x / layers, (m - over) / x) for x, m, layers in big])
         out.update({f"compose_{d}": k, f"action_{d}_s": over, f"compose_curve_{d}": curve})
     return out
+
+
+def refit_executor(hw: Hardware, cfg: ModelConfig, runs: list[dict]) -> Hardware:
+    """``hw`` with the terms calibrate fits from its 2-rank executor run (κ and its curve, the per-action
+    overhead, the message costs, the gap between actions) refitted from ``runs`` (``measure_executor``'s
+    records, the tiny run first); the kernel terms stay. For measurements that re-time the executor
+    beside the runs they predict (bench/validate_sim.py)."""
+    prof = hw.profile
+    if prof is None:
+        raise ConfigError("refit_executor: the hardware has no calibrated profile")
+    kernels = dataclasses.replace(prof, compose_fwd=1.0, compose_bwd=1.0, action_fwd_s=0.0, action_bwd_s=0.0,
+                                  compose_curve_fwd=(), compose_curve_bwd=())
+    fitted = _fit_composition(cfg, runs, dataclasses.replace(hw, profile=kernels))
+    return dataclasses.replace(hw, profile=dataclasses.replace(prof, **fitted, **_fit_messages(runs)))
 
 
 def unit_consistency(hw: Hardware, doc: dict) -> list[dict]:

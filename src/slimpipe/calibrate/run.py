@@ -24,6 +24,7 @@ from slimpipe.calibrate.measure import (
 from slimpipe.calibrate.units import _measure_footprint, _measure_units
 from slimpipe.config import ConfigError, ModelConfig
 from slimpipe.runtime.forked import run_forked
+from slimpipe.runtime.host_memory import retain_freed_host_memory
 from slimpipe.sim.hardware import PROFILE_FORMAT, ActivationFootprint, CostProfile, Hardware
 
 __all__ = ["CalibrateOptions", "calibrate", "GRIDS"]
@@ -87,6 +88,8 @@ def _measure_compute(rank: int, cfg: ModelConfig, grid: dict, dev: torch.device,
     """Everything but p2p; with several concurrent processes only rank 0 drives the progress bar."""
     if threads:
         torch.set_num_threads(threads)
+    if dev.type == "cpu":
+        retain_freed_host_memory()  # the kernels run with the runtime's malloc settings
     single = dev.type == "cpu" and torch.get_num_threads() == 1
     ctx = _Ctx(dev=dev, dt=torch.float32 if dev.type == "cpu" else torch.bfloat16, reps=int(grid["reps"]),
                clock=time.thread_time if single else time.perf_counter,

@@ -24,6 +24,7 @@ from slimpipe.config import ModelConfig
 from slimpipe.models.base import DecoderParts
 from slimpipe.runtime.attention import MaskCache
 from slimpipe.runtime.exchange import local_exchange, with_exchange
+from slimpipe.runtime.host_memory import retain_freed_host_memory
 from slimpipe.runtime.executor import RankExecutor
 from slimpipe.runtime.offload import OffloadConfig, as_offload
 from slimpipe.runtime.optim import OptimConfig, build_optimizer, squared_norm
@@ -54,6 +55,8 @@ class LocalPipelineRuntime(StepLoop):
         self.restart_positions = restart_positions  # packed documents: RoPE positions per document
         self.vocab_parallel = vocab_parallel  # embedding/head sharded over all ranks (docs/vocab_parallel.md)
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            retain_freed_host_memory()  # no page faults for each step's buffers (runtime/host_memory.py)
         p = schedule.num_ranks
         # attn_balance > 0: exchange markers; here owners compute the moved blocks (runtime/exchange.py).
         self.schedule = prepare_schedule(with_exchange(with_vocab(schedule, vocab_parallel), attn_balance),

@@ -22,6 +22,7 @@ from slimpipe.runtime.context_parallel import ContextParallel
 from slimpipe.runtime.cp_attention import CPGroup
 from slimpipe.runtime.exchange import dist_exchange, with_exchange
 from slimpipe.runtime.executor import RankExecutor
+from slimpipe.runtime.host_memory import retain_freed_host_memory
 from slimpipe.runtime.experts import expert_placement, split_expert_params
 from slimpipe.runtime.offload import OffloadConfig, as_offload
 from slimpipe.runtime.optim import OptimConfig, build_optimizer, squared_norm
@@ -117,6 +118,8 @@ class PipelineRuntime(StepLoop):
                  check_schedule: bool = True, mask_mode: str = "auto", attn_balance: int = 0,
                  vocab_parallel: bool = False, recompute: str = "none",
                  offload: float | OffloadConfig = 0.0, restart_positions: bool = True) -> None:
+        if state.device.type == "cpu":
+            retain_freed_host_memory()  # no page faults for each step's buffers (runtime/host_memory.py)
         self.parts = as_parts(model, expert_placement(model, state))
         self.restart_positions = restart_positions  # packed documents: RoPE positions per document
         self.state = state

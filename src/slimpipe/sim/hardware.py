@@ -23,7 +23,7 @@ from slimpipe.config import ConfigError
 __all__ = [
     "Hardware", "HARDWARE_PRESETS", "load_hardware", "load_profile", "CostProfile", "LinearTime",
     "GemmProfile", "AttentionTime", "ActivationFootprint", "PROFILE_FORMAT", "elementwise_width",
-    "profile_from_dict",
+    "profile_from_dict", "log_interp",
 ]
 
 GIB = 1 << 30
@@ -117,6 +117,10 @@ class AttentionTime:
     kernel with an explicit mask may compute the whole T×T block), q = heads·head_dim. Where
     ``diagonal_curve`` is measured it replaces ``diagonal_s`` at P = 0: a CPU's causal kernel runs
     1.7× faster per FLOP at T = 4096 than at T = 512 (block sizes), which one coefficient cannot follow.
+    Where ``prefix_curve`` is measured too, a slice after a prefix is priced as the runtime runs it (two
+    fused calls, runtime/attention.py): its own causal block on the P = 0 curve, plus the prefix block and
+    the log-sum-exp merge from the curve at T — one ``prefix_s`` over-predicted 1024-token slices after
+    3072 tokens 1.13–1.16× and under-predicted 64-token ones 0.77× (BENCHMARKS "Simulator validation", F).
     """
 
     fixed_s: float
@@ -130,6 +134,10 @@ class AttentionTime:
     diagonal_curve: tuple[tuple[float, float], ...] = ()
     """(T, seconds per FLOP of the causal T×T block at P = 0) at measured T, ascending; interpolated
     linearly in log T, held flat outside. Empty: ``diagonal_s`` (presets, older profiles)."""
+    prefix_curve: tuple[tuple[float, float, float], ...] = ()
+    """(T, seconds of the prefix block's fixed work and the merge, seconds per FLOP of queries × prefix
+    keys) at measured T with P > 0, ascending; interpolated linearly in log T, held flat outside. Needs
+    ``diagonal_curve``. Empty: ``prefix_s`` and ``masked_diagonal_s`` (presets, older profiles)."""
 
     def __call__(self, q_dim: float, tokens: float, prefix: float) -> float:
         return self.at_pairs(q_dim, tokens * prefix, tokens * tokens / 2, first=prefix <= 0)
@@ -138,16 +146,22 @@ class AttentionTime:
         """The same from (query, key) pair counts: ``prefix_pairs`` unmasked, ``diagonal_pairs`` causal
         (T²/2 for one causal block; packed documents: Σ L²/2 over the slice's documents). The P = 0
         curve is read at the block's side √(2·pairs) (one causal block: T)."""
+        side = math.sqrt(2 * diagonal_pairs)
+        if not first and self.prefix_curve and self.diagonal_curve:
+            merge = log_interp(tuple((t, m) for t, m, _ in self.prefix_curve), side)
+            rate = log_interp(tuple((t, r) for t, _, r in self.prefix_curve), side)
+            diag = log_interp(self.diagonal_curve, side)
+            return self.fixed_s + merge + rate * 4 * q_dim * prefix_pairs + diag * 4 * q_dim * diagonal_pairs
         if not first:
             diag = self.masked_diagonal_s
         elif self.diagonal_curve:
-            diag = _log_interp(self.diagonal_curve, math.sqrt(2 * diagonal_pairs))
+            diag = log_interp(self.diagonal_curve, side)
         else:
             diag = self.diagonal_s
         return self.fixed_s + self.prefix_s * 4 * q_dim * prefix_pairs + diag * 4 * q_dim * diagonal_pairs
 
 
-def _log_interp(curve: tuple[tuple[float, float], ...], x: float) -> float:
+def log_interp(curve: tuple[tuple[float, float], ...], x: float) -> float:
     """y at x on a piecewise-linear curve in log x (flat beyond its ends)."""
     if x <= curve[0][0]:
         return curve[0][1]
@@ -265,7 +279,7 @@ class CostProfile:
         """κ for one layer whose kernels take ``layer_kernel_s`` (the curve where measured, else the factor)."""
         curve = self.compose_curve_fwd if forward else self.compose_curve_bwd
         if curve:
-            return _log_interp(curve, layer_kernel_s)
+            return log_interp(curve, layer_kernel_s)
         return self.compose_fwd if forward else self.compose_bwd
 
     def gemm(self, in_features: int, out_features: int) -> GemmProfile | None:
@@ -340,7 +354,8 @@ def profile_from_dict(doc: dict, *, default_name: str, source: str) -> Hardware:
             prof[key] = _linear(prof[key])
         for key in ("attn_fwd", "attn_bwd"):
             curve = tuple((float(t), float(y)) for t, y in prof[key].get("diagonal_curve", ()))
-            prof[key] = AttentionTime(**{**prof[key], "diagonal_curve": curve})
+            pre = tuple((float(t), float(m), float(r)) for t, m, r in prof[key].get("prefix_curve", ()))
+            prof[key] = AttentionTime(**{**prof[key], "diagonal_curve": curve, "prefix_curve": pre})
         prof["gemms"] = tuple(
             GemmProfile(in_features=g["in_features"], out_features=g["out_features"], fwd=_linear(g["fwd"]),
                         bwd=_linear(g["bwd"])) for g in prof["gemms"])
