@@ -120,8 +120,9 @@ def _measure_attention(cfg: ModelConfig, grid: Sequence[tuple[int, int]], ctx: _
     square causal, and a prefix of P tokens held as the K/V store holds it, one block of T tokens per
     earlier slice, each block one fused call merged by log-sum-exp; the backward hands each prefix block's
     dK/dV to an accumulator as the store does. A single P-token prefix call (what was timed before)
-    took 0.46× the blocks' forward time at T = 64 after 15 blocks, 0.78× at T = 128 after 3, 0.93–0.95×
-    at T = 512…1024 after 3 (BENCHMARKS "Simulator validation", F)."""
+    took 0.43–0.46× the blocks' forward time at T = 64 after 15 blocks, 0.77–0.78× at T = 128 after 3,
+    0.91–0.98× at T = 512…1024 after 3 (bench/calibrate_attention_paths.py, BENCHMARKS "Simulator
+    validation", F)."""
     from slimpipe.runtime.attention import MaskCache
     from slimpipe.runtime.slice_attention import Window, slice_attention
 

@@ -4,8 +4,8 @@ glibc's malloc serves large blocks with ``mmap`` (above a threshold that adapts 
 top of its heap back to the kernel once more than a threshold is free. A pipeline rank frees most of
 its activations at the end of every step and allocates them again in the next, so each step touched
 fresh pages again: on the development VM the interleaved-1F1B rank holding the head at s = 4096 took
-7.6K–17K minor page faults per step (the other schedules 5–40), and its F/B thread CPU time was 1.19×
-what the calibrated cost model predicts (1.06× with memory kept). That is what CUDA's caching allocator
+2.4K–17K minor page faults per step (the other schedules 4–40), and its F/B thread CPU time was
+1.10–1.19× what the calibrated cost model predicts (1.02–1.06× with memory kept; steps 0.89–1.00×). That is what CUDA's caching allocator
 avoids on GPUs; on CPU the cheapest equivalent is to tell glibc to keep what it has (``mallopt``): no
 ``mmap`` for blocks (``M_MMAP_MAX`` 0) and no trimming (``M_TRIM_THRESHOLD`` at its maximum). The
 process's resident memory then stays at its peak, which is what a training job holds anyway.
