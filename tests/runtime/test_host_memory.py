@@ -16,7 +16,7 @@ on = retain_freed_host_memory()
 assert retain_freed_host_memory() == on  # idempotent
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):  # steps: allocate the buffers, touch them, free them
+for _ in range(6):  # steps: allocate the buffers, touch them, free them
     before = faults()
     xs = [torch.ones(10 << 20) for _ in range(2)]  # 2 × 40 MiB: above the largest mmap threshold
     del xs
@@ -24,7 +24,7 @@ print(on, faults() - before)
 """
 
 
-def _third_step_faults(env_value: str | None) -> tuple[bool, int]:
+def _last_step_faults(env_value: str | None) -> tuple[bool, int]:
     env = {k: v for k, v in os.environ.items() if k != "SLIMPIPE_HOST_MALLOC"}
     if env_value is not None:
         env["SLIMPIPE_HOST_MALLOC"] = env_value
@@ -36,10 +36,10 @@ def _third_step_faults(env_value: str | None) -> tuple[bool, int]:
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
 def test_freed_memory_is_reused_without_page_faults() -> None:
-    on, retained = _third_step_faults(None)
-    off, default = _third_step_faults("default")
+    on, retained = _last_step_faults(None)
+    off, default = _last_step_faults("default")
     assert on and not off
-    # 80 MiB touched again: every page (20K) faulted back in by default (mmap); kept, none or at most one
-    # block's worth (the heap's free blocks do not always line up with the new requests)
+    # 80 MiB touched again: every page (20K) faulted back in by default (mmap); kept, none once the heap
+    # has settled (the first steps may still place a block at its top: 0 or 10K in steps 2–3)
     assert default > 16000, default
-    assert retained <= default // 2, retained
+    assert retained <= 2048, retained
