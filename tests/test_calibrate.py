@@ -194,6 +194,24 @@ def test_prefix_curve_fit_recovers_merge_and_rate() -> None:
     assert _prefix_curve(q, pts, "fwd", fixed, ()) == ()  # no P = 0 curve: the old terms
 
 
+def test_linear_layer_with_noisy_points_takes_the_pooled_line() -> None:
+    """A layer whose larger input timed faster (the CI flake: 141 µs at 64 tokens, 52 µs at 256) gets the
+    line through all layers' points, not a constant time; a layer with a sound slope keeps its own."""
+    from slimpipe.calibrate.fit import _fit_gemms
+
+    def layer(fin, fout, times):
+        return {"in_features": fin, "out_features": fout,
+                "points": [{"tokens": t, "fwd_s": f, "bwd_s": 2 * f} for t, f in zip((64, 256), times)]}
+    good = layer(128, 128, (68e-6, 119e-6))
+    noisy, big = layer(128, 64, (141e-6, 52e-6)), layer(128, 384, (67e-6, 257e-6))
+    gemms, pooled_f, pooled_b = _fit_gemms([good, noisy, big])
+    assert pooled_f.per_item_s > 0 and pooled_b.per_item_s > 0
+    assert gemms[1].fwd == pooled_f and gemms[1].bwd == pooled_b
+    own = gemms[0].fwd  # through its two points exactly
+    assert own != pooled_f and own(2 * 128 * 128 * 256) == pytest.approx(119e-6, rel=1e-9)
+    assert all(g.fwd.per_item_s > 0 and g.bwd.per_item_s > 0 for g in gemms)
+
+
 def test_quick_profile_reproduces_its_prefix_points(quick_profile) -> None:
     """The quick grid has one prefix per T: the curve goes through every measured (T, P > 0) point."""
     doc = json.loads(quick_profile[0].read_text())

@@ -55,17 +55,28 @@ def _fit_tp(points: Sequence[dict]) -> dict[str, float]:
     return {"tp_latency_s": lat, "tp_bandwidth": 1.0 / max(per_byte, 1e-15)}
 
 
-def _fit_kernels(cfg: ModelConfig, m: dict) -> dict[str, object]:
-    """The CostProfile fields fitted from kernel measurements (everything but κ and the action overhead)."""
-    gemms, all_f, all_b = [], [], []
-    for g in m["gemm"]:
+def _fit_gemms(points: Sequence[dict]) -> tuple[tuple[GemmProfile, ...], LinearTime, LinearTime]:
+    """Each linear layer's forward/backward line through its own points, and the line through all of them.
+    A layer whose own points give no positive slope (its larger input timed faster: noise, e.g. a quick
+    profile's two repetitions on a busy machine) takes the pooled line rather than a constant time."""
+    per_layer, all_f, all_b = [], [], []
+    for g in points:
         size = 2 * g["in_features"] * g["out_features"]
         pf = [(size * p["tokens"], p["fwd_s"]) for p in g["points"]]
         pb = [(2 * size * p["tokens"], p["bwd_s"]) for p in g["points"]]
         all_f += pf
         all_b += pb
-        gemms.append(GemmProfile(in_features=g["in_features"], out_features=g["out_features"], fwd=_line(pf),
-                                 bwd=_line(pb)))
+        per_layer.append((g, _line(pf), _line(pb)))
+    pooled_f, pooled_b = _line(all_f), _line(all_b)
+    gemms = tuple(GemmProfile(in_features=g["in_features"], out_features=g["out_features"],
+                              fwd=f if f.per_item_s > 0 else pooled_f,
+                              bwd=b if b.per_item_s > 0 else pooled_b) for g, f, b in per_layer)
+    return gemms, pooled_f, pooled_b
+
+
+def _fit_kernels(cfg: ModelConfig, m: dict) -> dict[str, object]:
+    """The CostProfile fields fitted from kernel measurements (everything but κ and the action overhead)."""
+    gemms, gemm_fwd, gemm_bwd = _fit_gemms(m["gemm"])
     q = cfg.q_dim
     rows = [(1.0, 4 * q * a["tokens"] * a["prefix"], 2 * q * a["tokens"] ** 2 * (a["prefix"] == 0),
              2 * q * a["tokens"] ** 2 * (a["prefix"] > 0)) for a in m["attention"]]
@@ -81,7 +92,7 @@ def _fit_kernels(cfg: ModelConfig, m: dict) -> dict[str, object]:
     def per_token(points, scale, d):
         return _line([(p["tokens"] * scale, p[f"{d}_s"]) for p in points])
     return dict(
-        model_width=width, gemms=tuple(gemms), gemm_fwd=_line(all_f), gemm_bwd=_line(all_b),
+        model_width=width, gemms=gemms, gemm_fwd=gemm_fwd, gemm_bwd=gemm_bwd,
         attn_fwd=attn["fwd"], attn_bwd=attn["bwd"],
         elementwise_fwd=per_token(m["elementwise"], width, "fwd"),
         elementwise_bwd=per_token(m["elementwise"], width, "bwd"),
