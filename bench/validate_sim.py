@@ -2,8 +2,8 @@
 
 Two gloo ranks (fork, FileStore, one thread each — the same harness as the tests) train the same model
 with several schedules, sequence lengths and slice counts. Per configuration the measured figures are
-medians over ``--steps`` timed steps (one warm-up step first; configurations alternate round-robin so
-machine noise hits all of them alike):
+medians over ``--steps`` timed steps (warm-up rounds first, until the heap stops growing; configurations
+alternate round-robin so machine noise hits all of them alike; ``bench/validate_runs.py``):
 
 * step time: ``StepResult.step_time_s`` (schedule execution, slowest rank; the optimizer step is outside
   it, as it is outside the simulator's pipeline makespan), against the simulator's makespan with the
@@ -30,7 +30,7 @@ profile alone, also reported per row). The development VM's speed per CPU second
 an hour for identical work, so a profile measured minutes earlier predicts a different machine
 (BENCHMARKS.md "Simulator validation", E and F).
 
-    python bench/validate_sim.py --profile cpu1.json --json out.json --markdown out.md
+    python -m bench.validate_sim --profile cpu1.json --json out.json --markdown out.md
 
 Without ``--profile`` it first runs ``slimpipe calibrate --threads 1`` (the ranks are single-threaded).
 """
@@ -41,19 +41,18 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from slimpipe.calibrate import GRIDS, fork_gloo
-from slimpipe.calibrate.executor import mean_pass, measure_executor, message_costs
+from bench.validate_runs import measure
+from slimpipe.calibrate import GRIDS
+from slimpipe.calibrate.executor import mean_pass
 from slimpipe.calibrate.fit import refit_executor
 from slimpipe.config import ConfigError, ModelConfig, ParallelConfig, load_model
-from slimpipe.schedule.actions import Kind, Schedule, parse_action
+from slimpipe.schedule.actions import Kind, Schedule
 from slimpipe.schedule.passes import lower
 from slimpipe.sim.evaluate import evaluate
 from slimpipe.sim.hardware import ActivationFootprint, Hardware, load_profile
@@ -175,78 +174,6 @@ def predict(case: Case, model: ModelConfig, hw: Hardware) -> dict:
             "published_act": [mb.activations + mb.kv_grad for mb in ev.memory]}
 
 
-# ---- measurement (2 forked gloo ranks) -------------------------------------------------------------------
-def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedule], cases: list[Case],
-               steps: int, warm: int) -> list[dict]:
-    from slimpipe.runtime import OptimConfig, ParallelState, PipelineRuntime
-
-    state = ParallelState.create(pp=cases[0].pp, cp=cases[0].cp, timeout_s=600.0)
-    rts = [PipelineRuntime(model, s, state, seed=0, optim=OptimConfig(lr=1e-4)) for s in schedules]
-    gen = torch.Generator().manual_seed(1)
-    data = [torch.randint(0, model.vocab_size, (c.microbatches, c.seq_len + 1), generator=gen) for c in cases]
-    rec: list[list] = [[] for _ in cases]
-    for rep in range(steps + 1):  # round 0 warms up (allocator, mask tables)
-        order = list(range(len(cases)))
-        order = order[rep % len(order):] + order[: rep % len(order)]
-        for i in order:
-            for _ in range(warm if rep else 0):  # steady state: the step before runs the same configuration
-                dist.barrier()
-                rts[i].train_step(data[i])
-            dist.barrier()  # both ranks start the step together, as the simulator's clocks do
-            res = rts[i].train_step(data[i])
-            if rep:
-                rec[i].append(res)
-    return [{"step_s": [r.step_time_s for r in rs], "bubble": [r.bubble_ratio for r in rs],
-             "busy_s": [r.busy_s[state.pp_rank] for r in rs],
-             # this rank's F/B thread CPU time (load-independent, unlike the trace's wall times)
-             "cpu_busy_s": [sum(e.cpu_s for e in r.trace if parse_action(e.action).kind in (Kind.F, Kind.B))
-                            for r in rs],
-             "act": rs[0].peak_activation_bytes, "loss": rs[0].loss,
-             "traces": [[(e.action, e.start_s, e.end_s, e.cpu_s) for e in r.trace] for r in rs]} for rs in rec]
-
-
-def measure(cases: list[Case], model: ModelConfig, schedules: list[Schedule], steps: int,
-            warm: int = 1, executor: tuple | None = None) -> tuple[list[dict], list[list[dict]]]:
-    """Median figures per case from two single-threaded gloo ranks, one pair of processes per (p, c, s):
-    a training job's processes hold one sequence length's buffers, and mixing s = 4096 runtimes into the
-    processes of s = 512 ones made the small units 7–15 % slower in CPU time (BENCHMARKS.md "Simulator
-    validation", E), a cost no single job pays. With ``executor`` (calibrate's executor runs and reps),
-    calibrate's 2-rank executor run is repeated before the first group and after every group: the passes
-    around each group, per group (the second list)."""
-    out: list[dict | None] = [None] * len(cases)
-    groups = list(dict.fromkeys((c.pp, c.cp, c.seq_len) for c in cases))
-    passes = [measure_executor(model, *executor)] if executor else []
-    around = []
-    for group in groups:
-        idx = [i for i, c in enumerate(cases) if (c.pp, c.cp, c.seq_len) == group]
-        assert group[0] * group[1] == 2, f"{group[:2]}: the validation runs on two ranks"
-        for i, row in zip(idx, _measure(cases, idx, model, schedules, steps, warm)):
-            out[i] = row
-        if executor:
-            passes.append(measure_executor(model, *executor))
-            around.append(passes[-2:])
-    return out, around  # type: ignore[return-value]
-
-
-def _measure(cases: list[Case], idx: list[int], model: ModelConfig, schedules: list[Schedule],
-             steps: int, warm: int) -> list[dict]:
-    ranks = fork_gloo(_rank_body, 2, model, [schedules[i] for i in idx], [cases[i] for i in idx], steps, warm,
-                      timeout_s=1800.0)
-    med = statistics.median
-    out = []
-    for r0, r1 in zip(*ranks):
-        sends, late = [], []
-        for t0, t1 in zip(r0["traces"], r1["traces"]):
-            s, lt = message_costs([t0, t1])
-            sends, late = sends + s, late + lt
-        out.append({"step_s": med(r0["step_s"]), "step_s_all": r0["step_s"], "bubble": med(r0["bubble"]),
-                    "busy_s": [med(r0["busy_s"]), med(r1["busy_s"])],
-                    "cpu_busy_s": [med(r0["cpu_busy_s"]), med(r1["cpu_busy_s"])], "act": r0["act"],
-                    "loss": r0["loss"], "send_s": med(sends) if sends else 0.0,
-                    "late_recv_s": med(late) if late else 0.0, "late_recvs": len(late)})
-    return out
-
-
 def _without_messages(hw: Hardware) -> Hardware:
     """The same profile without the p2p message costs and the executor's gaps between actions: its F/B busy
     time is what the trace's F/B actions measure."""
@@ -257,13 +184,14 @@ def _without_messages(hw: Hardware) -> Hardware:
 
 
 def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int = 3, warm: int = 1,
-             executor: tuple | None = None) -> list[dict]:
+             executor: tuple | None = None, settle: int = 8) -> list[dict]:
     """One row per case: measured, predicted and their ratios. ``executor`` = (runs, reps) of calibrate's
     2-rank executor run (``RERUN``): each (p, c, s) group is predicted with the profile's executor terms
     refitted from that run repeated right before and after the group's rows (``refit_executor``; the
-    kernel terms stay the profile's). None: every row from the profile alone."""
+    kernel terms stay the profile's). None: every row from the profile alone. ``settle``: at most this many
+    warm-up rounds, until the heap stops growing (``bench/validate_runs.py``)."""
     schedules = [predict(c, model, hw)["schedule"] for c in cases]
-    meas, around = measure(cases, model, schedules, steps, warm, executor)
+    meas, around = measure(cases, model, schedules, steps, warm, executor, settle)
     group_hw = {}
     for g, passes in zip(dict.fromkeys((c.pp, c.cp, c.seq_len) for c in cases), around):
         group_hw[g] = refit_executor(hw, model, mean_pass(passes))
@@ -297,6 +225,7 @@ def validate(cases: list[Case], model: ModelConfig, hw: Hardware, *, steps: int 
             # bubbles wait on the other rank's stretched compute, so they stretch alike). Equals the wall
             # ratio on a quiet machine; under load it is the comparison the simulator can be held to.
             "step_ratio_cpu": p["step_s"] * sum(m["busy_s"]) / (m["step_s"] * sum(m["cpu_busy_s"])),
+            "faults_per_step": m["faults"], "warm_rounds": m["warm_rounds"],  # minor page faults, medians
             "measured_act": m["act"], "predicted_act": p["act"], "measured_send_s": m["send_s"],
             "measured_late_recv_s": m["late_recv_s"], "late_recvs_per_step": m["late_recvs"] / steps,
             "act_ratio": [pa / ma for pa, ma in zip(p["act"], m["act"])],
@@ -348,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="untimed steps of the same configuration right before each timed one (default 1: "
                          "the steady state the simulator predicts; 0: the timed step follows another "
                          "configuration's, as before 2026-12-05)")
+    ap.add_argument("--settle", type=int, default=8,
+                    help="at most this many warm-up rounds before the timed ones: they repeat until no step "
+                         "faults 256 pages (the heap reached its high-water mark; default 8, 1: one round)")
     ap.add_argument("--rerun-executor", action=argparse.BooleanOptionalAction, default=True,
                     help="repeat calibrate's 2-rank executor run before and after each sequence length's "
                          "rows and refit the profile's executor terms from those passes for the rows between "
@@ -367,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             doc = calibrate(CalibrateOptions(model=model, threads=1, concurrency=2))
             hw = profile_from_dict(doc, default_name="calibrated", source="calibrate")
         load0, t0 = os.getloadavg(), time.time()
-        rows = validate(CASE_LISTS[a.cases], model, hw, steps=a.steps, warm=a.warm,
+        rows = validate(CASE_LISTS[a.cases], model, hw, steps=a.steps, warm=a.warm, settle=a.settle,
                         executor=RERUN if a.rerun_executor else None)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -376,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{torch.__version__}", "load_before": load0, "load_after": os.getloadavg(),
             "wall_s": time.time() - t0,
             "profile": a.profile or "calibrated in-process", "model": model.name, "steps": a.steps,
-            "warm": a.warm, "rerun_executor": a.rerun_executor,
+            "warm": a.warm, "settle": a.settle, "rerun_executor": a.rerun_executor,
             "profile_p2p_send_s": hw.profile.p2p_send_s if hw.profile else 0.0,
             "profile_p2p_recv_s": hw.profile.p2p_recv_s if hw.profile else 0.0}
     table = markdown(rows)
