@@ -17,32 +17,27 @@ import ctypes
 import os
 import resource
 
-import torch
 import torch.distributed as dist
 
 from bench import validate_sim as vs
+from bench.validate_runs import fb_cpu_s, runtimes
 from slimpipe.calibrate import fork_gloo
 from slimpipe.config import load_model
-from slimpipe.schedule.actions import Kind, parse_action
 from slimpipe.sim.hardware import load_profile
 
 __all__ = ["main"]
 
+_LIBC = ctypes.CDLL(None)
+_LIBC.sbrk.restype = ctypes.c_void_p
+
 
 def _heap_end() -> int:
-    libc = ctypes.CDLL(None)
-    libc.sbrk.restype = ctypes.c_void_p
-    return int(libc.sbrk(0))
+    return int(_LIBC.sbrk(0))
 
 
 def _rank(rank: int, world: int, model, cases, schedules, rounds: int) -> list[list[tuple[float, float, int, int]]]:
     """Per case and round: (step s, this rank's F/B CPU s, minor page faults, heap growth bytes)."""
-    from slimpipe.runtime import OptimConfig, ParallelState, PipelineRuntime
-
-    state = ParallelState.create(pp=2, timeout_s=600.0)
-    rts = [PipelineRuntime(model, s, state, seed=0, optim=OptimConfig(lr=1e-4)) for s in schedules]
-    gen = torch.Generator().manual_seed(1)
-    data = [torch.randint(0, model.vocab_size, (c.microbatches, c.seq_len + 1), generator=gen) for c in cases]
+    _, rts, data = runtimes(model, schedules, cases)
     out: list[list] = [[] for _ in cases]
     for _ in range(rounds):
         for i in range(len(cases)):
@@ -52,8 +47,7 @@ def _rank(rank: int, world: int, model, cases, schedules, rounds: int) -> list[l
             f0, h0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, _heap_end()
             res = rts[i].train_step(data[i])
             faults, grown = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0, _heap_end() - h0
-            cpu = sum(e.cpu_s for e in res.trace if parse_action(e.action).kind in (Kind.F, Kind.B))
-            out[i].append((res.step_time_s, cpu, faults, grown))
+            out[i].append((res.step_time_s, fb_cpu_s(res), faults, grown))
     return out
 
 

@@ -5,7 +5,7 @@ Each group (one (p, c, s)) runs in its own pair of processes. Rounds alternate t
 round-robin, each timed step right after a warm step of the same configuration. Warm-up rounds repeat
 until the process heap stops growing: with freed memory kept (``runtime/host_memory.py``) the only page
 faults left are the heap's first growth to its high-water mark, and when configurations of different
-sizes alternate that growth goes on for 3–4 rounds — 1.5K–11K faults in a step, each ≈ 50–85 µs of CPU
+sizes alternate that growth goes on for 2–4 rounds — 1.5K–11K faults in a step, each ≈ 50–85 µs of CPU
 on the development VM (the hypervisor backs a page on its first touch), +20–30 % on that step's F/B time
 (BENCHMARKS.md "Simulator validation", G). A training job pays this in its first steps only; the
 simulator predicts the steady state, so the timed rounds start once no step of a warm-up round faulted
@@ -28,7 +28,7 @@ from slimpipe.schedule.actions import Kind, Schedule, parse_action
 if TYPE_CHECKING:
     from slimpipe.config import ModelConfig
 
-__all__ = ["SETTLED_FAULTS", "measure"]
+__all__ = ["SETTLED_FAULTS", "fb_cpu_s", "measure", "runtimes"]
 
 SETTLED_FAULTS = 256
 """Minor page faults per step (1 MiB) under which a warm-up round counts as settled: a settled step of
@@ -37,6 +37,23 @@ every schedule here faults 2–70 pages, a growing heap 1,000 or more."""
 
 def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def runtimes(model: ModelConfig, schedules: list[Schedule], cases: list) -> tuple:
+    """This rank's process group, one runtime per schedule and each case's token batch (the same on
+    both ranks: one seeded generator): (state, runtimes, data)."""
+    from slimpipe.runtime import OptimConfig, ParallelState, PipelineRuntime
+
+    state = ParallelState.create(pp=cases[0].pp, cp=cases[0].cp, timeout_s=600.0)
+    rts = [PipelineRuntime(model, s, state, seed=0, optim=OptimConfig(lr=1e-4)) for s in schedules]
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, model.vocab_size, (c.microbatches, c.seq_len + 1), generator=gen) for c in cases]
+    return state, rts, data
+
+
+def fb_cpu_s(res) -> float:
+    """This rank's F/B thread CPU time in a step (load-independent, unlike the trace's wall times)."""
+    return sum(e.cpu_s for e in res.trace if parse_action(e.action).kind in (Kind.F, Kind.B))
 
 
 def _round(rts, data, rnd: int, warm: int) -> tuple[list[tuple], int]:
@@ -68,19 +85,13 @@ def _settled(most: int) -> bool:
 
 def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedule], cases: list,
                steps: int, warm: int, settle: int) -> tuple[list[dict], int]:
-    from slimpipe.runtime import OptimConfig, ParallelState, PipelineRuntime
-
-    state = ParallelState.create(pp=cases[0].pp, cp=cases[0].cp, timeout_s=600.0)
-    rts = [PipelineRuntime(model, s, state, seed=0, optim=OptimConfig(lr=1e-4)) for s in schedules]
-    gen = torch.Generator().manual_seed(1)
-    data = [torch.randint(0, model.vocab_size, (c.microbatches, c.seq_len + 1), generator=gen) for c in cases]
-    rnd = 0
-    while True:  # warm-up rounds (allocator, mask tables, the heap's growth to its high-water mark)
-        done = _settled(_round(rts, data, rnd, warm if rnd else 0)[1])
-        rnd += 1
-        if done or rnd >= max(settle, 1):
+    state, rts, data = runtimes(model, schedules, cases)
+    # warm-up rounds (allocator, mask tables, the heap's growth to its high-water mark); the first runs
+    # each configuration once, the others with its warm steps, as the timed rounds do
+    for warm_rounds in range(1, max(settle, 1) + 1):
+        if _settled(_round(rts, data, warm_rounds - 1, warm if warm_rounds > 1 else 0)[1]):
             break
-    warm_rounds = rnd
+    rnd = warm_rounds
     rec: list[list] = [[] for _ in cases]
     for _ in range(steps):
         for i, res, faults in _round(rts, data, rnd, warm)[0]:
@@ -88,9 +99,7 @@ def _rank_body(rank: int, world: int, model: ModelConfig, schedules: list[Schedu
         rnd += 1
     return [{"step_s": [r.step_time_s for r, _ in rs], "bubble": [r.bubble_ratio for r, _ in rs],
              "busy_s": [r.busy_s[state.pp_rank] for r, _ in rs], "faults": [f for _, f in rs],
-             # this rank's F/B thread CPU time (load-independent, unlike the trace's wall times)
-             "cpu_busy_s": [sum(e.cpu_s for e in r.trace if parse_action(e.action).kind in (Kind.F, Kind.B))
-                            for r, _ in rs],
+             "cpu_busy_s": [fb_cpu_s(r) for r, _ in rs],
              "act": rs[0][0].peak_activation_bytes, "loss": rs[0][0].loss,
              "traces": [[(e.action, e.start_s, e.end_s, e.cpu_s) for e in r.trace] for r, _ in rs]}
             for rs in rec], warm_rounds
